@@ -1,0 +1,1 @@
+"""Vision backbones. Importing this package registers every family in zoo and timm."""

@@ -1,0 +1,1 @@
+"""Diffusion transformers: class-conditional image DiT and video DiT."""

@@ -1,0 +1,15 @@
+"""zoo.ops: every attention the zoo uses, as a small functional API.
+
+Each op lives in its own folder: `naive.py` is the exact PyTorch reference (CPU and GPU,
+autograd), Triton kernels sit beside it and are dispatched to on CUDA tensors.
+"""
+from ._cost import counting_flops, is_counting_flops
+from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sparse_attention
+
+__all__ = [
+    "block_sparse_attention",
+    "block_mask_to_indices",
+    "block_indices_to_mask",
+    "counting_flops",
+    "is_counting_flops",
+]

@@ -1,0 +1,34 @@
+"""Block-sparse softmax attention: the primitive radial, routing and SLA attention run on."""
+from __future__ import annotations
+
+import torch
+
+from .naive import block_indices_to_mask, block_mask_to_indices, block_sparse_attention_reference
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    block_size: int | tuple[int, int] = 128,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Exact softmax attention restricted to listed key blocks per query block.
+
+    Args:
+        q, k, v: `[batch, heads, seq_len, head_dim]` (q and k may differ in seq_len).
+        block_mask: bool `[batch|1, heads|1, ceil(Nq/block_q), ceil(Nk/block_k)]`, or
+        block_indices: int `[batch|1, heads|1, ceil(Nq/block_q), max_k]`, key-block ids, -1 = unused.
+        block_size: `block` or `(block_q, block_k)`.
+        return_lse: also return the float32 log-sum-exp of each row's scaled scores.
+    """
+    return block_sparse_attention_reference(
+        q, k, v, block_mask=block_mask, block_indices=block_indices, block_size=block_size, scale=scale,
+        return_lse=return_lse,
+    )
+
+
+__all__ = ["block_sparse_attention", "block_mask_to_indices", "block_indices_to_mask"]

@@ -1,0 +1,120 @@
+"""`create_model` and friends: one factory for classifiers and generators."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import weights as _weights
+from ._registry import get_entry, split_name
+
+
+def build_classifier(model_cls: type, variant: str, pretrained: bool = False, feature_cfg: dict | None = None, **kwargs):
+    """Build a registered classifier the timm way, but load pretrained weights through zoo.weights.
+
+    timm's `build_model_with_cfg` resolves the pretrained cfg (from `arch.tag`), fills
+    num_classes/in_chans and records it; we then fetch/verify/convert the weights ourselves
+    and finally wrap for `features_only`.
+    """
+    from timm.models import FeatureGetterNet, FeatureListNet, build_model_with_cfg
+
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
+    feature_cls = kwargs.pop("feature_cls", None)
+    model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
+    model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
+    if pretrained:
+        tag = model.pretrained_cfg.get("tag")
+        name = f"{variant}.{tag}" if tag else variant
+        if not _weights.has_weights(name):
+            available = [w.name for w in _weights.weights_for_arch(variant)]
+            raise _weights.WeightsError(
+                f"{name} has no pretrained weights" + (f"; available: {', '.join(available)}" if available else "")
+            )
+        _weights.load_pretrained(model, name)
+    if features_only:
+        feature_cfg = dict(feature_cfg or {})
+        if out_indices is not None:
+            feature_cfg["out_indices"] = out_indices
+        kind = feature_cls or feature_cfg.pop("feature_cls", "getter" if hasattr(model, "forward_intermediates") else "list")
+        cfg = model.pretrained_cfg
+        wrapper = {"getter": FeatureGetterNet, "list": FeatureListNet}.get(kind)
+        if wrapper is None:
+            raise ValueError(f"feature_cls must be 'getter' or 'list', got {kind!r}")
+        model = wrapper(model, **feature_cfg)
+        model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
+def create_model(
+    model_name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Create any zoo model by name (`arch` or `arch.tag`), as `timm.create_model` does.
+
+    Args:
+        model_name: a name from `zoo.list_models()`, optionally with a pretrained tag.
+        pretrained: load the registered weights (`arch.tag`, or the arch's default tag).
+        checkpoint_path: a local checkpoint to load instead, in our layout (e.g. from
+            `zoo.weights.export`), an official one, safetensors or a Lightning `.ckpt`.
+        **kwargs: model arguments (`num_classes`, `drop_path_rate`, `input_size`, ...);
+            None values are dropped, as timm does.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    entry = get_entry(model_name)
+    arch, tag = split_name(model_name)
+    if checkpoint_path is not None:
+        exported = _weights.read_export_config(checkpoint_path)
+        if exported and exported.get("architecture") == arch:
+            kwargs = {**exported.get("model_args", {}), **kwargs}
+    if entry.kind == "classifier":
+        import timm
+
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    else:
+        model = entry.fn(pretrained=pretrained, pretrained_tag=tag or None, **kwargs)
+        model.zoo_model_args = dict(kwargs)
+    if not hasattr(model, "zoo_architecture"):
+        model.zoo_architecture = arch
+    if checkpoint_path is not None:
+        target = getattr(model, "model", model) if kwargs.get("features_only") else model
+        _weights.load_checkpoint(target, checkpoint_path, arch=arch)
+    return model
+
+
+def load_generator_weights(model: torch.nn.Module, arch: str, pretrained: bool, tag: str | None, default_tag: str | None) -> None:
+    """Pretrained loading for generators (not built through timm)."""
+    if not pretrained:
+        return
+    tag = tag or default_tag
+    _weights.load_pretrained(model, f"{arch}.{tag}" if tag else arch)
+
+
+def model_info(model_name: str, with_flops: bool = True) -> dict[str, Any]:
+    """Params, FLOPs at the default input size, pretrained sources and paper of a model."""
+    from ._registry import list_pretrained
+    from .flops import count_params, flops
+
+    entry = get_entry(model_name)
+    model = create_model(split_name(model_name)[0])
+    info: dict[str, Any] = {
+        "name": entry.name,
+        "kind": entry.kind,
+        "paper": entry.paper,
+        "params": count_params(model),
+        "class": type(model).__name__,
+    }
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if entry.kind == "classifier":
+        info["input_size"] = tuple(cfg.get("input_size", (3, 224, 224)))
+    if with_flops:
+        info["flops"] = flops(model)
+    info["pretrained"] = {
+        n: {"source": _weights.get_weights(n).describe(), "license": _weights.get_weights(n).license,
+            **{k: v for k, v in _weights.get_weights(n).cfg.items() if k in ("top1", "input_size", "description")}}
+        for n in list_pretrained(entry.name)
+    }
+    return info
