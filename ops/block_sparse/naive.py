@@ -105,7 +105,7 @@ def _attend_chunk(q_chunk, k, v, key_pos, key_valid, scale):
     """q_chunk [G, C, bq, D]; key_pos/key_valid [G, C, L]; k/v [G, N, D]."""
     g = torch.arange(k.shape[0], device=k.device)[:, None, None]
     k_sel, v_sel = k[g, key_pos], v[g, key_pos]  # [G, C, L, D]
-    acc = torch.promote_types(q_chunk.dtype, torch.float32)  # float32 for half types, float64 stays exact
+    acc = torch.promote_types(q_chunk.dtype, torch.float32)  # fp16/bf16 accumulate in fp32, fp64 stays
     scores = torch.einsum("gcqd,gcld->gcql", q_chunk.to(acc), k_sel.to(acc)) * scale
     scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -148,8 +148,8 @@ def block_sparse_attention_reference(
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, batch, n_k)
         padded = key_padding_mask.to(q.device).expand(batch, n_k)
-        rows = torch.arange(batch, device=q.device)[:, None, None, None]
-        key_valid = key_valid & ~padded[rows, key_pos]
+        batch_idx = torch.arange(batch, device=q.device)[:, None, None, None]
+        key_valid = key_valid & ~padded[batch_idx, key_pos]
 
     if is_counting_flops():
         rows = torch.full((n_q_blocks,), block_q, device=q.device)
