@@ -129,12 +129,21 @@ def bra_routing(
     return _route(to_regions(q, *geometry), to_regions(k, *geometry), valid, topk, scale)
 
 
-def _macs(routing, valid, heads: int, dim_qk: int, dim_v: int) -> int:
-    """Multiply-adds: the region affinity matmul plus real query x real routed key pairs."""
-    batch, n_regions = routing.shape[:2]
-    counts = valid.sum(1)
-    keys = torch.where(routing >= 0, counts[routing.clamp_min(0)], 0).sum(-1)  # [B, n_regions]
-    return batch * n_regions * n_regions * heads * dim_qk + int((keys * counts).sum()) * heads * (dim_qk + dim_v)
+def _macs(routing: torch.Tensor | None, valid: torch.Tensor, batch: int, topk: int, heads: int, dim_qk: int,
+          dim_v: int) -> int:
+    """Multiply-adds: the region affinity matmul plus real-query x real-routed-key pairs.
+
+    With every region full (`routing=None` allowed) each query sees `topk` whole regions.
+    """
+    n_regions, region_tokens = valid.shape
+    routing_macs = batch * n_regions * n_regions * heads * dim_qk
+    if routing is None:
+        pairs = batch * n_regions * region_tokens * topk * region_tokens
+    else:
+        counts = valid.sum(1)
+        keys = torch.where(routing >= 0, counts[routing.clamp_min(0)], 0).sum(-1)  # [B, n_regions]
+        pairs = int((keys * counts).sum())
+    return routing_macs + pairs * heads * (dim_qk + dim_v)
 
 
 def bi_level_routing_attention_reference(
@@ -152,14 +161,18 @@ def bi_level_routing_attention_reference(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     heads = q.shape[3]
     valid = region_token_valid(height, width, *geometry, device=q.device)
-    q_regions, k_regions, v_regions = (to_regions(t, *geometry) for t in (q, k, v))
-    routing = _route(q_regions, k_regions, valid, topk, scale)
-    if is_counting_flops():  # after routing: with partial regions the exact count depends on it
-        macs = _macs(routing, valid, heads, q.shape[-1], v.shape[-1])
-        out = cost_placeholder(v.new_empty(v.shape), macs)
+    full = bool(valid.all())
+    if is_counting_flops():  # with partial regions the exact count depends on the routing
+        routing = None
+        if not full or return_routing:
+            routing = _route(to_regions(q, *geometry), to_regions(k, *geometry), valid, topk, scale)
+        out = cost_placeholder(v.new_empty(v.shape), _macs(routing, valid, q.shape[0], topk, heads, q.shape[-1],
+                                                            v.shape[-1]))
         return (out, routing) if return_routing else out
 
-    padded = None if bool(valid.all()) else ~valid.reshape(1, -1)
+    q_regions, k_regions, v_regions = (to_regions(t, *geometry) for t in (q, k, v))
+    routing = _route(q_regions, k_regions, valid, topk, scale)
+    padded = None if full else ~valid.reshape(1, -1)
     out = block_sparse_attention(
         q_regions, k_regions, v_regions, block_indices=routing[:, None], block_size=valid.shape[1], scale=scale,
         key_padding_mask=padded,
