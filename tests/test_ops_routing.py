@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zoo
 from zoo.ops import bi_level_routing_attention, block_sparse_attention, bra_routing
@@ -124,6 +126,36 @@ def test_matches_brute_force_oracle(shape, n_win, topk):
     torch.testing.assert_close(out, out_ref)
     for g, g_ref, name in zip(grads, grads_ref, "qkv"):
         torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad {name}: {m}")
+
+
+@settings(max_examples=12, deadline=None)
+@given(h=st.integers(1, 8), w=st.integers(1, 8), n_win=st.integers(1, 4), data=st.data())
+def test_property_any_size_matches_oracle(h, w, n_win, data):
+    topk = data.draw(st.integers(1, n_win * n_win))
+    q, k, v = (_rand(1, h, w, 2, 3, seed=s) for s in (30, 31, 32))
+    expected, routing, _ = brute_force(q, k, v, n_win, topk, 0.6)
+    out, got = bi_level_routing_attention(q, k, v, n_win, topk, scale=0.6, return_routing=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(got.sort(-1).values, routing.sort(-1).values)
+
+
+def test_runs_on_block_sparse_indices_without_kv_copies(monkeypatch):
+    """The routed regions go to block_sparse_attention as block indices over region-ordered K/V."""
+    import zoo.ops.routing.naive as naive
+
+    calls = []
+
+    def spy(q, k, v, **kwargs):
+        calls.append((k.shape, kwargs))
+        return block_sparse_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(naive, "block_sparse_attention", spy)
+    q = torch.randn(2, 9, 10, 2, 4)
+    bi_level_routing_attention(q, q, q, 3, 4)
+    ((k_shape, kwargs),) = calls
+    assert k_shape == (2, 2, 9 * 12, 4)  # one region-ordered copy of K (3x4 regions), not topk of them
+    assert kwargs["block_size"] == 12 and kwargs["block_indices"].shape == (2, 1, 9, 4)
+    assert kwargs["key_padding_mask"].shape == (1, 108) and int(kwargs["key_padding_mask"].sum()) == 18
 
 
 @pytest.mark.parametrize("n_win,topk,heads", [(7, 4, 2), (4, 1, 3), (2, 4, 1)])
