@@ -23,6 +23,9 @@ Deliberate deviations:
   the block input before the qkv projection, attend to the padding, crop).
 - STL-nchw at sizes that are not multiples of 112: the official `bra_nchw` changes the region
   size and pads after the projection without masking; that is not reproduced (masked mode only).
+
+torch.compile works (tested on the routed layer, `aot_eager`); the routing's data-dependent block
+lists cause graph breaks, so expect little speed-up from compiling the reference path.
 """
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def brute_force(q, k, v, n_win, topk, scale):
         for r in range(n_regions):
             if not members[r]:
                 continue
-            scores = [(float((q_r[r].detach() * scale) @ k_r[s].detach()) if members[s] else -math.inf) for s in range(n_regions)]
+            scores = [float((q_r[r].detach() * scale) @ k_r[s].detach()) if members[s] else -math.inf
+                      for s in range(n_regions)]
             order = sorted(range(n_regions), key=lambda s: -scores[s])[:topk]
             picked = [s for s in order if members[s]]
             routing[bi, r, : len(picked)] = torch.tensor(picked)
@@ -254,7 +255,8 @@ def test_block_sparse_key_padding_mask_matches_dense_oracle():
     "kwargs,match",
     [
         (dict(key_padding_mask=torch.zeros(2, 11)), "key_padding_mask must be a bool"),
-        (dict(key_padding_mask=torch.zeros(2, 10, dtype=torch.bool)), r"key_padding_mask must have shape \[batch\|1, 11\]"),
+        (dict(key_padding_mask=torch.zeros(2, 10, dtype=torch.bool)),
+         r"key_padding_mask must have shape \[batch\|1, 11\]"),
     ],
 )
 def test_block_sparse_key_padding_mask_errors(kwargs, match):
@@ -271,7 +273,8 @@ def _qkv(shape=(1, 6, 6, 2, 4)):
     "case,match",
     [
         (lambda q, k, v: bi_level_routing_attention(q[0], k[0], v[0], 3, 2), "q must have rank 5"),
-        (lambda q, k, v: bi_level_routing_attention(q, k, v, 3, 0), r"topk must be an int in \[1, n_win\^2 = 9\], got 0"),
+        (lambda q, k, v: bi_level_routing_attention(q, k, v, 3, 0),
+         r"topk must be an int in \[1, n_win\^2 = 9\], got 0"),
         (lambda q, k, v: bi_level_routing_attention(q, k, v, 3, 10), "got 10"),
         (lambda q, k, v: bi_level_routing_attention(q, k, v, 3, 2.0), "got 2.0"),
         (lambda q, k, v: bi_level_routing_attention(q, k, v, 0, 1), "n_win must be a positive int"),

@@ -36,9 +36,10 @@ def bi_level_routing_attention(
     Returns:
         `[batch, height, width, heads, head_dim_v]` (and the routing if asked).
 
-    Memory: one region-ordered copy of q, k, v; the attention runs on
-    `zoo.ops.block_sparse_attention` with the routed regions as block indices, so K/V are never
-    copied per routed region.
+    Memory: one region-ordered (padded to whole regions) copy of q, k, v; the attention runs on
+    `zoo.ops.block_sparse_attention` with the routed regions as block indices, whose working set
+    is bounded by its chunking, so K/V are never copied per routed region (the official gather
+    holds `topk` copies).
     """
     return bi_level_routing_attention_reference(q, k, v, n_win, topk, scale=scale, return_routing=return_routing)
 

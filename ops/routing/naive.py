@@ -62,7 +62,9 @@ def to_regions(x: torch.Tensor, n_h: int, n_w: int, region_h: int, region_w: int
     return x.reshape(batch, heads, n_h * n_w * region_h * region_w, dim).contiguous()
 
 
-def from_regions(x: torch.Tensor, height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int) -> torch.Tensor:
+def from_regions(
+    x: torch.Tensor, height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int
+) -> torch.Tensor:
     """Inverse of `to_regions`: `[B, heads, N', D]` -> `[B, H, W, heads, D]` (padding cropped)."""
     batch, heads, _, dim = x.shape
     x = x.reshape(batch, heads, n_h, n_w, region_h, region_w, dim).permute(0, 2, 4, 3, 5, 1, 6)
