@@ -107,7 +107,7 @@ def _configs(draw, na_dim):
     return tuple(spatial), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal)
 
 
-_settings = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_settings

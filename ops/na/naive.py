@@ -120,22 +120,21 @@ def _combine(tables: list[torch.Tensor], coords: list[torch.Tensor], strides: Se
     return out.flatten(1)
 
 
-def _attend_chunk(q, k, v, key_idx, key_valid, rel_idx, rpb, extra_k, extra_v, scale):
-    """q [B, n, H, D]; k/v [B, N, H, D]; key_idx/key_valid/rel_idx [n, K]; rpb [H, R] or None."""
-    k_sel, v_sel = k[:, key_idx], v[:, key_idx]  # [B, n, K, H, D]
-    scores = torch.einsum("bnhd,bnkhd->bnhk", q, k_sel) * scale
+def _attend_chunk(q, k, v, key_idx, key_valid, rel_idx, rpb, extra_k, extra_v, scale, with_lse):
+    """Heads-first: q [B, H, n, D]; k/v [B, H, N, D]; key_idx/key_valid/rel_idx [n, K]; rpb [H, R] or None."""
+    k_sel, v_sel = k[:, :, key_idx], v[:, :, key_idx]  # [B, H, n, K, D], contiguous for the batched matmuls
+    scores = (k_sel @ q.unsqueeze(-1)).squeeze(-1) * scale  # [B, H, n, K]
     if rpb is not None:
-        scores = scores + rpb[:, rel_idx].permute(1, 0, 2)
-    scores = scores.masked_fill(~key_valid[:, None, :], float("-inf"))
+        scores = scores + rpb[:, rel_idx]
+    scores = scores.masked_fill(~key_valid, float("-inf"))
     if extra_k is not None:
-        scores = torch.cat([scores, torch.einsum("bnhd,bshd->bnhs", q, extra_k) * scale], dim=-1)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+        scores = torch.cat([scores, q @ extra_k.transpose(-1, -2) * scale], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
     n_keys = key_idx.shape[1]
-    out = torch.einsum("bnhk,bnkhd->bnhd", probs[..., :n_keys], v_sel)
+    out = (probs[..., None, :n_keys] @ v_sel).squeeze(-2)
     if extra_v is not None:
-        out = out + torch.einsum("bnhs,bshd->bnhd", probs[..., n_keys:], extra_v)
-    return out, lse
+        out = out + probs[..., n_keys:] @ extra_v
+    return out, (torch.logsumexp(scores, dim=-1) if with_lse else None)
 
 
 def neighborhood_attention(
@@ -203,9 +202,10 @@ def neighborhood_attention(
 
     compute = torch.promote_types(q.dtype, torch.float32)
     n_tokens, n_keys = math.prod(spatial), math.prod(kernel)
-    qf, kf, vf = (t.reshape(batch, n_tokens, heads, t.shape[-1]).to(compute) for t in (q, k, v))
-    extra_k = None if additional_keys is None else additional_keys.to(compute)
-    extra_v = None if additional_values is None else additional_values.to(compute)
+    heads_first = lambda t: t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2).to(compute)  # noqa: E731
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+    extra_k = None if additional_keys is None else heads_first(additional_keys)
+    extra_v = None if additional_values is None else heads_first(additional_values)
     rpb_flat = None if rpb is None else rpb.to(compute).reshape(heads, -1)
 
     token_strides = [math.prod(spatial[a + 1:]) for a in range(na_dim)]
@@ -217,19 +217,17 @@ def neighborhood_attention(
     )
     outs, lses = [], []
     for start in range(0, n_tokens, chunk):
-        ids = torch.arange(start, min(start + chunk, n_tokens), device=device)
+        stop = min(start + chunk, n_tokens)
+        ids = torch.arange(start, stop, device=device)
         coords = [(ids // token_strides[a]) % spatial[a] for a in range(na_dim)]
         key_idx = _combine([t[0] for t in tables], coords, token_strides, "sum")
         rel_idx = _combine([t[1] for t in tables], coords, rpb_strides, "sum")
         key_valid = _combine([t[2] for t in tables], coords, token_strides, "and")
-        args = (qf[:, ids[0]:ids[-1] + 1], kf, vf, key_idx, key_valid, rel_idx, rpb_flat, extra_k, extra_v, scale)
-        if needs_grad:
-            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
-        else:
-            out, lse = _attend_chunk(*args)
+        args = (qh[:, :, start:stop], kh, vh, key_idx, key_valid, rel_idx, rpb_flat, extra_k, extra_v, scale, return_lse)
+        out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if needs_grad else _attend_chunk(*args)
         outs.append(out)
         lses.append(lse)
-    out = torch.cat(outs, 1).reshape(batch, *spatial, heads, dim_v).to(q.dtype)
+    out = torch.cat(outs, 2).transpose(1, 2).reshape(batch, *spatial, heads, dim_v).to(q.dtype)
     if return_lse:
-        return out, torch.cat(lses, 1).reshape(batch, *spatial, heads)
+        return out, torch.cat(lses, 2).transpose(1, 2).reshape(batch, *spatial, heads)
     return out
