@@ -5,11 +5,14 @@ autograd), Triton kernels sit beside it and are dispatched to on CUDA tensors.
 """
 from ._cost import counting_flops, is_counting_flops
 from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sparse_attention
+from .linear_rmt import mala_attention, rala_attention
 
 __all__ = [
     "block_sparse_attention",
     "block_mask_to_indices",
     "block_indices_to_mask",
+    "mala_attention",
+    "rala_attention",
     "counting_flops",
     "is_counting_flops",
 ]
