@@ -273,7 +273,7 @@ class RMTLinear(nn.Module):
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i, depth in enumerate(depths):
