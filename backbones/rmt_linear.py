@@ -34,10 +34,10 @@ from timm.layers import DropPath, trunc_normal_
 from timm.layers import LayerNorm2d as _TimmLayerNorm2d
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
+from zoo.ops import mala_attention, rala_attention
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
-from zoo.ops import mala_attention, rala_attention
 from zoo.weights import generate_default_cfgs
 
 ATTN_KINDS = ("mala", "rala", "softmax")
@@ -393,7 +393,9 @@ _RALA = dict(paper_name="Breaking the Low-Rank Dilemma of Linear Attention (CVPR
              origin_url="https://github.com/qhfan/RALA")
 
 # official_params / official_flops: the official model definitions, counted with fvcore at 224
-# (scripts/check_rmt_official.py). paper_* are the published (rounded) numbers.
+# (scripts/check_rmt_official.py). paper_* are the published (rounded) numbers: RAVLT's README,
+# MAViT-S from the ICCV abstract, MAViT-T/B/L from the paper's table as quoted by third parties.
+# sha256 only where the hub's current file page was read (MAViT_B, MAViT_L).
 default_cfgs = generate_default_cfgs({
     # MAViT-T weights are not listed on aldjalkdf/MAViT (only S/B/L classification files were found)
     "mavit_tiny.in1k": _cfg(**_MALA, top1=82.9, paper_params=16e6, paper_flops=2.5e9,
@@ -416,7 +418,6 @@ default_cfgs = generate_default_cfgs({
                              paper_params=26e6, paper_flops=4.6e9, official_params=25_591_208,
                              official_flops=4_899_161_216),
     "ravlt_base.in1k": _cfg(**_RALA, hf_hub_id="aldjalkdf/RAVLT", hf_filename="RAVLT_B.pth", top1=85.5,
-                            sha256="140f76eba46f1171f0a9fac9c88712c7e52748b294f96e7294dacd56c23a9ab4",
                             paper_params=48e6, paper_flops=9.9e9, official_params=48_241_288,
                             official_flops=10_616_032_768),
     "ravlt_large.in1k": _cfg(**_RALA, hf_hub_id="aldjalkdf/RAVLT", hf_filename="RAVLT_L.pth", top1=85.8,
@@ -443,8 +444,7 @@ def _create(variant: str, kind: str, size: str, projection: int, pretrained: boo
                             **dict(args, **kwargs))
 
 
-_MALA_PAPER = "Rectifying Magnitude Neglect in Linear Attention (ICCV 2025)"
-_RALA_PAPER = "Breaking the Low-Rank Dilemma of Linear Attention (CVPR 2025)"
+_MALA_PAPER, _RALA_PAPER = _MALA["paper_name"], _RALA["paper_name"]
 
 
 @register_model(paper=_MALA_PAPER)

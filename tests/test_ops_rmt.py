@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo.ops import mala_attention, rala_attention
 
 import zoo
-from zoo.ops import mala_attention, rala_attention
 
 OPS = {"mala": mala_attention, "rala": rala_attention}
 

@@ -10,10 +10,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from zoo.backbones.rmt_linear import RMTAttention, RMTLinear, RoPE2d
 
 import zoo
 from zoo import weights
-from zoo.backbones.rmt_linear import RMTAttention, RMTLinear, RoPE2d
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "rmt_official_keys.json")
 VARIANTS = [f"{f}_{s}" for f in ("mavit", "ravlt") for s in ("tiny", "small", "base", "large")]
