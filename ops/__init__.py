@@ -7,6 +7,7 @@ from ._cost import counting_flops, is_counting_flops
 from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sparse_attention
 from .na import na1d, na2d, na3d, na_legacy_pad
 from .routing import bi_level_routing_attention, bra_routing
+from .linear_rmt import mala_attention, rala_attention
 
 __all__ = [
     "block_sparse_attention",
@@ -14,6 +15,8 @@ __all__ = [
     "block_indices_to_mask",
     "bi_level_routing_attention",
     "bra_routing",
+    "mala_attention",
+    "rala_attention",
     "counting_flops",
     "na1d",
     "na2d",
