@@ -1,1 +1,2 @@
 """Vision backbones. Importing this package registers every family in zoo and timm."""
+from . import swin_style  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
