@@ -234,7 +234,7 @@ def test_linear_errors():
 
 def test_linear_costs_are_exact_counts():
     q, k, v = torch.rand(2, 3, 10, 4), torch.rand(2, 3, 8, 4), torch.rand(2, 3, 8, 5)
-    from zoo.flops import flops
+    from zoo.flop_count import flops
 
     class M(torch.nn.Module):
         def __init__(self, fn):

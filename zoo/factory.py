@@ -23,7 +23,13 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     feature_cls = kwargs.pop("feature_cls", None)
+    from timm.models._builder import resolve_pretrained_cfg
+
+    tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).tag
+    extras = _weights.cfg_extras(f"{variant}.{tag}" if tag else variant)
+    kwargs = {**extras.pop("model_args", {}), **kwargs}  # a tag may imply arguments (e.g. dilations at 384)
     model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
+    model.pretrained_cfg = {**model.pretrained_cfg, **extras}
     model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     if pretrained:
         tag = model.pretrained_cfg.get("tag")
