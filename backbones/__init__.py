@@ -1,2 +1,3 @@
 """Vision backbones. Importing this package registers every family in zoo and timm."""
 from . import swin_style  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
+from . import pvt_style  # noqa: F401,E402  (agent / FLatten / InLine PVT variants)
