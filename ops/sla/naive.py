@@ -189,7 +189,8 @@ def sparse_linear_attention(
         feature_map: "softmax" | "elu" | "relu".
         block_size: `block` or `(block_q, block_k)`; the official kernels use (64 or 128, 64).
         scale: softmax scale of the sparse branch (default head_dim ** -0.5).
-        block_map: a precomputed `sla_block_map` (reused across calls, or for tests).
+        block_map: a precomputed `sla_block_map` (reused across calls, or for tests); when given,
+            `topk` and `negligible` are not used.
 
     Memory (reference): the sparse branch is block_sparse_attention's chunked working set;
     the linear branch holds S_j, Z_j and H_i, Z_i, i.e. B*H*(ceil(Nk/bk) + ceil(Nq/bq))*D*(Dv+1)
