@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zoo
 from zoo.ops import SparsityPolicy, counting_flops, radial_attention, radial_block_mask
@@ -67,6 +69,22 @@ def test_block_mask_matches_element_level_rule(case):
     f, s, decay, B, model, text, legacy = case
     mask = radial_block_mask(f, s, decay, block_size=B, model=model, text_tokens=text, legacy=legacy)
     assert mask.dtype == torch.bool and mask.shape == (math.ceil((f * s + text) / B),) * 2
+    assert torch.equal(mask, element_level_block_mask(f, s, decay, B, model, text, legacy))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    f=st.integers(1, 9),
+    s=st.integers(1, 300),
+    decay=st.floats(0.0, 3.0),
+    B=st.integers(2, 40),
+    model=st.sampled_from(["wan", "hunyuan"]),
+    text=st.integers(0, 50),
+    legacy=st.booleans(),
+)
+def test_block_mask_property(f, s, decay, B, model, text, legacy):
+    legacy = legacy and model == "wan"
+    mask = radial_block_mask(f, s, decay, block_size=B, model=model, text_tokens=text, legacy=legacy)
     assert torch.equal(mask, element_level_block_mask(f, s, decay, B, model, text, legacy))
 
 
