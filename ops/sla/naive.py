@@ -21,9 +21,10 @@ The defaults are the SLA-1 release (the fused kernel the paper describes, with k
 confirmed in thu-ml/SLA#7).
 
 Faithful details (thu-ml/SLA `get_block_map`, `SparseLinearAttention`):
-- block scores: pooled_q @ pooled_k^T with k centred over the sequence first ("smooth-k"),
-  mean pooling over the tokens actually present in a partial last block, no scale or softmax
-  (top-k is invariant to them); critical count per row = min(nK, int(topk * nK));
+- block scores: pooled_q @ pooled_k^T with k centred over the sequence first ("smooth-k": it
+  subtracts a per-row constant, so it only matters numerically), mean pooling over the tokens
+  actually present in a partial last block, no scale or softmax (the ranking is invariant to
+  them); critical count per row = min(nK, int(topk * nK)), negligible int(negligible * nK);
 - phi per token over head_dim: softmax (default), elu (ELU(x) + 1) or relu; the same phi for q, k;
 - eps = 1e-5 in the denominator (main; SLA-1 has none and returns O_l = 0 when a row has no
   linear block, as here, where an empty row gives 0 for any eps);
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from .._checks import check_same, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_attention
+from ..block_sparse.naive import _pair
 from ..radial.naive import block_mask_pairs
 
 LAYOUT = "[batch, heads, seq_len, head_dim]"
@@ -54,16 +56,9 @@ LINEAR_ON = ("marginal", "all")
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
 
 
-def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in pair):
-        raise ValueError(f"block_size must be a positive int or (block_q, block_k), got {block_size!r}")
-    return pair
-
-
 def _block_counts(n_key_blocks: int, topk: float, negligible: float) -> tuple[int, int]:
     if not isinstance(topk, (int, float)) or not 0 <= topk <= 1:
-        raise ValueError(f"topk must be the fraction of key blocks kept exact, in [0, 1], got {topk!r}")
+        raise ValueError(f"topk must be the fraction of key blocks per row that are critical, in [0, 1], got {topk!r}")
     if not isinstance(negligible, (int, float)) or not 0 <= negligible <= 1 or topk + negligible > 1:
         raise ValueError(
             f"negligible must be the fraction of key blocks skipped, in [0, 1 - topk] = [0, {1 - topk}], "
@@ -123,8 +118,7 @@ def _linear_branch(
     Works on block aggregates: S_j = phi(K_j)^T V_j `[B, H, nKb, D, Dv]`, then H_i = sum_j m_ij S_j;
     never an N x N matrix.
     """
-    batch, heads, n_q, dim = phi_q.shape
-    n_k = phi_k.shape[2]
+    n_q, n_k = phi_q.shape[2], phi_k.shape[2]
     n_qb, n_kb = -(-n_q // block_q), -(-n_k // block_k)
     # zero-padding *after* phi: padded keys add nothing to S and Z
     phi_k = F.pad(phi_k, (0, 0, 0, n_kb * block_k - n_k)).unflatten(2, (n_kb, block_k))
