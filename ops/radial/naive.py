@@ -194,6 +194,11 @@ def radial_attention(
     The mask is built once per argument tuple and device (an LRU cache keyed by all of them, so
     a new resolution gets a new mask). Runs `zoo.ops.block_sparse_attention`.
 
+    Faithful: HunyuanVideo's official path attends video -> (radial video + valid text) and
+    text -> everything; the same blocks are selected here. Its prompt padding mask is not an
+    argument: pass only the valid text tokens (`text_tokens` = their number), as a block mask
+    cannot drop single keys (the official text rows would also see the padded text keys).
+
     Memory (reference): the block mask plus block_sparse_attention's chunked working set;
     no N x N matrix.
     """
