@@ -67,7 +67,7 @@ def pair_window(
     else:
         decayed = nominal * decay_factor
         window = decayed if decayed >= block_size else block_size
-    return min(math.floor(_float32(window)), s)
+    return math.floor(_float32(min(window, s)))  # any window >= s keeps the whole pair
 
 
 @functools.lru_cache(maxsize=256)
