@@ -62,7 +62,7 @@ class NeighborhoodAttention2D(nn.Module):
         if any(pad):
             x = F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        x = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale)
+        x = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb.to(q.dtype), scale=self.scale)
         x = self.proj_drop(self.proj(x.flatten(-2)))
         return x[:, :height, :width] if any(pad) else x
 

@@ -209,7 +209,7 @@ def neighborhood_attention(
     rpb_flat = None if rpb is None else rpb.to(compute).reshape(heads, -1)
 
     token_strides = [math.prod(spatial[a + 1:]) for a in range(na_dim)]
-    rpb_strides = [math.prod(2 * kk - 1 for kk in kernel[a + 1:]) for a in range(na_dim)]
+    rpb_strides = [math.prod([2 * kk - 1 for kk in kernel[a + 1:]]) for a in range(na_dim)]
     per_query = batch * heads * (n_keys * (dim + dim_v + 2) + n_extra)
     chunk = max(1, chunk_elements // max(per_query, 1))
     needs_grad = torch.is_grad_enabled() and any(
