@@ -167,9 +167,9 @@ def _to_hf(state: dict, prefix: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("arch,prefix", [("nat_small", "nat."), ("dinat_base", "dinat.")])
+@pytest.mark.parametrize("arch,prefix", [("nat_mini", "nat."), ("dinat_base", "dinat.")])
 def test_hf_transformers_layout_loads_through_the_converter(tmp_path, arch, prefix):
-    kw = dict(TINY, embed_dim=24, num_heads=(1, 2, 4, 8))
+    kw = dict(TINY, embed_dim=24, num_heads=(1, 2, 4, 8), layer_scale=1e-5)
     source = zoo.create_model(arch, **kw)
     for p in source.parameters():  # distinct values everywhere, gammas included
         nn.init.normal_(p)
@@ -400,3 +400,18 @@ def test_torch_compile_fullgraph():
     with torch.no_grad():
         compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_model_table_reads_paper_numbers_from_the_cfgs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("model_table", Path(__file__).parents[1] / "scripts" / "model_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.rows_for(["dinat_large"]) == [
+        "dinat_large.in22k_ft_in1k", "dinat_large.in22k_ft_in1k_384", "dinat_large.in22k_ft_in1k_384_11x11"]
+    assert len(table.rows_for(["nat_*", "dinat_*"])) == len(ALL) + 3  # HF mirrors carry no paper numbers
+    row = dict(name="x.y", params=20.1e6, input_size=(3, 224, 224), paper_params=20e6, paper_flops=2.7e9,
+               flops=2.727e9, top1=81.8, paper="p")
+    assert "| `x.y` | 224 | 20.10 | 20 | +0.5% | 2.73 | 2.7 | +1.0% | 81.8 |" in table.markdown([row])

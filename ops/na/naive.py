@@ -17,7 +17,10 @@ N-d neighbourhood is the Cartesian product of the per-axis windows:
 
 Memory: no N x N matrix. Each query's k^d neighbour indices are computed from small per-axis
 tables; queries are processed in chunks whose gathered K/V stay under `chunk_elements`, and
-under autograd each chunk is recomputed in backward (activation checkpointing).
+under autograd each chunk is recomputed in backward (activation checkpointing). Peak extra
+memory is a heads-first float32 copy of q, k, v plus about `chunk_elements` (default 2^24,
+64 MiB in float32) for one chunk's gathered neighbours, logits and probabilities; the kept
+activations are the output and, with `return_lse`, the logsumexp.
 """
 from __future__ import annotations
 
