@@ -68,7 +68,24 @@ def _check_indices(block_indices: torch.Tensor, n_q_blocks: int, n_k_blocks: int
         raise ValueError("block_indices lists a key block twice in one row: each row must list unique blocks")
 
 
-def _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k):
+def resolve_block_indices(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor | None,
+    block_indices: torch.Tensor | None,
+    block_size: int | tuple[int, int],
+) -> tuple[torch.Tensor, int, int]:
+    """Check the arguments of block-sparse attention; return (int64 lists [B|1, H|1, nQb, max_k] on q's device,
+    block_q, block_k). Shared by the reference and the Triton path, so both refuse the same inputs."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+    block_q, block_k = _pair(block_size)
     batch, heads, n_q, _ = q.shape
     n_q_blocks, n_k_blocks = math.ceil(n_q / block_q), math.ceil(k.shape[2] / block_k)
     if (block_mask is None) == (block_indices is None):
@@ -85,18 +102,19 @@ def _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k):
         block_indices = block_mask_to_indices(block_mask)
     else:
         _check_indices(block_indices, n_q_blocks, n_k_blocks, batch, heads)
-    return block_indices.to(q.device).long().expand(batch, heads, -1, -1), n_q_blocks
+    return block_indices.to(q.device).long(), block_q, block_k
 
 
 def _attend_chunk(q_chunk, k, v, key_pos, key_valid, scale):
     """q_chunk [G, C, bq, D]; key_pos/key_valid [G, C, L]; k/v [G, N, D]."""
     g = torch.arange(k.shape[0], device=k.device)[:, None, None]
     k_sel, v_sel = k[g, key_pos], v[g, key_pos]  # [G, C, L, D]
-    scores = torch.einsum("gcqd,gcld->gcql", q_chunk.float(), k_sel.float()) * scale
+    acc = torch.promote_types(q_chunk.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    scores = torch.einsum("gcqd,gcld->gcql", q_chunk.to(acc), k_sel.to(acc)) * scale
     scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
-    out = torch.einsum("gcql,gcld->gcqd", probs, v_sel.float())
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(acc).min)[..., None])
+    out = torch.einsum("gcql,gcld->gcqd", probs, v_sel.to(acc))
     return out.to(q_chunk.dtype), lse
 
 
@@ -112,16 +130,10 @@ def block_sparse_attention_reference(
     chunk_elements: int = 1 << 24,
 ):
     """Block-sparse attention, exact, in PyTorch. See `zoo.ops.block_sparse_attention`."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
-    block_q, block_k = _pair(block_size)
-    indices, n_q_blocks = _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k)
+    indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
     batch, heads, n_q, dim = q.shape
+    n_q_blocks = math.ceil(n_q / block_q)
+    indices = indices.expand(batch, heads, -1, -1)
     n_k, dim_v = k.shape[2], v.shape[-1]
     scale = dim ** -0.5 if scale is None else scale
 
