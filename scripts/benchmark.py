@@ -183,6 +183,15 @@ def run_mask(name, mask, shape, dtype, args, flex, results):
         print(f"  TARGET {'MET   ' if m else 'MISSED'} {t}: {v:.2f}")
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --sweep; configs that do not divide the block are skipped
+FWD_SWEEP = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+             (128, 128, 4, 3)]
+DQ_SWEEP = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4),
+            (64, 128, 8, 3)]
+DKDV_SWEEP = [(64, 128, 8, 3), (64, 128, 8, 4), (32, 128, 4, 4), (32, 128, 8, 4), (64, 128, 4, 3), (128, 128, 8, 2),
+              (64, 64, 4, 3)]
+
+
 def sweep(mask, shape, dtype, block, results):
     """Time each kernel alone over tile / warp / stage settings (prints, and stores, the table)."""
     batch, heads, n, dim = shape
@@ -193,8 +202,7 @@ def sweep(mask, shape, dtype, block, results):
     base = bsk.default_config(block, block, dim)
     o, lse = bsk.forward(q, k, v, idx, cnt, block, block, scale)
     rows = []
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                         (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]:
+    for bm, bn, w, s in FWD_SWEEP:
         cfg = dict(base, fwd=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s))
         try:
             t = bench(lambda cfg=cfg: bsk.forward(q, k, v, idx, cnt, block, block, scale, cfg))
@@ -202,18 +210,22 @@ def sweep(mask, shape, dtype, block, results):
             t = float("nan")
             print("  fwd", cfg["fwd"], "failed:", str(err).splitlines()[0][:120])
         rows.append(("fwd", cfg["fwd"], t))
-    for dq, dkdv in [((128, 64, 8, 2), (64, 128, 8, 2)), ((128, 64, 8, 3), (64, 128, 8, 3)),
-                     ((64, 64, 4, 3), (64, 64, 4, 3)), ((128, 32, 8, 3), (32, 128, 8, 3)),
-                     ((64, 128, 8, 2), (128, 64, 8, 2)), ((128, 64, 4, 2), (64, 128, 4, 2))]:
-        cfg = dict(base, dq=dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), dq)),
-                   dkdv=dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), dkdv)))
-        try:
-            t = bench(lambda cfg=cfg: bsk.backward(do, None, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block, block,
-                                                   scale, cfg))
-        except Exception as err:
-            t = float("nan")
-            print("  bwd", cfg["dq"], cfg["dkdv"], "failed:", str(err).splitlines()[0][:120])
-        rows.append(("bwd", {"dq": cfg["dq"], "dkdv": cfg["dkdv"]}, t))
+    delta = bsk.launch_delta(do, o, None)
+    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    for kind, settings in (("dq", DQ_SWEEP), ("dkdv", DKDV_SWEEP)):
+        for setting in settings:
+            cfg = dict(zip(keys, setting))
+            if kind == "dq":
+                fn = lambda cfg=cfg: bsk.launch_dq(do, q, k, v, lse, delta, idx, cnt, block, block, scale, cfg)
+            else:
+                fn = lambda cfg=cfg: bsk.launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block, block, scale, cfg)
+            try:
+                t = bench(fn)
+            except Exception as err:
+                t = float("nan")
+                print(" ", kind, cfg, "failed:", str(err).splitlines()[0][:120])
+            rows.append((kind, cfg, t))
+    rows.append(("delta", {}, bench(lambda: bsk.launch_delta(do, o, None))))
     t_lists = bench(lambda: bsk.transpose_lists(idx, mask.shape[1]))
     t_sort = bench(lambda: bsk.sort_lists(block_mask_to_indices(mask[None, None])))
     print(f"\n== sweep ({shape}, block density {mask.float().mean().item():.3f}); list sort {t_sort:.3f} ms, "
@@ -233,10 +245,14 @@ def main():
     parser.add_argument("--block", type=int, default=128, choices=[64, 128])
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
     parser.add_argument("--sweep", action="store_true", help="also time the kernels over launch settings")
+    parser.add_argument("--head-dim", type=int, help="override the shape's head_dim (heads scaled to keep the width)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the --sweep tables, no baselines")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     args.modes = args.modes.split(",")
     batch, heads, frames, per_frame, dim = SHAPES[args.shape]
+    if args.head_dim:
+        heads, dim = heads * dim // args.head_dim, args.head_dim
     n = frames * per_frame
     shape = (batch, heads, n, dim)
     dtype = torch.bfloat16
@@ -253,9 +269,10 @@ def main():
             mask = band_block_mask(n_blocks, args.density, "cuda")
         else:
             mask = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device="cuda")
-        if args.sweep:
+        if args.sweep or args.sweep_only:
             sweep(mask, shape, dtype, args.block, results)
-        run_mask(name, mask, shape, dtype, args, flex, results)
+        if not args.sweep_only:
+            run_mask(name, mask, shape, dtype, args, flex, results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,

@@ -236,6 +236,23 @@ def _bwd_dkdv_kernel(
              mask=key_ok[:, None])
 
 
+@triton.jit
+def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < N_Q
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = pid_bh.to(tl.int64) * N_Q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=ok, other=0.0)
+    tl.store(DELTA + rows, delta, mask=ok)
+
+
 # ----------------------------------------------------------------------------- launchers
 def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
     """None if the Triton kernel runs these inputs, else the reason it does not."""
@@ -250,11 +267,10 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
 
 def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[str, int]]:
     """Tile shapes and launch settings per kernel (H100, bf16; measured in BENCHMARKS.md)."""
-    fwd = dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 64 if head_dim > 64 else 128), num_warps=8, num_stages=3)
-    if head_dim <= 64:
-        fwd["num_warps"] = 4
-    bwd = dict(BLOCK_M=min(block_q, 64), BLOCK_N=min(block_k, 128), num_warps=8, num_stages=2)
-    return {"fwd": fwd, "dq": dict(bwd, BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 64)), "dkdv": bwd}
+    fwd = dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 128), num_warps=8, num_stages=3)
+    dq = dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 64), num_warps=8, num_stages=3)
+    dkdv = dict(BLOCK_M=min(block_q, 64), BLOCK_N=min(block_k, 128), num_warps=8, num_stages=3)
+    return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int]:
@@ -314,34 +330,52 @@ def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k
     A gradient `dlse` of the logsumexp (or None) enters through delta: d lse_i / d s_ij = p_ij, so
     dS = P * (dP - (rowsum(dO * O) - dlse)).
     """
-    batch, heads, n_q, dim = q.shape
-    n_k = k.shape[2]
-    configs = config or default_config(block_q, block_k, dim)
-    do = do if do.stride(-1) == 1 and do.stride() == o.stride() else do.contiguous()
-    o = o if o.stride() == do.stride() else o.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O) [B, H, N_q], fp32
-    if dlse is not None:
-        delta = delta - dlse.float()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim)
+    configs = config or default_config(block_q, block_k, q.shape[-1])
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = launch_delta(do, o, dlse)
+    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"])
+    dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"])
+    return dq, dk, dv
 
-    cfg = dict(configs["dq"])
+
+def launch_delta(do, o, dlse):
+    """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass."""
+    batch, heads, n_q, dim = o.shape
+    delta = torch.empty(batch, heads, n_q, device=o.device, dtype=torch.float32)
+    rows = 64
+    dlse_arg = delta if dlse is None else dlse.float().contiguous()
+    _delta_kernel[(math.ceil(n_q / rows), batch * heads)](
+        o, do, dlse_arg, delta, *_strides4(o), *_strides4(do), heads, n_q,
+        BLOCK_M=rows, HEAD_DIM=dim, HAS_DLSE=dlse is not None,
+    )
+    return delta
+
+
+def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg):
+    batch, heads, n_q, dim = q.shape
     _check_config(cfg, block_q, block_k)
+    dq = torch.empty_like(q)
     grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
     _bwd_dq_kernel[grid](
         q, k, v, do, dq, lse, delta, idx, cnt, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-        *_list_strides(idx, cnt), heads, n_q, n_k, scale * LOG2E, scale,
-        K_PARTIAL=n_k % block_k != 0, **common, **cfg,
+        *_list_strides(idx, cnt), heads, n_q, k.shape[2], scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=k.shape[2] % block_k != 0, **cfg,
     )
-    cfg = dict(configs["dkdv"])
+    return dq
+
+
+def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg):
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
     _check_config(cfg, block_q, block_k)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = (math.ceil(n_k / block_k) * (block_k // cfg["BLOCK_N"]), batch * heads)
     _bwd_dkdv_kernel[grid](
         q, k, v, do, dk, dv, lse, delta, t_idx, t_cnt, *_strides4(q), *_strides4(k), *_strides4(v),
         *_strides4(do), *_list_strides(t_idx, t_cnt), heads, n_q, n_k, scale * LOG2E, scale,
-        Q_PARTIAL=n_q % block_q != 0, **common, **cfg,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, Q_PARTIAL=n_q % block_q != 0, **cfg,
     )
-    return dq, dk, dv
+    return dk, dv
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -60,11 +60,14 @@ def _check_indices(block_indices: torch.Tensor, n_q_blocks: int, n_k_blocks: int
         )
     if block_indices.shape[2] != n_q_blocks:
         raise ValueError(f"block_indices has {block_indices.shape[2]} query blocks, expected {n_q_blocks}")
-    if block_indices.numel() and int(block_indices.max()) >= n_k_blocks:
-        raise ValueError(f"block_indices lists key block {int(block_indices.max())} but there are {n_k_blocks}")
-    valid = block_indices.long().sort(-1).values
-    valid_next = valid[..., 1:]
-    if bool(((valid[..., :-1] == valid_next) & (valid_next >= 0)).any()):
+    if not block_indices.numel():
+        return
+    ordered = block_indices.long().sort(-1).values
+    repeated = ((ordered[..., :-1] == ordered[..., 1:]) & (ordered[..., 1:] >= 0)).any()
+    largest, repeated = torch.stack([ordered[..., -1].max(), repeated.long()]).tolist()  # one host sync
+    if largest >= n_k_blocks:
+        raise ValueError(f"block_indices lists key block {largest} but there are {n_k_blocks}")
+    if repeated:
         raise ValueError("block_indices lists a key block twice in one row: each row must list unique blocks")
 
 
