@@ -188,8 +188,20 @@ FWD_SWEEP = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 2), (128, 64, 8, 
              (128, 128, 4, 3)]
 DQ_SWEEP = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4),
             (64, 128, 8, 3)]
-DKDV_SWEEP = [(64, 128, 8, 3), (64, 128, 8, 4), (32, 128, 4, 4), (32, 128, 8, 4), (64, 128, 4, 3), (128, 128, 8, 2),
+DKDV_SWEEP = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3),
               (64, 64, 4, 3)]
+
+
+def kernel_report(fn) -> list[str]:
+    """Registers, spills and shared memory of every compiled variant of a Triton kernel."""
+    lines = []
+    for caches in fn.device_caches.values():
+        for ck in caches[0].values():
+            md = ck.metadata
+            consts = {k: v for k, v in getattr(ck.src, "constants", {}).items() if "BLOCK" in str(k)}
+            lines.append(f"  {fn.__name__}: regs {ck.n_regs} spills {ck.n_spills} warps {md.num_warps} "
+                         f"stages {md.num_stages} smem {md.shared} {consts}")
+    return lines
 
 
 def sweep(mask, shape, dtype, block, results):
@@ -232,6 +244,11 @@ def sweep(mask, shape, dtype, block, results):
           f"transpose {t_lists:.3f} ms")
     for kind, cfg, t in rows:
         print(f"  {kind} {t:8.3f} ms  {cfg}")
+    for fn in (bsk._fwd_kernel, bsk._bwd_dq_kernel, bsk._bwd_dkdv_kernel):
+        try:
+            print("\n".join(kernel_report(fn)))
+        except Exception as err:  # the cache layout is Triton-internal: report, do not fail the benchmark
+            print("  kernel report unavailable:", err)
     results.append({"sweep": [{"kernel": k, "config": c, "ms": t} for k, c, t in rows], "shape": list(shape)})
 
 

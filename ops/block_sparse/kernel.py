@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import block_indices_to_mask, block_mask_to_indices
+from .naive import block_indices_to_mask
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -49,7 +49,7 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, 
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
 
 
@@ -123,7 +123,7 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_sc
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
     dp = tl.dot(do, v)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
+    return tl.dot(ds.to(k.dtype), k, dq)
 
 
 @triton.jit
@@ -184,10 +184,10 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, off
         lse2 = tl.load(lse_ptrs) * 1.4426950408889634
         delta = tl.load(delta_ptrs)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
-    dv += tl.dot(p_t.to(do.dtype), do)
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -267,9 +267,15 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
 
 def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[str, int]]:
     """Tile shapes and launch settings per kernel (H100, bf16; measured in BENCHMARKS.md)."""
-    fwd = dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 128), num_warps=8, num_stages=3)
-    dq = dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 64), num_warps=8, num_stages=3)
-    dkdv = dict(BLOCK_M=min(block_q, 64), BLOCK_N=min(block_k, 128), num_warps=8, num_stages=3)
+    if head_dim > 64:
+        fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4, num_stages=3)
+        dq = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4,
+                  num_stages=2 if block_q == block_k == 128 else 3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3)
+    else:
+        fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=4, num_stages=3)
+        dq = dict(BLOCK_M=block_q, BLOCK_N=64, num_warps=8 if block_q == 128 else 4, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
 
 
@@ -296,9 +302,13 @@ def sort_lists(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def transpose_lists(indices: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query-block key lists -> per-key-block query lists (sorted, int32) and counts, on the lists' device."""
-    mask = block_indices_to_mask(indices, n_k_blocks).transpose(-1, -2)
-    t_idx = block_mask_to_indices(mask)
+    """Per-query-block key lists -> per-key-block query lists (int32, ascending, full width, valid entries
+    first) and counts, on the lists' device with no host sync."""
+    mask = block_indices_to_mask(indices, n_k_blocks).transpose(-1, -2)  # [.., n_k_blocks, n_q_blocks]
+    n_q_blocks = mask.shape[-1]
+    rows = torch.arange(n_q_blocks, device=mask.device, dtype=torch.int32)
+    ordered = torch.where(mask, rows, rows + n_q_blocks).sort(dim=-1).values
+    t_idx = torch.where(ordered < n_q_blocks, ordered, -1)
     return t_idx.contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
 
 
