@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from zoo.ops import block_mask_to_indices, block_sparse_attention
+from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_layout
 from zoo.ops.block_sparse import kernel as bsk
 
 SHAPES = {  # name: (batch, heads, frames, tokens per frame, head_dim)
@@ -93,6 +93,17 @@ def computed_pairs(mask: torch.Tensor, n: int, block: int) -> int:
     return int((sizes[:, None] * sizes[None, :] * mask).sum().item())
 
 
+def flex_block_mask(mask: torch.Tensor, n: int, block: int) -> BlockMask:
+    """The same block mask for FlexAttention: every listed block a full block (no mask_mod), tails by length."""
+    n_blocks = mask.shape[0]
+    cols = torch.arange(n_blocks, device=mask.device, dtype=torch.int32)
+    full = torch.where(mask, cols, cols + n_blocks).sort(-1).values
+    full = torch.where(full < n_blocks, full, 0)[None, None].contiguous()
+    counts = mask.sum(-1, dtype=torch.int32)[None, None].contiguous()
+    empty = torch.zeros_like(counts)
+    return BlockMask.from_kv_blocks(empty, torch.zeros_like(full), counts, full, BLOCK_SIZE=block, seq_lengths=(n, n))
+
+
 def bench(fn, warmup=25, rep=100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
@@ -116,19 +127,15 @@ def run_mask(name, mask, shape, dtype, args, flex, results):
     fwd_flops = 4 * pairs * dim
     dense_fwd_flops = 4 * batch * heads * n * n * dim
 
-    def ours(a, b, c):  # the public op: argument checks (with host syncs), then the kernel
+    layout = block_sparse_layout(n, n, block_indices=indices, block_size=block)
+
+    def ours(a, b, c):  # the public op on a layout checked once (no host sync per call)
+        return block_sparse_attention(a, b, c, layout=layout)
+
+    def ours_lists(a, b, c):  # the public op on raw lists: checks them per call (one host sync)
         return block_sparse_attention(a, b, c, block_indices=indices, block_size=block)
 
-    def ours_kernel(a, b, c):  # the kernel's autograd entry on ready lists (no checks)
-        return bsk.block_sparse_attention_triton(a, b, c, indices, block, block, dim**-0.5)[0]
-
-    bm_tensor = mask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return bm_tensor[q_idx // block, kv_idx // block]
-
-    flex_mask = None if name == "dense" else create_block_mask(mask_mod, None, None, n, n, device="cuda",
-                                                               BLOCK_SIZE=block)
+    flex_mask = None if name == "dense" else flex_block_mask(mask, n, block)
 
     def flex_fn(a, b, c):
         return flex(a, b, c, block_mask=flex_mask)
@@ -139,8 +146,12 @@ def run_mask(name, mask, shape, dtype, args, flex, results):
                 return F.scaled_dot_product_attention(a, b, c)
         return f
 
-    fns = {"ours": ours, "ours_kernel": ours_kernel, "flex": flex_fn, "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    fns = {"ours": ours, "ours_lists": ours_lists, "flex": flex_fn, "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
            "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    with torch.no_grad():  # the same function: our output against FlexAttention's
+        ref = fns["flex"](q, k, v).float()
+        agree = (fns["ours"](q, k, v).float() - ref).abs().max().item()
+    print(f"  max |ours - flex| = {agree:.3g} (bf16 outputs)")
     times = {}
     for mode in args.modes:
         for key, fn in fns.items():
@@ -150,14 +161,15 @@ def run_mask(name, mask, shape, dtype, args, flex, results):
             else:
                 t = bench(fwd_bwd(fn, leaves, do))
             times[(mode, key)] = t
-    row = {"mask": name, "shape": list(shape), "dtype": str(dtype), "block": block, "block_density": density,
+    row = {"mask": name, "shape": list(shape), "max_abs_diff_vs_flex": agree, "dtype": str(dtype), "block": block,
+           "block_density": density,
            "pair_density": pairs / (batch * heads * n * n), "times_ms": {f"{m}/{k}": t for (m, k), t in times.items()}}
     for mode in args.modes:
         mult = 1.0 if mode == "fwd" else 3.5  # backward counted as 2.5x forward (FlashAttention convention)
         t_ours = times[(mode, "ours")]
         row[f"{mode}_tflops_ours"] = mult * fwd_flops / t_ours / 1e9
         row[f"{mode}_tflops_flex"] = mult * (fwd_flops if flex_mask is not None else dense_fwd_flops) / times[(mode, "flex")] / 1e9
-        for key in ("sdpa_cudnn", "sdpa_flash", "flex", "ours_kernel"):
+        for key in ("sdpa_cudnn", "sdpa_flash", "flex", "ours_lists"):
             row[f"{mode}_speedup_vs_{key}"] = times[(mode, key)] / t_ours
     targets = []
     if name == "dense":
@@ -208,8 +220,8 @@ def sweep(mask, shape, dtype, block, results):
     """Time each kernel alone over tile / warp / stage settings (prints, and stores, the table)."""
     batch, heads, n, dim = shape
     q, k, v, do = (torch.randn(batch, heads, n, dim, device="cuda", dtype=dtype) for _ in range(4))
-    idx, cnt = bsk.sort_lists(block_mask_to_indices(mask[None, None]))
-    t_idx, t_cnt = bsk.transpose_lists(idx, mask.shape[1])
+    lay = block_sparse_layout(n, n, block_mask=mask[None, None], block_size=block)
+    idx, cnt, t_idx, t_cnt = lay.indices, lay.counts, lay.t_indices, lay.t_counts
     scale = dim**-0.5
     base = bsk.default_config(block, block, dim)
     o, lse = bsk.forward(q, k, v, idx, cnt, block, block, scale)
@@ -238,10 +250,9 @@ def sweep(mask, shape, dtype, block, results):
                 print(" ", kind, cfg, "failed:", str(err).splitlines()[0][:120])
             rows.append((kind, cfg, t))
     rows.append(("delta", {}, bench(lambda: bsk.launch_delta(do, o, None))))
-    t_lists = bench(lambda: bsk.transpose_lists(idx, mask.shape[1]))
-    t_sort = bench(lambda: bsk.sort_lists(block_mask_to_indices(mask[None, None])))
-    print(f"\n== sweep ({shape}, block density {mask.float().mean().item():.3f}); list sort {t_sort:.3f} ms, "
-          f"transpose {t_lists:.3f} ms")
+    t_layout = bench(lambda: block_sparse_layout(n, n, block_mask=mask[None, None], block_size=block))
+    print(f"\n== sweep ({shape}, block density {mask.float().mean().item():.3f}); building the layout "
+          f"{t_layout:.3f} ms")
     for kind, cfg, t in rows:
         print(f"  {kind} {t:8.3f} ms  {cfg}")
     for fn in (bsk._fwd_kernel, bsk._bwd_dq_kernel, bsk._bwd_dkdv_kernel):

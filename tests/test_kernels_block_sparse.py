@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 
-from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_backend
+from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_backend, block_sparse_layout
 from zoo.ops.block_sparse.naive import block_sparse_attention_reference
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,7 +78,8 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
     if kernel:  # the kernel itself (interpreter)
         from zoo.ops.block_sparse.kernel import block_sparse_attention_triton
 
-        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, idx, block_q, block_k, scale), [q, k, v])
+        layout = block_sparse_layout(n_q, n_k, block_indices=idx, block_size=(block_q, block_k))
+        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale), [q, k, v])
     else:  # the public dispatcher (GPU)
         fast = run(lambda a, b, c: block_sparse_attention(a, b, c, block_indices=idx, block_size=(block_q, block_k),
                                                           scale=scale, return_lse=True), [q, k, v])
@@ -154,6 +155,30 @@ def test_backend_choice_names_reason():
     assert backend == "reference" and "cpu" in reason
     out = block_sparse_attention(q, q, q, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=64)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+
+
+def test_layout_matches_lists_and_checks():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=gen) for n in (70, 90, 90))
+    idx = _random_lists(1, 2, 70, 90, 64, 64, 0.7, gen, "cpu")
+    layout = block_sparse_layout(70, 90, block_indices=idx, block_size=64)
+    expect = block_sparse_attention(q, k, v, block_indices=idx, block_size=64)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout=layout), expect, rtol=0, atol=0)
+    assert layout.counts.tolist() == (idx >= 0).sum(-1).tolist()
+    t_mask = torch.zeros(1, 2, 2, 2, dtype=torch.bool)  # key block -> query blocks that list it
+    for h in range(2):
+        for qb in range(2):
+            for kb in idx[0, h, qb][idx[0, h, qb] >= 0].tolist():
+                t_mask[0, h, kb, qb] = True
+    assert layout.t_counts.tolist() == t_mask.sum(-1).tolist()
+    with pytest.raises(ValueError, match="seq lens"):
+        block_sparse_attention(q[:, :, :60], k, v, layout=layout)
+    with pytest.raises(ValueError, match="layout alone"):
+        block_sparse_attention(q, k, v, block_indices=idx, layout=layout)
+    with pytest.raises(ValueError, match="twice"):
+        block_sparse_layout(70, 90, block_indices=torch.tensor([[[[0, 0], [1, -1]]]]), block_size=64)
+    with pytest.raises(ValueError, match="key block 2"):
+        block_sparse_layout(70, 90, block_indices=torch.tensor([[[[2, -1], [1, -1]]]]), block_size=64)
 
 
 # ------------------------------------------------------------------ GPU, real sizes

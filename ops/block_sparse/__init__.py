@@ -11,10 +11,12 @@ import functools
 import torch
 
 from .._cost import is_counting_flops
+from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
     block_indices_to_mask,
     block_mask_to_indices,
     block_sparse_attention_reference,
+    check_qkv,
     resolve_block_indices,
 )
 
@@ -51,6 +53,7 @@ def block_sparse_attention(
     block_size: int | tuple[int, int] = 128,
     scale: float | None = None,
     return_lse: bool = False,
+    layout: BlockSparseLayout | None = None,
 ):
     """Exact softmax attention restricted to listed key blocks per query block.
 
@@ -59,6 +62,8 @@ def block_sparse_attention(
         block_mask: bool `[batch|1, heads|1, ceil(Nq/block_q), ceil(Nk/block_k)]`, or
         block_indices: int `[batch|1, heads|1, ceil(Nq/block_q), max_k]`, key-block ids, -1 = unused.
         block_size: `block` or `(block_q, block_k)`.
+        layout: instead of block_mask/block_indices (and block_size), a `block_sparse_layout(...)` checked
+            once and reused: no host sync per call (the pattern of a fixed mask such as radial attention's).
         return_lse: also return the float32 log-sum-exp of each row's scaled scores (float64 for float64
             inputs on the reference path).
 
@@ -66,17 +71,35 @@ def block_sparse_attention(
     (see `block_sparse_backend`), the reference otherwise. Both are differentiable in q, k, v
     (and through the returned lse).
     """
+    if layout is not None:
+        if block_mask is not None or block_indices is not None:
+            raise ValueError("pass layout alone, or block_mask / block_indices without layout")
+        check_qkv(q, k, v)
+        layout.check(q, k)
+        block_indices, block_size = layout.indices, (layout.block_q, layout.block_k)
     args = dict(block_mask=block_mask, block_indices=block_indices, block_size=block_size, scale=scale,
                 return_lse=return_lse)
     if is_counting_flops():
         return block_sparse_attention_reference(q, k, v, **args)
-    indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
+    if layout is None:
+        indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
+    else:
+        block_q, block_k = layout.block_q, layout.block_k
     backend, _ = block_sparse_backend(q, k, v, block_q, block_k)
     if backend == "reference":
         return block_sparse_attention_reference(q, k, v, **args)
+    if layout is None:
+        layout = BlockSparseLayout.from_checked(indices, block_q, block_k, q.shape[2], k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, indices, block_q, block_k, scale)
+    out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, layout, scale)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["block_sparse_attention", "block_sparse_backend", "block_mask_to_indices", "block_indices_to_mask"]
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_backend",
+    "block_sparse_layout",
+    "BlockSparseLayout",
+    "block_mask_to_indices",
+    "block_indices_to_mask",
+]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import block_indices_to_mask
+from .layout import BlockSparseLayout
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -292,33 +292,13 @@ def _list_strides(idx: torch.Tensor, cnt: torch.Tensor) -> tuple[int, ...]:
     return sib, sih, idx.stride(2), scb, sch
 
 
-def sort_lists(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-1-padded lists -> (int32 lists, ascending, valid entries first; int32 counts)."""
-    idx = indices.to(torch.int32)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.where(idx >= 0, idx, big).sort(dim=-1).values
-    cnt = (idx != big).sum(-1, dtype=torch.int32)
-    return torch.where(idx == big, -1, idx).contiguous(), cnt.contiguous()
-
-
-def transpose_lists(indices: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query-block key lists -> per-key-block query lists (int32, ascending, full width, valid entries
-    first) and counts, on the lists' device with no host sync."""
-    mask = block_indices_to_mask(indices, n_k_blocks).transpose(-1, -2)  # [.., n_k_blocks, n_q_blocks]
-    n_q_blocks = mask.shape[-1]
-    rows = torch.arange(n_q_blocks, device=mask.device, dtype=torch.int32)
-    ordered = torch.where(mask, rows, rows + n_q_blocks).sort(dim=-1).values
-    t_idx = torch.where(ordered < n_q_blocks, ordered, -1)
-    return t_idx.contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
-
-
 def _check_config(cfg: dict[str, int], block_q: int, block_k: int) -> None:
     if block_q % cfg["BLOCK_M"] or block_k % cfg["BLOCK_N"]:
         raise ValueError(f"tile {cfg} must divide the mask blocks ({block_q}, {block_k})")
 
 
 def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None):
-    """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists from `sort_lists`."""
+    """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists as in `BlockSparseLayout`."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
@@ -335,7 +315,7 @@ def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None):
 
 
 def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None):
-    """Launch the dq and dk/dv kernels; `t_idx`/`t_cnt` from `transpose_lists`.
+    """Launch the dq and dk/dv kernels; `t_idx`/`t_cnt` are `BlockSparseLayout.t_indices`/`t_counts`.
 
     A gradient `dlse` of the logsumexp (or None) enters through delta: d lse_i / d s_ij = p_ij, so
     dS = P * (dP - (rowsum(dO * O) - dlse)).
@@ -393,37 +373,34 @@ class BlockSparseAttention(torch.autograd.Function):
     """Autograd wrapper: saves O and the logsumexp, recomputes P block by block in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, indices, block_q, block_k, scale, config):
+    def forward(ctx, q, k, v, layout, scale, config):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        idx, cnt = sort_lists(indices)
-        o, lse = forward(q, k, v, idx, cnt, block_q, block_k, scale, config)
-        ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
-        ctx.args = (block_q, block_k, scale, config)
+        o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (layout, scale, config)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, idx, cnt = ctx.saved_tensors
-        block_q, block_k, scale, config = ctx.args
+        q, k, v, o, lse = ctx.saved_tensors
+        layout, scale, config = ctx.args
         do = torch.zeros_like(o) if do is None else do
-        t_idx, t_cnt = transpose_lists(idx, math.ceil(k.shape[2] / block_k))
-        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, layout.t_indices,
+                              layout.t_counts, layout.block_q, layout.block_k, scale, config)
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    indices: torch.Tensor,
-    block_q: int,
-    block_k: int,
+    layout: BlockSparseLayout,
     scale: float,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of block-sparse attention; `indices` int [B|1, H|1, n_q_blocks, max_k], -1 padded.
+    """(out, lse) of block-sparse attention over a checked `layout` (see `layout.block_sparse_layout`).
 
     Inputs are assumed checked (`zoo.ops.block_sparse_attention` does it). `config` overrides the
     tile shapes and launch settings (see `default_config`); it exists for tuning.
     """
-    return BlockSparseAttention.apply(q, k, v, indices, block_q, block_k, scale, config)
+    return BlockSparseAttention.apply(q, k, v, layout, scale, config)

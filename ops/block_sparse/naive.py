@@ -71,6 +71,17 @@ def _check_indices(block_indices: torch.Tensor, n_q_blocks: int, n_k_blocks: int
         raise ValueError("block_indices lists a key block twice in one row: each row must list unique blocks")
 
 
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v `[batch, heads, seq_len, head_dim]`: same dtype/device, matching batch/heads, k/v lengths, q/k dims."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+
+
 def resolve_block_indices(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,13 +92,7 @@ def resolve_block_indices(
 ) -> tuple[torch.Tensor, int, int]:
     """Check the arguments of block-sparse attention; return (int64 lists [B|1, H|1, nQb, max_k] on q's device,
     block_q, block_k). Shared by the reference and the Triton path, so both refuse the same inputs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+    check_qkv(q, k, v)
     block_q, block_k = _pair(block_size)
     batch, heads, n_q, _ = q.shape
     n_q_blocks, n_k_blocks = math.ceil(n_q / block_q), math.ceil(k.shape[2] / block_k)
