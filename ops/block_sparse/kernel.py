@@ -170,7 +170,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, offs_m, N_Q, qk_scale,
-               MASK: tl.constexpr):
+               MASK: tl.constexpr, KV_AS_B: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q for one BLOCK_M slice of query rows (transposed tiles)."""
     if MASK:
         valid = (start_m + offs_m) < N_Q
@@ -183,11 +183,16 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, off
         do = tl.load(do_ptrs)
         lse2 = tl.load(lse_ptrs) * 1.4426950408889634
         delta = tl.load(delta_ptrs)
-    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
-    dv = tl.dot(p_t.to(do.dtype), do, dv)
-    dp_t = tl.dot(v, tl.trans(do))
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    if KV_AS_B:  # K, V as the B operands (shared memory); P and dS transposed into A
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    else:  # K, V as the A operands, P^T and dS^T computed directly
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -198,7 +203,7 @@ def _bwd_dkdv_kernel(
     s_ib, s_ih, s_iq, s_cb, s_ch,
     H, N_Q, N_K, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr, KV_AS_B: tl.constexpr,
 ):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -223,13 +228,13 @@ def _bwd_dkdv_kernel(
     for t in range(0, n_full * SUB):
         start_m = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_Q + (t % SUB) * BLOCK_M
         dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on, lse_base + start_m,
-                            delta_base + start_m, start_m, offs_m, N_Q, qk_scale, False)
+                            delta_base + start_m, start_m, offs_m, N_Q, qk_scale, False, KV_AS_B)
     if n_full < cnt:
         block_start = last_block * BLOCK_Q
         for s in range(0, tl.cdiv(N_Q - block_start, BLOCK_M)):
             start_m = (block_start + s * BLOCK_M).to(tl.int64)
             dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
-                                lse_base + start_m, delta_base + start_m, start_m, offs_m, N_Q, qk_scale, True)
+                                lse_base + start_m, delta_base + start_m, start_m, offs_m, N_Q, qk_scale, True, KV_AS_B)
     out_off = offs_n[:, None] * s_kn + offs_d[None, :]
     tl.store(DK + b * s_kb + h * s_kh + out_off, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -271,11 +276,11 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
         fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4, num_stages=3)
         dq = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4,
                   num_stages=2 if block_q == block_k == 128 else 3)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3, KV_AS_B=False)
     else:
         fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=4, num_stages=3)
         dq = dict(BLOCK_M=block_q, BLOCK_N=64, num_warps=8 if block_q == 128 else 4, num_stages=3)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, KV_AS_B=False)
     return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
 
 
