@@ -2,3 +2,4 @@
 from . import swin_style  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
 from . import pvt_style  # noqa: F401,E402  (agent / FLatten / InLine PVT variants)
 from . import deit_style  # noqa: F401,E402  (agent / InLine DeiT variants)
+from . import cswin_style  # noqa: F401,E402  (agent / FLatten / InLine CSWin variants)
