@@ -98,3 +98,9 @@ class ClassifierMixin:
         if prune_head:
             self.reset_classifier(0)
         return list(range(len(self.feature_info)))
+
+
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to `rate` over `n` blocks (plain Python, so models
+    can be built on the meta device)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]

@@ -28,7 +28,7 @@ from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, placement
+from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, placement
 from ._mixers import AgentCore, FocusedCore, InLineCore, Size, from_grid, merge_heads, split_heads, to_grid
 
 
@@ -173,7 +173,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         block_types = check_blocks(block_types or placement("BBBB", depths), depths)
         self.num_classes = num_classes
         self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 4, 2), Tokens(), nn.LayerNorm(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         dim, res = embed_dim, img_size // 4
         self.feature_info = []
         for i, depth in enumerate(depths):
@@ -271,9 +271,10 @@ _B = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32))
 
 
 def _cswin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> CSWinStyle:
-    args = dict(arch, block_types=placement(code, arch["depths"]))
+    args = dict(arch, **kwargs)
+    args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(CSWinStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **dict(args, **kwargs))
+                            **args)
 
 
 @register_model(paper=_AGENT["paper_name"])

@@ -21,7 +21,7 @@ from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks
+from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates
 from ._mixers import AgentAttention, InLineAttention, Size, SoftmaxAttention, from_grid, resize_tokens, to_grid
 
 
@@ -75,7 +75,7 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             DeiTBlock(embed_dim, num_heads, self.grid, mixer, agent_num, mlp_ratio, drop_rate, attn_drop_rate, dpr[i])
             for i, mixer in enumerate(block_types)])
@@ -155,6 +155,7 @@ default_cfgs = generate_default_cfgs({
 
 def _deit(variant: str, pretrained: bool, family_blocks: int, mixer: str, **kwargs) -> DeiTStyle:
     depth = kwargs.get("depth", 12)
+    family_blocks = min(family_blocks, depth)
     kwargs.setdefault("block_types", (mixer,) * family_blocks + ("softmax",) * (depth - family_blocks))
     return build_classifier(DeiTStyle, variant, pretrained, feature_cfg=dict(out_indices=(9, 10, 11)), **kwargs)
 

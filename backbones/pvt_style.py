@@ -23,7 +23,7 @@ from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, placement
+from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, placement
 from ._mixers import AgentAttention, FocusedLinearAttention, InLineAttention, Size, SoftmaxAttention, from_grid
 from ._mixers import resize_tokens, to_grid
 
@@ -80,7 +80,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
         self.num_classes = num_classes
         self.num_stages = len(depths)
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.grids = []
         self.feature_info = []
@@ -183,10 +183,10 @@ _DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3),
 
 
 def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTStyle:
-    depths = _DEPTHS[size]
-    args = dict(depths=depths, block_types=placement(code, depths))
+    args = dict(dict(depths=_DEPTHS[size]), **kwargs)
+    args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(PVTStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **dict(args, **kwargs))
+                            **args)
 
 
 @register_model(paper=_AGENT["paper_name"])

@@ -25,7 +25,7 @@ from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, placement
+from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, placement
 from ._mixers import AgentAttention, FocusedLinearAttention, InLineAttention, QKV, Size, from_grid, merge_heads
 from ._mixers import split_heads, to_grid
 
@@ -209,7 +209,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         res = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.layers = nn.ModuleList()
         self.feature_info = []
@@ -316,9 +316,10 @@ _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
 
 def _swin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> SwinStyle:
-    args = dict(arch, block_types=placement(code, arch["depths"]))
+    args = dict(arch, **kwargs)
+    args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(SwinStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **dict(args, **kwargs))
+                            **args)
 
 
 @register_model(paper=_AGENT["paper_name"])
