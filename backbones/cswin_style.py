@@ -22,13 +22,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, placement
+from ._common import (
+    ClassifierMixin,
+    cfg,
+    check_blocks,
+    drop_path_rates,
+    init_linear_and_norm,
+    placement,
+)
 from ._mixers import AgentCore, FocusedCore, InLineCore, Size, from_grid, merge_heads, split_heads, to_grid
 
 
@@ -176,7 +183,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         dpr = drop_path_rates(drop_path_rate, sum(depths))
         dim, res = embed_dim, img_size // 4
         self.feature_info = []
-        for i, depth in enumerate(depths):
+        for i in range(len(depths)):
             if i:
                 setattr(self, f"merge{i}", MergeBlock(dim, dim * 2))
                 dim, res = dim * 2, res // 2
@@ -191,17 +198,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head_drop = nn.Identity()
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -230,12 +227,6 @@ class CSWinStyle(ClassifierMixin, nn.Module):
 
     def _pool(self, last: torch.Tensor) -> torch.Tensor:
         return self.norm(from_grid(last)).mean(dim=1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        last = None
-        for _, last in self._stages(x):
-            pass
-        return self._pool(last)
 
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates
+from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, init_linear_and_norm, init_trunc_normal
 from ._mixers import AgentAttention, InLineAttention, Size, SoftmaxAttention, from_grid, resize_tokens, to_grid
 
 
@@ -83,19 +83,9 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         self.head_drop = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_trunc_normal(self.pos_embed)
+        init_trunc_normal(self.cls_token)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -122,12 +112,6 @@ class DeiTStyle(ClassifierMixin, nn.Module):
     def _pool(self, last: torch.Tensor) -> torch.Tensor:
         tokens, self._tokens = self._tokens, None
         return self.norm(tokens)[:, 0]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        last = None
-        for _, last in self._stages(x):
-            pass
-        return self._pool(last)
 
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
