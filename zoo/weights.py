@@ -56,7 +56,9 @@ class Weights:
     def filename(self) -> str:
         for source in (self.hf_filename, self.package_file, self.file, self.url):
             if source:
-                return os.path.basename(source.split("?")[0])
+                name = os.path.basename(source.split("?")[0].rstrip("/"))
+                # share links (https://cloud.tsinghua.edu.cn/f/<id>/?dl=1) name no file: use the entry's
+                return name if "." in name else f"{self.name}.pth"
         raise WeightsError(f"{self.name} has no source")
 
     def describe(self) -> str:
