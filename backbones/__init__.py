@@ -5,3 +5,9 @@ from . import rmt_linear  # noqa: F401
 from . import swin_style  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
 from . import pvt_style  # noqa: F401,E402  (agent / FLatten / InLine PVT variants)
 from . import deit_style  # noqa: F401,E402  (agent / InLine DeiT variants)
+from . import (
+    cswin_style,  # noqa: F401,E402  (agent / FLatten / InLine CSWin variants)
+    deit_style,  # noqa: F401,E402  (agent / InLine DeiT variants)
+    pvt_style,  # noqa: F401,E402  (agent / FLatten / InLine PVT variants)
+    swin_style,  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
+)
