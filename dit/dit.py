@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, PatchEmbed, to_2tuple
+from timm.layers import Mlp, to_2tuple
 
 from zoo._registry import register_model
 from zoo.factory import load_generator_weights
@@ -60,6 +60,17 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify `[B, C, H, W]` -> raster tokens `[B, H/p * W/p, D]` (timm's PatchEmbed keys, no size asserts)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -190,7 +201,7 @@ class DiT(nn.Module):
         self.num_classes, self.attention = num_classes, attention
         self.grid = (self.input_size[0] // patch_size, self.input_size[1] // patch_size)
 
-        self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size, bias=True, strict_img_size=False)
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Faithful: a frozen Parameter, as the original, so `pos_embed` is in the state dict
@@ -381,7 +392,13 @@ def _create(arch: str, size: str, patch: int, pretrained: bool, pretrained_tag: 
     tag = pretrained_tag or default_tag
     if tag and has_weights(f"{arch}.{tag}"):  # the 512 px checkpoint needs 64x64 latents
         kwargs.setdefault("input_size", get_weights(f"{arch}.{tag}").cfg["input_size"][-1])
-    model = DiT(patch_size=patch, **{**_SIZES[size], **kwargs})
+    preset = dict(_SIZES[size])
+    if "hidden_size" in kwargs and "num_heads" not in kwargs:  # keep the preset's head dim (64; 72 for XL)
+        head_dim = preset["hidden_size"] // preset["num_heads"]
+        if kwargs["hidden_size"] % head_dim:
+            raise ValueError(f"hidden_size={kwargs['hidden_size']} is not a multiple of {arch}'s head dim {head_dim}: pass num_heads too")
+        kwargs["num_heads"] = kwargs["hidden_size"] // head_dim
+    model = DiT(patch_size=patch, **{**preset, **kwargs})
     load_generator_weights(model, arch, pretrained, pretrained_tag, default_tag)
     return model
 
