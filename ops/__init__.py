@@ -5,6 +5,7 @@ autograd), Triton kernels sit beside it and are dispatched to on CUDA tensors.
 """
 from ._cost import counting_flops, is_counting_flops
 from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sparse_attention
+from .na import na1d, na2d, na3d, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
 from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
 
@@ -12,6 +13,10 @@ __all__ = [
     "block_sparse_attention",
     "block_mask_to_indices",
     "block_indices_to_mask",
+    "na1d",
+    "na2d",
+    "na3d",
+    "na_legacy_pad",
     "radial_block_mask",
     "radial_attention",
     "SparsityPolicy",
