@@ -13,7 +13,6 @@ backend whose op this install lacks raises at construction, naming the missing o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -47,28 +46,13 @@ class DenseAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-@dataclass(frozen=True)
-class DensePolicy:
-    """Where radial attention stays dense, as the radial-attention scripts set it.
-
-    A layer is dense when `layer_index < dense_layers`; a sampling step is dense when its
-    0-based index (the scheduler loop index, shared by the CFG branches) is
-    `< dense_timesteps`. Training calls (no step index) use the sparse mask.
-    """
-
-    dense_layers: int = 0
-    dense_timesteps: int = 0
-
-    def is_dense(self, layer_index: int, step_index: int | None) -> bool:
-        return layer_index < self.dense_layers or (step_index is not None and step_index < self.dense_timesteps)
-
-
 class RadialAttention(nn.Module):
-    """Radial attention: the static block mask of `zoo.ops.radial_block_mask` for this video size.
+    """Radial attention (`zoo.ops.radial_attention`) for a video of `num_frames` x `tokens_per_frame`.
 
-    The mask is built for `num_frames` latent frames of `tokens_per_frame` tokens (as the
-    official MaskMap is), once per instance; a video of another size is an error instead of a
-    silently wrong mask.
+    The mask is fixed by the video size the model was built for (as the official MaskMap
+    is); a video of another size is an error instead of a silently wrong mask. Dense layers and
+    steps follow `zoo.ops.SparsityPolicy` (first `dense_layers` blocks, first
+    `dense_timesteps` sampler steps); training calls (no step index) count as sparse steps.
     """
 
     name = "radial"
@@ -76,33 +60,25 @@ class RadialAttention(nn.Module):
     def __init__(self, num_frames: int, tokens_per_frame: int, layer_index: int = 0, decay_factor: float = 1.0,
                  block_size: int = 128, dense_layers: int = 0, dense_timesteps: int = 0, mask_model: str = "wan"):
         super().__init__()
-        self._mask_fn = _require_op("radial_block_mask", "radial")
-        self._attend = _require_op("block_sparse_attention", "radial")
+        self._attend = _require_op("radial_attention", "radial")
+        self.policy = _require_op("SparsityPolicy", "radial")(dense_layers=dense_layers, dense_timesteps=dense_timesteps)
         self.num_frames, self.tokens_per_frame = int(num_frames), int(tokens_per_frame)
         self.layer_index, self.decay_factor, self.block_size, self.mask_model = layer_index, decay_factor, block_size, mask_model
-        self.policy = DensePolicy(dense_layers, dense_timesteps)
-        self._mask: torch.Tensor | None = None
-
-    def block_mask(self, device: torch.device) -> torch.Tensor:
-        """The `[nQblocks, nKblocks]` bool block mask."""
-        if self._mask is None:
-            self._mask = torch.as_tensor(self._mask_fn(self.num_frames, self.tokens_per_frame, self.decay_factor,
-                                                       block_size=self.block_size, model=self.mask_model), dtype=torch.bool)
-        return self._mask.to(device)
+        _require_op("radial_block_mask", "radial")(self.num_frames, self.tokens_per_frame, decay_factor,
+                                                   block_size=block_size, model=mask_model)  # bad settings fail here
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
-        if len(grid) != 3:
-            raise ValueError(f"radial attention needs a video token grid (frames, height, width), got {grid}")
         frames, per_frame = grid[0], grid[1] * grid[2]
         if (frames, per_frame) != (self.num_frames, self.tokens_per_frame):
             raise ValueError(
                 f"the radial mask was built for {self.num_frames} latent frames x {self.tokens_per_frame} tokens per "
                 f"frame, but the input has {frames} frames x {per_frame} tokens: create the model with the input's "
                 "latent size (input_size=(frames, height, width))")
-        if self.policy.is_dense(self.layer_index, step_index):
+        step = self.policy.dense_timesteps if step_index is None else step_index  # training: a sparse step
+        if not self.policy.use_sparse(self.layer_index, step):
             return F.scaled_dot_product_attention(q, k, v)
-        mask = self.block_mask(q.device)
-        return self._attend(q, k, v, block_mask=mask.reshape(1, 1, *mask.shape[-2:]), block_size=self.block_size)
+        return self._attend(q, k, v, self.num_frames, self.tokens_per_frame, self.decay_factor,
+                            block_size=self.block_size, model=self.mask_model)
 
 
 class SparseLinearBackend(nn.Module):
@@ -114,9 +90,9 @@ class SparseLinearBackend(nn.Module):
 
     name = "sla"
 
-    def __init__(self, head_dim: int, topk: float = 0.2, **sla_kwargs):
+    def __init__(self, head_dim: int, **sla_kwargs):
         super().__init__()
-        self.sla = _require_op("SparseLinearAttention", "sla")(head_dim, topk=topk, **sla_kwargs)
+        self.sla = _require_op("SparseLinearAttention", "sla")(head_dim, **sla_kwargs)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
         return self.sla(q, k, v)

@@ -114,7 +114,8 @@ def sample_video(
         if use_cfg:
             if negative_context is None:
                 raise ValueError("guidance_scale != 1 with a text model needs negative_context (the unconditional branch)")
-            uncond["context"] = negative_context.to(device).expand_as(context) if negative_context.shape[0] == 1 else negative_context.to(device)
+            negative = negative_context.to(device)
+            uncond["context"] = negative.expand(b, *negative.shape[1:]) if negative.shape[0] == 1 else negative
     if not cond:
         if use_cfg:
             raise ValueError("guidance needs a conditional model (class labels or text)")
@@ -125,7 +126,9 @@ def sample_video(
     x = torch.randn(shape, generator=generator, device=device) if latents is None else latents.to(device)
     if tuple(x.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(x.shape)}")
-    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if use_cfg else cond
+    # one batch for both guidance branches when their inputs stack (text lengths may differ)
+    batched = use_cfg and all(cond[k].shape == uncond[k].shape for k in cond)
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} if batched else cond
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
     from tqdm.auto import tqdm
 
@@ -133,10 +136,10 @@ def sample_video(
     model.eval()
     try:
         for i, t in enumerate(tqdm(sched.timesteps, disable=not progress, desc="video DiT sampling")):
-            x_in = torch.cat([x, x]) if use_cfg else x
+            x_in = torch.cat([x, x]) if batched else x
             out = model(x_in, t.float().expand(x_in.shape[0]).to(device), step_index=i, **both)
             if use_cfg:
-                c, u = out.chunk(2)
+                c, u = out.chunk(2) if batched else (out, model(x, t.float().expand(b).to(device), step_index=i, **uncond))
                 out = u + guidance_scale * (c - u)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
     finally:

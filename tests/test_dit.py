@@ -27,7 +27,7 @@ def _randomize(model, seed=0):
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return model.eval()  # no label dropout
 
 
 def _official_keys(depth, hidden, patch, in_ch, num_classes, tokens, learn_sigma=True):
@@ -124,7 +124,7 @@ def test_official_layout_file_loads_unchanged(tmp_path):
     assert set(state) == set(_official_keys(2, 32, 2, 4, 10, 16))
     path = tmp_path / "DiT-tiny.pt"
     torch.save(state, path)
-    other = DiT(**TINY)
+    other = DiT(**TINY).eval()
     zoo.weights.load_checkpoint(other, path)
     x, t, y = model.example_inputs(2)
     torch.testing.assert_close(other(x, t, y), model(x, t, y), rtol=0, atol=0)
