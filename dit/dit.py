@@ -364,6 +364,13 @@ def diffusers_to_dit(state: dict[str, torch.Tensor], model: DiT | None) -> dict[
     return fill_backend_keys(out, model)
 
 
+def convert_checkpoint(state: dict[str, torch.Tensor], model: DiT) -> dict[str, torch.Tensor]:
+    """The registered converter: the official layout passes unchanged, a diffusers one is mapped."""
+    if any(k.startswith("transformer_blocks.") for k in state):
+        return diffusers_to_dit(state, model)
+    return fill_backend_keys(state, model)
+
+
 # ---- registered variants --------------------------------------------------------------------
 
 _VAE_NOTE = ("latent model: decode with diffusers AutoencoderKL stabilityai/sd-vae-ft-ema or stabilityai/sd-vae-ft-mse "
@@ -371,7 +378,7 @@ _VAE_NOTE = ("latent model: decode with diffusers AutoencoderKL stabilityai/sd-v
 
 
 def _cfg(**kw):
-    return {"num_classes": 1000, "license": "cc-by-nc-4.0", "paper_name": "Scalable Diffusion Models with Transformers",
+    return {"num_classes": 1000, "license": "cc-by-nc-4.0", "converter": convert_checkpoint, "paper_name": "Scalable Diffusion Models with Transformers",
             "paper_ids": "arXiv:2212.09748", "origin_url": "https://github.com/facebookresearch/DiT", "description": _VAE_NOTE, **kw}
 
 
