@@ -267,6 +267,32 @@ def test_ddpm_250_is_adm_respacing():
     assert sorted(sched.timesteps.tolist()) == sorted({round(i * stride) for i in range(250)})
 
 
+def test_ddpm_step_is_adm_p_sample_with_learned_range_variance():
+    """One diffusers step with our config = ADM's respaced p_sample (float64, written from its formulas)."""
+    from zoo.dit.diffusion import make_scheduler
+
+    sched = make_scheduler("ddpm", learn_sigma=True)
+    sched.set_timesteps(250)
+    used = sorted(sched.timesteps.tolist())
+    acp_all = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    acp = acp_all[used]
+    acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    betas = 1 - acp / acp_prev
+    post_var = betas * (1 - acp_prev) / (1 - acp)
+    log_clipped = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    x, eps, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.rand(2, 4, 8, 8) * 2 - 1
+    for j in (1, 100, 249):
+        t = used[j]
+        x0 = (1 / acp[j]).sqrt() * x.double() - (1 / acp[j] - 1).sqrt() * eps.double()
+        mean = betas[j] * acp_prev[j].sqrt() / (1 - acp[j]) * x0 + (1 - acp_prev[j]) * (1 - betas[j]).sqrt() / (1 - acp[j]) * x.double()
+        frac = (v.double() + 1) / 2
+        log_var = frac * torch.log(betas[j]) + (1 - frac) * log_clipped[j]
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(j))
+        want = mean + torch.exp(0.5 * log_var) * noise.double()
+        got = sched.step(torch.cat([eps, v], 1), t, x, generator=torch.Generator().manual_seed(j)).prev_sample
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
 def test_sampling_is_reproducible_from_a_seed(scheduler):
     model = _randomize(DiT(**TINY))
