@@ -197,7 +197,7 @@ def sample(
     vae: str | nn.Module | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
-    guidance_channels: int | str = 3,
+    guidance_channels: int | str | None = None,
     latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw samples from a class-conditional DiT.
@@ -212,7 +212,9 @@ def sample(
         vae: None (return latents, or pixels for pixel-space models), `'ema'` / `'mse'`
             (stabilityai/sd-vae-ft-*, downloaded by diffusers) or an `AutoencoderKL`.
         generator: a `torch.Generator` on the model's device, for reproducible samples.
-        guidance_channels: 3 (the original DiT's rule) or `'all'` / an int.
+        guidance_channels: how many eps channels guidance changes: None = the original DiT's
+            first 3 for 4-channel latent models (reproduces the released samples) and all
+            channels otherwise; `'all'`; or an int.
         latents: the initial noise `[B, C, H, W]` (default: drawn from `generator`).
 
     Returns:
@@ -225,6 +227,8 @@ def sample(
     if use_cfg and model.null_class is None:
         raise ValueError("guidance_scale != 1 needs a null class, but this model has none (class_dropout_prob=0): "
                          "use guidance_scale=1 or a model trained with label dropout")
+    if guidance_channels is None:
+        guidance_channels = 3 if c == 4 else "all"
     channels = c if guidance_channels == "all" else int(guidance_channels)
     if not 1 <= channels <= c:
         raise ValueError(f"guidance_channels must be 'all' or in [1, {c}], got {guidance_channels!r}")

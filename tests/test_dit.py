@@ -211,6 +211,8 @@ def test_small_pixel_space_config_for_mnist():
     assert model.blocks[0].attn.num_heads == 4 and len(model.blocks) == 6
     x, t, y = model.example_inputs(2)
     assert model(x, t, y).shape == (2, 1, 32, 32)
+    # guidance covers the one channel (the 3-channel rule is only for 4-channel latents)
+    assert sample(model, [1, 2], num_steps=2, guidance_scale=2.0, scheduler="ddim", progress=False).shape == (2, 1, 32, 32)
 
 
 def test_bad_inputs_give_clear_errors():
