@@ -51,8 +51,11 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs `(x[2j], x[2j+1])` of `x` `[B, heads, N, D]` by `angles` `[N, D/2]` (in fp32/64)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    """Rotate interleaved pairs `(x[2j], x[2j+1])` of `x` `[B, heads, N, D]` by `angles` `[N, D/2]`.
+
+    Computed in float32 at least (as Wan, which rotates in float64 complex), cast back to x's dtype.
+    """
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], -1, 2)
     cos, sin = angles.cos().to(pairs.dtype), angles.sin().to(pairs.dtype)
     x0, x1 = pairs.unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
@@ -125,6 +128,8 @@ class VideoDiTBlock(nn.Module):
 
 
 class VideoFinalLayer(nn.Module):
+    """LN, adaLN (shift, scale), Linear to `pt*ph*pw * out_channels` per token."""
+
     def __init__(self, dim: int, patch_volume: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
