@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import Mlp, to_2tuple
 
 from zoo._registry import register_model
@@ -212,12 +213,17 @@ class DiT(nn.Module):
             for i in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     @property
     def null_class(self) -> int | None:
         """The label id of the unconditional class, or None if the model has none."""
         return self.y_embedder.null_class
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (timm's API) to save activation memory."""
+        self.grad_checkpointing = enable
 
     def initialize_weights(self) -> None:
         """The official init: xavier Linears, zero biases, N(0, .02) embedders, adaLN-Zero."""
@@ -269,7 +275,10 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            x = block(x, c, self.grid, step_index)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, self.grid, step_index, use_reentrant=False)
+            else:
+                x = block(x, c, self.grid, step_index)
         return self.unpatchify(self.final_layer(x, c))
 
     def example_inputs(self, batch_size: int = 1, input_size: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
@@ -378,7 +387,8 @@ _VAE_NOTE = ("latent model: decode with diffusers AutoencoderKL stabilityai/sd-v
 
 
 def _cfg(**kw):
-    return {"num_classes": 1000, "license": "cc-by-nc-4.0", "converter": convert_checkpoint, "paper_name": "Scalable Diffusion Models with Transformers",
+    return {"num_classes": 1000, "license": "cc-by-nc-4.0", "converter": convert_checkpoint,
+            "paper_name": "Scalable Diffusion Models with Transformers",
             "paper_ids": "arXiv:2212.09748", "origin_url": "https://github.com/facebookresearch/DiT", "description": _VAE_NOTE, **kw}
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 from timm.layers import Mlp
 
@@ -197,6 +198,7 @@ class VideoDiT(nn.Module):
         ])
         self.final_layer = VideoFinalLayer(hidden_size, self.patch_size[0] * self.patch_size[1] * self.patch_size[2], in_channels)
         self._angles: dict[tuple, torch.Tensor] = {}
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     @property
@@ -207,6 +209,10 @@ class VideoDiT(nn.Module):
         if any(s % p for s, p in zip(size, self.patch_size)):
             raise ValueError(f"latent size (frames, height, width) = {tuple(size)} is not divisible by patch_size "
                              f"{self.patch_size}: crop or pad the latents to a multiple of the patch")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (timm's API) to save activation memory."""
+        self.grad_checkpointing = enable
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier Linears, N(0, .02) embedders, adaLN-Zero and zero output layer."""
@@ -261,7 +267,10 @@ class VideoDiT(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # frame-major tokens
         angles = self._rope(grid, x.device)
         for block in self.blocks:
-            x = block(x, c, context, angles, grid, step_index)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, context, angles, grid, step_index, use_reentrant=False)
+            else:
+                x = block(x, c, context, angles, grid, step_index)
         return self.unpatchify(self.final_layer(x, c), grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
