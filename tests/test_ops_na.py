@@ -192,7 +192,7 @@ def test_flop_count_is_density_aware():
         assert torch.ops.zoo.attention_cost.default  # the placeholder op exists
         out = na2d(q, q, v, 3)
     assert out.shape == v.shape
-    from zoo.flops import HANDLES  # noqa: F401  (the handle reads the count off the graph)
+    from zoo.flop_count import HANDLES  # noqa: F401  (the handle reads the count off the graph)
 
     class M(torch.nn.Module):
         def __init__(self, **kw):

@@ -169,6 +169,12 @@ def test_flops_count_the_kept_blocks_and_the_linear_products():
         + int(marginal_blocks) * d * (d + 1)  # H_i, Z_i over marginal blocks
     )
     assert zoo.flops(module, inputs=(q, k, v)) == expected
+    main = SparseLinearAttention(d, topk=0.34, linear_on="all", block_size=(bq, bk))
+    critical_main = (sla_block_map(q, k, 0.34, 0.0, (bq, bk)) == 1).repeat_interleave(bq, 2)
+    critical_main = critical_main.repeat_interleave(bk, 3)[:, :, :n, :n].sum()
+    expected_main = expected - int(critical) * 2 * d + int(critical_main) * 2 * d
+    expected_main += (2 * 9 - int(marginal_blocks)) * d * (d + 1)  # H, Z: one sum of the 9 key blocks per head
+    assert zoo.flops(main, inputs=(q, k, v)) == expected_main
     with counting_flops():
         assert module(q, k, v).shape == q.shape
 

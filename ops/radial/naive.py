@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 
 import torch
 
@@ -44,7 +45,7 @@ THINNING_THRESHOLD = 128  # tokens; hard-coded in the official `get_diagonal_spl
 
 def _float32(x: float) -> float:
     """The official code compares integer distances with a Python float inside torch, i.e. in float32."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def pair_window(
@@ -66,7 +67,7 @@ def pair_window(
     else:
         decayed = nominal * decay_factor
         window = decayed if decayed >= block_size else block_size
-    return min(math.floor(_float32(window)), s)
+    return math.floor(_float32(min(window, s)))  # any window >= s keeps the whole pair
 
 
 @functools.lru_cache(maxsize=256)
@@ -116,14 +117,12 @@ def _radial_block_mask(num_frames, tokens_per_frame, decay_factor, block_size, m
     video = num_frames * s
     n_blocks = -(-(video + text_tokens) // B)
     mask = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    windows = [pair_window(d, s, decay_factor, B, model, legacy) for d in range(num_frames)]
     for i in range(num_frames):
         for j in range(num_frames):
-            if j == 0 and model == "wan":  # attention sink
-                window = s
-            else:
-                window = pair_window(abs(i - j), s, decay_factor, B, model, legacy)
-                if window is None:
-                    continue
+            window = s if j == 0 and model == "wan" else windows[abs(i - j)]  # Wan: key frame 0 is a sink
+            if window is None:
+                continue
             blocks = _shrunk_band(s, window, i * s % B, j * s % B, B)
             r0, c0 = i * s // B, j * s // B
             mask[r0 : r0 + blocks.shape[0], c0 : c0 + blocks.shape[1]] |= blocks
@@ -194,6 +193,11 @@ def radial_attention(
 
     The mask is built once per argument tuple and device (an LRU cache keyed by all of them, so
     a new resolution gets a new mask). Runs `zoo.ops.block_sparse_attention`.
+
+    Faithful: HunyuanVideo's official path attends video -> (radial video + valid text) and
+    text -> everything; the same blocks are selected here. Its prompt padding mask is not an
+    argument: pass only the valid text tokens (`text_tokens` = their number), as a block mask
+    cannot drop single keys (the official text rows would also see the padded text keys).
 
     Memory (reference): the block mask plus block_sparse_attention's chunked working set;
     no N x N matrix.

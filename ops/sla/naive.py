@@ -25,7 +25,8 @@ Faithful details (thu-ml/SLA `get_block_map`, `SparseLinearAttention`):
   subtracts a per-row constant, so it only matters numerically), mean pooling over the tokens
   actually present in a partial last block, no scale or softmax (the ranking is invariant to
   them); critical count per row = min(nK, int(topk * nK)), negligible int(negligible * nK);
-- phi per token over head_dim: softmax (default), elu (ELU(x) + 1) or relu; the same phi for q, k;
+- phi per token over head_dim: softmax (default), elu (ELU(x) + 1) or relu; the same phi for q, k
+  (the official `tie_feature_map_qk` changes nothing for these parameter-free maps);
 - eps = 1e-5 in the denominator (main; SLA-1 has none and returns O_l = 0 when a row has no
   linear block, as here, where an empty row gives 0 for any eps);
 - proj: Linear(head_dim_v, head_dim_v), zero-initialised (SLA starts as pure top-k sparse attention).
