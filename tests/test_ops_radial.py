@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zoo.ops import SparsityPolicy, counting_flops, radial_attention, radial_block_mask
 
 import zoo
-from zoo.ops import SparsityPolicy, counting_flops, radial_attention, radial_block_mask
 
 
 def element_level_block_mask(f, s, decay, B, model, text, legacy):

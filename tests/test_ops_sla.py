@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo.ops import SparseLinearAttention, counting_flops, sla_block_map, sparse_linear_attention
 
 import zoo
-from zoo.ops import SparseLinearAttention, counting_flops, sla_block_map, sparse_linear_attention
 
 PHI = {"softmax": lambda x: x.softmax(-1), "elu": lambda x: F.elu(x) + 1, "relu": F.relu}
 
@@ -91,8 +91,8 @@ def test_matches_dense_oracle_outputs_and_grads(negligible, linear_on, feature_m
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v, w, bias), grad)
     want = torch.autograd.grad(ref, (q, k, v, w, bias), grad)
-    for name, g, r in zip("q k v proj_weight proj_bias".split(), got, want):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    for name, g, r in zip(["q", "k", "v", "proj_weight", "proj_bias"], got, want):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_linear_branch_alone_matches_oracle_in_float64():

@@ -2,4 +2,4 @@
 from .naive import block_mask_pairs, radial_attention, radial_block_mask
 from .policy import SparsityPolicy
 
-__all__ = ["radial_block_mask", "radial_attention", "SparsityPolicy", "block_mask_pairs"]
+__all__ = ["SparsityPolicy", "block_mask_pairs", "radial_attention", "radial_block_mask"]

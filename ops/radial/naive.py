@@ -66,7 +66,7 @@ def pair_window(
         window = s // 2
     else:
         decayed = nominal * decay_factor
-        window = decayed if decayed >= block_size else block_size
+        window = max(decayed, block_size)
     return math.floor(_float32(min(window, s)))  # any window >= s keeps the whole pair
 
 

@@ -2,4 +2,4 @@
 from .module import SparseLinearAttention
 from .naive import sla_block_map, sparse_linear_attention
 
-__all__ = ["sparse_linear_attention", "sla_block_map", "SparseLinearAttention"]
+__all__ = ["SparseLinearAttention", "sla_block_map", "sparse_linear_attention"]
