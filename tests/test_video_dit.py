@@ -55,6 +55,19 @@ def test_rope_is_relative_per_axis():
     assert not torch.allclose(qr[index(0, 0, 0)] @ kr[index(0, 0, 1)], qr[index(0, 0, 0)] @ kr[index(0, 0, 2)])
 
 
+def test_rope_equals_wans():
+    """Our 3-D RoPE = diffusers' WanRotaryPosEmbed + Wan's interleaved rotation (written out here)."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    head_dim, grid = 40, (3, 4, 5)
+    cos, sin = WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=64)(torch.zeros(1, 4, 3, 8, 10))  # [1, N, 1, D]
+    x = torch.randn(2, 3, 60, head_dim, dtype=torch.float64)  # [B, heads, N, D]
+    cos, sin = cos[0, :, 0].double(), sin[0, :, 0].double()
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    want = torch.stack([x1 * cos[:, 0::2] - x2 * sin[:, 1::2], x1 * sin[:, 1::2] + x2 * cos[:, 0::2]], -1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rope_angles(grid, head_dim)), want, rtol=0, atol=1e-6)  # theirs: fp32 tables
+
+
 def test_forward_backward_class_and_text():
     model = _randomize(VideoDiT(**TINY))
     x, t, y = _inputs(model)
