@@ -368,20 +368,19 @@ class _SLAFused(torch.autograd.Function):
             scale * LOG2E, eps, n_q, n_k, n_qb, n_kb,
             FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("fwd", d),
         )
-        ctx.save_for_backward(q3, k3, v3, fk, s_all, z_all, block_map, o_s, o_l, lse, den)
+        ctx.save_for_backward(q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den)
         ctx.cfg = (batch, heads, scale, feature, correct, block_q, block_k)
         return o_s.view(batch, heads, n_q, d), o_l.view(batch, heads, n_q, d)
 
     @staticmethod
     def backward(ctx, do_s, do_l):
-        q3, k3, v3, fk, s_all, z_all, block_map, o_s, o_l, lse, den = ctx.saved_tensors
+        q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den = ctx.saved_tensors
         batch, heads, scale, feature, correct, block_q, block_k = ctx.cfg
         bh, n_q, d = q3.shape
         n_k = k3.shape[1]
         n_qb, n_kb = block_map.shape[-2:]
         do3 = do_s.reshape(bh, n_q, d).contiguous()
         dol3 = do_l.reshape(bh, n_q, d).contiguous()
-        lut, n_crit, n_neg = _block_lists(block_map)
         dq, fq, g = torch.empty_like(q3), torch.empty_like(q3), torch.empty_like(q3)
         c, delta = torch.empty_like(lse), torch.empty_like(lse)
         _bwd_q[(n_qb, bh)](
