@@ -58,7 +58,14 @@ def split_name(name: str) -> tuple[str, str]:
     return arch, tag
 
 
+def _ensure_registered() -> None:
+    import zoo
+
+    zoo.register_all_models()
+
+
 def get_entry(name: str) -> ModelEntry:
+    _ensure_registered()
     arch, _ = split_name(name)
     if arch not in _MODELS:
         close = _closest(arch)
@@ -75,6 +82,7 @@ def _closest(name: str, n: int = 3) -> list[str]:
 
 def list_models(filter: str | list[str] = "", pretrained: bool = False, kind: str | None = None) -> list[str]:
     """Model names matching fnmatch `filter` (a pattern or a list); with `pretrained`, `arch.tag` names."""
+    _ensure_registered()
     patterns = [filter] if isinstance(filter, str) else list(filter)
     patterns = [p for p in patterns if p] or ["*"]
     names = []

@@ -17,13 +17,14 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     num_classes/in_chans and records it; we then fetch/verify/convert the weights ourselves
     and finally wrap for `features_only`.
     """
-    from timm.models import FeatureGetterNet, FeatureListNet, build_model_with_cfg
+    from timm.models import build_model_with_cfg
+    from timm.models._features import FeatureGetterNet, FeatureListNet
 
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     feature_cls = kwargs.pop("feature_cls", None)
     model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
-    model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
+    model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     if pretrained:
         tag = model.pretrained_cfg.get("tag")
         name = f"{variant}.{tag}" if tag else variant
@@ -37,6 +38,7 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
         feature_cfg = dict(feature_cfg or {})
         if out_indices is not None:
             feature_cfg["out_indices"] = out_indices
+        feature_cfg.setdefault("out_indices", tuple(range(len(getattr(model, "feature_info", ())))))
         kind = feature_cls or feature_cfg.pop("feature_cls", "getter" if hasattr(model, "forward_intermediates") else "list")
         cfg = model.pretrained_cfg
         wrapper = {"getter": FeatureGetterNet, "list": FeatureListNet}.get(kind)
@@ -96,7 +98,7 @@ def load_generator_weights(model: torch.nn.Module, arch: str, pretrained: bool, 
 def model_info(model_name: str, with_flops: bool = True) -> dict[str, Any]:
     """Params, FLOPs at the default input size, pretrained sources and paper of a model."""
     from ._registry import list_pretrained
-    from .flops import count_params, flops
+    from .flop_count import count_params, flops
 
     entry = get_entry(model_name)
     model = create_model(split_name(model_name)[0])

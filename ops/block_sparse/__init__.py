@@ -23,7 +23,7 @@ def block_sparse_attention(
         block_mask: bool `[batch|1, heads|1, ceil(Nq/block_q), ceil(Nk/block_k)]`, or
         block_indices: int `[batch|1, heads|1, ceil(Nq/block_q), max_k]`, key-block ids, -1 = unused.
         block_size: `block` or `(block_q, block_k)`.
-        return_lse: also return the float32 log-sum-exp of each row's scaled scores.
+        return_lse: also return the log-sum-exp of each row's scaled scores (fp32; fp64 for fp64 inputs).
     """
     return block_sparse_attention_reference(
         q, k, v, block_mask=block_mask, block_indices=block_indices, block_size=block_size, scale=scale,

@@ -92,11 +92,12 @@ def _attend_chunk(q_chunk, k, v, key_pos, key_valid, scale):
     """q_chunk [G, C, bq, D]; key_pos/key_valid [G, C, L]; k/v [G, N, D]."""
     g = torch.arange(k.shape[0], device=k.device)[:, None, None]
     k_sel, v_sel = k[g, key_pos], v[g, key_pos]  # [G, C, L, D]
-    scores = torch.einsum("gcqd,gcld->gcql", q_chunk.float(), k_sel.float()) * scale
+    acc = torch.promote_types(q_chunk.dtype, torch.float32)  # fp16/bf16 accumulate in fp32, fp64 stays
+    scores = torch.einsum("gcqd,gcld->gcql", q_chunk.to(acc), k_sel.to(acc)) * scale
     scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
-    out = torch.einsum("gcql,gcld->gcqd", probs, v_sel.float())
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(acc).min)[..., None])
+    out = torch.einsum("gcql,gcld->gcqd", probs, v_sel.to(acc))
     return out.to(q_chunk.dtype), lse
 
 
