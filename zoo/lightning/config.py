@@ -81,7 +81,7 @@ class DiffusionCfg:
     sample_classes: list[int] = field(default_factory=lambda: list(range(10)))
     sample_steps: int = 50
     guidance_scale: float = 2.0
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # objective options (e.g. flow shift)
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)  # scheduler (samples); shift (flow)
 
 
 @dataclass

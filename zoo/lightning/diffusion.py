@@ -8,7 +8,6 @@ weights in for validation, so the periodic samples drawn there use the EMA weigh
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,26 +22,68 @@ from .optim import configure_adamw
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 SampleFn = Callable[..., torch.Tensor]
 
-# objective name -> (module, loss function, sampler) provided by the generators
-OBJECTIVES: dict[str, tuple[str, str, str]] = {
-    "ddpm": ("zoo.dit", "training_loss", "sample"),
-    "flow": ("zoo.dit", "flow_matching_loss", "sample_video"),
-}
+OBJECTIVES = ("ddpm", "flow")
 
 
-def resolve_objective(objective: str, model: nn.Module) -> tuple[LossFn, SampleFn]:
-    """The generators' loss and sampler for `objective` (`auto`: flow for video models, else ddpm)."""
+def resolve_objective(objective: str, model: nn.Module, options: dict | None = None) -> tuple[LossFn, SampleFn]:
+    """The generators' loss and sampler: `ddpm` (`zoo.dit.GaussianDiffusion`, sampled with
+    `zoo.dit.sample`) or `flow` (`zoo.dit.FlowMatching`, `zoo.dit.sample_video`); `auto` picks
+    flow for video models (5-D inputs) and ddpm otherwise.
+
+    options: `scheduler` (sampler: ddim/ddpm/dpm or euler/unipc); ddpm: `guidance_channels`
+    (default all); flow: `shift`.
+    """
+    from zoo import dit
+
+    options = dict(options or {})
     if objective == "auto":
-        objective = "flow" if getattr(model, "is_video", False) or "video" in type(model).__name__.lower() else "ddpm"
+        objective = "flow" if len(getattr(model, "input_size", ())) == 3 else "ddpm"
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}; use one of {', '.join(OBJECTIVES)}")
-    module_name, loss_name, sample_name = OBJECTIVES[objective]
-    module = importlib.import_module(module_name)
-    missing = [n for n in (loss_name, sample_name) if not hasattr(module, n)]
-    if missing:
-        raise NotImplementedError(f"{module_name} does not provide {', '.join(missing)} for the {objective!r} objective yet; "
-                                  "pass loss_fn= and sample_fn= to DiffusionModule")
-    return getattr(module, loss_name), getattr(module, sample_name)
+        raise ValueError(f"objective={objective!r}; use one of auto, {', '.join(OBJECTIVES)}")
+    if objective == "ddpm":
+        unknown = set(options) - {"scheduler", "guidance_channels"}
+        if unknown:
+            raise ValueError(f"unknown ddpm options {sorted(unknown)}; known: scheduler, guidance_channels")
+        diffusion = dit.GaussianDiffusion(learn_sigma=getattr(model, "learn_sigma", False))
+        scheduler, channels = options.get("scheduler", "ddim"), options.get("guidance_channels", "all")
+
+        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return diffusion.training_losses(m, x, y)["loss"].mean()
+
+        def sample_fn(m, labels, num_steps, guidance_scale, generator):
+            return dit.sample(m, labels, num_steps=num_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                              guidance_channels=channels, generator=generator, progress=False)
+
+        return loss_fn, sample_fn
+    unknown = set(options) - {"scheduler", "shift"}
+    if unknown:
+        raise ValueError(f"unknown flow options {sorted(unknown)}; known: scheduler, shift")
+    shift, scheduler = float(options.get("shift", 3.0)), options.get("scheduler", "euler")
+    flow = dit.FlowMatching(shift=shift)
+
+    def flow_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return flow.training_losses(m, x, y=y)["loss"].mean()
+
+    def flow_sample(m, labels, num_steps, guidance_scale, generator):
+        return dit.sample_video(m, labels, num_steps=num_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                                shift=shift, generator=generator, progress=False)
+
+    return flow_loss, flow_sample
+
+
+def create_generator(name: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
+    """`zoo.create_model`, loading `checkpoint_path` across attention backends (dense -> radial / SLA fine-tuning)."""
+    import zoo
+
+    model = zoo.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path:
+        state = zoo.weights.read_checkpoint(checkpoint_path)
+        if hasattr(model, "load_state_dict_any_attention"):
+            zoo.weights.check_state_dict(model, zoo.dit.fill_backend_keys(state, model), str(checkpoint_path))
+            model.load_state_dict_any_attention(state)
+        else:
+            zoo.weights.load_checkpoint(model, checkpoint_path)
+    return model
 
 
 class DiffusionModule(pl.LightningModule):
@@ -53,7 +94,7 @@ class DiffusionModule(pl.LightningModule):
         objective: `auto`, `ddpm` (image DiT) or `flow` (video DiT); or give loss_fn/sample_fn.
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW and its per-step schedule.
         sample_classes, sample_steps, guidance_scale: the periodic sample grid (0 steps: none).
-        objective_kwargs: extra arguments for the loss (e.g. a flow shift).
+        objective_kwargs: the objective's options (`scheduler` for samples; `shift` for flow).
         sample_dir: where grids (PNG) and videos (GIF) are written, besides the loggers.
     """
 
@@ -67,24 +108,22 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss_fn", "sample_fn"])
         if model is None:
-            import zoo
-
-            model = zoo.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path, **dict(model_kwargs or {}))
+            model = create_generator(model_name, pretrained, checkpoint_path, **dict(model_kwargs or {}))
         self.model = model
         if loss_fn is None or sample_fn is None:
-            default_loss, default_sample = resolve_objective(objective, model)
+            default_loss, default_sample = resolve_objective(objective, model, objective_kwargs)
             loss_fn, sample_fn = loss_fn or default_loss, sample_fn or default_sample
         self.loss_fn, self.sample_fn = loss_fn, sample_fn
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss_fn(self.model, x, y, **dict(self.hparams.objective_kwargs or {}))
+        loss = self.loss_fn(self.model, x, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        loss = self.loss_fn(self.model, x, y, **dict(self.hparams.objective_kwargs or {}))
+        loss = self.loss_fn(self.model, x, y)
         self.log("val/loss", loss, batch_size=x.shape[0], prog_bar=True, sync_dist=True)
 
     @torch.no_grad()

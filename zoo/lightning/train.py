@@ -41,7 +41,7 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
 
     d = cfg.diffusion
     return DiffusionModule(objective=d.objective, sample_classes=list(d.sample_classes), sample_steps=d.sample_steps,
-                           guidance_scale=d.guidance_scale, objective_kwargs=OmegaConf.to_container(d.model_kwargs),
+                           guidance_scale=d.guidance_scale, objective_kwargs=OmegaConf.to_container(d.objective_kwargs),
                            sample_dir=str(Path(cfg.output_dir) / "samples"), **common)
 
 
