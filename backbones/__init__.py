@@ -1,1 +1,2 @@
 """Vision backbones. Importing this package registers every family in zoo and timm."""
+from . import nat  # noqa: F401

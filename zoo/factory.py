@@ -10,20 +10,28 @@ from . import weights as _weights
 from ._registry import get_entry, split_name
 
 
-def build_classifier(model_cls: type, variant: str, pretrained: bool = False, feature_cfg: dict | None = None, **kwargs):
+def build_classifier(model_cls: type, variant: str, pretrained: bool = False, feature_cfg: dict | None = None,
+                     defaults: dict | None = None, **kwargs):
     """Build a registered classifier the timm way, but load pretrained weights through zoo.weights.
 
     timm's `build_model_with_cfg` resolves the pretrained cfg (from `arch.tag`), fills
     num_classes/in_chans and records it; we then fetch/verify/convert the weights ourselves
-    and finally wrap for `features_only`.
+    and finally wrap for `features_only`. Model arguments resolve as: the variant's `defaults`,
+    then the `model_args` its pretrained tag implies (e.g. dilations at 384), then `kwargs`.
     """
     from timm.models import build_model_with_cfg
     from timm.models._features import FeatureGetterNet, FeatureListNet
 
+    from timm.models._builder import resolve_pretrained_cfg
+
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     feature_cls = kwargs.pop("feature_cls", None)
+    tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).tag
+    extras = _weights.cfg_extras(f"{variant}.{tag}" if tag else variant)
+    kwargs = {**(defaults or {}), **extras.pop("model_args", {}), **kwargs}
     model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
+    model.pretrained_cfg = {**model.pretrained_cfg, **extras}
     model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     if pretrained:
         tag = model.pretrained_cfg.get("tag")

@@ -27,6 +27,14 @@ Converter = Callable[[StateDict, torch.nn.Module], StateDict]
 _ZOO_FIELDS = ("sha256", "converter", "hf_filename", "package_file")
 
 
+def _timm_cfg_fields() -> frozenset[str]:
+    import dataclasses
+
+    from timm.models import PretrainedCfg
+
+    return frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+
+
 class WeightsError(RuntimeError):
     """A checkpoint could not be found, verified, read or matched to the model."""
 
@@ -60,6 +68,8 @@ class Weights:
 
 
 _WEIGHTS: dict[str, Weights] = {}
+# cfg fields timm does not know (top1, paper_params, paper_flops, model_args, ...), by `arch.tag`
+_EXTRAS: dict[str, dict[str, Any]] = {}
 
 
 def generate_default_cfgs(cfgs: dict[str, dict[str, Any]]):
@@ -67,11 +77,17 @@ def generate_default_cfgs(cfgs: dict[str, dict[str, Any]]):
 
     Each key is `arch` or `arch.tag`; each value holds timm `PretrainedCfg` fields plus ours:
     `sha256`, `converter(state_dict, model) -> state_dict`, `hf_filename`, `package_file`.
+    Any other field (e.g. `top1`, `paper_params`, `paper_flops`, or `model_args`: architecture
+    arguments the tag implies, such as other dilations at 384) is kept by the zoo
+    (`cfg_extras`) and added to the model's `pretrained_cfg` by `build_classifier`.
     """
+    timm_fields = _timm_cfg_fields()
     timm_cfgs = {}
     for name, cfg in cfgs.items():
         ours = {k: cfg[k] for k in _ZOO_FIELDS if k in cfg}
-        plain = {k: v for k, v in cfg.items() if k not in _ZOO_FIELDS}
+        extras = {k: v for k, v in cfg.items() if k not in _ZOO_FIELDS and k not in timm_fields}
+        plain = {k: v for k, v in cfg.items() if k not in _ZOO_FIELDS and k not in extras}
+        _EXTRAS[name.rstrip("*")] = extras
         if ours.get("hf_filename"):
             plain["hf_hub_filename"] = ours["hf_filename"]
         if ours.get("package_file"):
@@ -91,10 +107,15 @@ def generate_default_cfgs(cfgs: dict[str, dict[str, Any]]):
                 sha256=ours.get("sha256"),
                 license=plain.get("license"),
                 converter=ours.get("converter"),
-                cfg=plain,
+                cfg={**plain, **extras},
             )
         timm_cfgs[name] = plain
     return _timm_default_cfgs(timm_cfgs)
+
+
+def cfg_extras(name: str) -> dict[str, Any]:
+    """The zoo-only cfg fields of `arch.tag` (or untagged `arch`); empty if none were given."""
+    return dict(_EXTRAS.get(name, {}))
 
 
 def has_weights(name: str) -> bool:
