@@ -1,2 +1,3 @@
 """Vision backbones. Importing this package registers every family in zoo and timm."""
 from . import nat  # noqa: F401
+from . import biformer  # noqa: F401,E402

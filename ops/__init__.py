@@ -6,11 +6,14 @@ autograd), Triton kernels sit beside it and are dispatched to on CUDA tensors.
 from ._cost import counting_flops, is_counting_flops
 from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sparse_attention
 from .na import na1d, na2d, na3d, na_legacy_pad
+from .routing import bi_level_routing_attention, bra_routing
 
 __all__ = [
     "block_sparse_attention",
     "block_mask_to_indices",
     "block_indices_to_mask",
+    "bi_level_routing_attention",
+    "bra_routing",
     "counting_flops",
     "na1d",
     "na2d",

@@ -54,7 +54,8 @@ class Weights:
 
     @property
     def filename(self) -> str:
-        for source in (self.hf_filename, self.package_file, self.file, self.url):
+        """The cached file's name; a cfg `file_name` overrides URLs without one (e.g. OneDrive `.../content`)."""
+        for source in (self.cfg.get("file_name"), self.hf_filename, self.package_file, self.file, self.url):
             if source:
                 return os.path.basename(source.split("?")[0])
         raise WeightsError(f"{self.name} has no source")

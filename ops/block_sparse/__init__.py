@@ -15,6 +15,7 @@ def block_sparse_attention(
     block_size: int | tuple[int, int] = 128,
     scale: float | None = None,
     return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """Exact softmax attention restricted to listed key blocks per query block.
 
@@ -24,10 +25,12 @@ def block_sparse_attention(
         block_indices: int `[batch|1, heads|1, ceil(Nq/block_q), max_k]`, key-block ids, -1 = unused.
         block_size: `block` or `(block_q, block_k)`.
         return_lse: also return the log-sum-exp of each row's scaled scores (fp32; fp64 for fp64 inputs).
+        key_padding_mask: optional bool `[batch|1, Nk]`, True = padded key, never attended
+            (as in `nn.MultiheadAttention`); for padding inside the sequence, not only at its end.
     """
     return block_sparse_attention_reference(
         q, k, v, block_mask=block_mask, block_indices=block_indices, block_size=block_size, scale=scale,
-        return_lse=return_lse,
+        return_lse=return_lse, key_padding_mask=key_padding_mask,
     )
 
 

@@ -3,7 +3,9 @@
 Queries are cut into blocks of `block_q` rows and keys into blocks of `block_k` columns.
 Query block i attends exactly to the key blocks listed for it; inside those blocks every key
 is visible except positions past the end of the sequence (a partial last block is masked,
-never padded into the softmax). Rows that list no key block give zeros and lse = -inf.
+never padded into the softmax) and keys flagged in the optional `key_padding_mask` (for
+callers whose blocks hold padding inside the sequence, e.g. routing attention's partial
+regions). Rows that see no key give zeros and lse = -inf.
 
 Memory: query blocks are processed in chunks; each chunk gathers only its own key blocks
 (bounded by `chunk_elements`) and, under autograd, is recomputed in backward
@@ -68,6 +70,17 @@ def _check_indices(block_indices: torch.Tensor, n_q_blocks: int, n_k_blocks: int
         raise ValueError("block_indices lists a key block twice in one row: each row must list unique blocks")
 
 
+def _check_key_padding_mask(key_padding_mask: torch.Tensor, batch: int, n_k: int) -> None:
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor (True = padded key), got {got}")
+    if key_padding_mask.ndim != 2 or key_padding_mask.shape[0] not in (1, batch) or key_padding_mask.shape[1] != n_k:
+        raise ValueError(
+            f"key_padding_mask must have shape [batch|1, {n_k}] (batch {batch}, key seq_len {n_k}), "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+
+
 def _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k):
     batch, heads, n_q, _ = q.shape
     n_q_blocks, n_k_blocks = math.ceil(n_q / block_q), math.ceil(k.shape[2] / block_k)
@@ -110,6 +123,7 @@ def block_sparse_attention_reference(
     block_size: int | tuple[int, int] = 128,
     scale: float | None = None,
     return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
     chunk_elements: int = 1 << 24,
 ):
     """Block-sparse attention, exact, in PyTorch. See `zoo.ops.block_sparse_attention`."""
@@ -131,13 +145,19 @@ def block_sparse_attention_reference(
     key_pos = (indices.clamp_min(0)[..., None] * block_k + offsets).flatten(-2)
     key_valid = ((indices >= 0)[..., None] & (key_pos.view(*indices.shape, block_k) < n_k)).flatten(-2)
     key_pos = key_pos.clamp_max(n_k - 1)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, batch, n_k)
+        padded = key_padding_mask.to(q.device).expand(batch, n_k)
+        batch_idx = torch.arange(batch, device=q.device)[:, None, None, None]
+        key_valid = key_valid & ~padded[batch_idx, key_pos]
 
     if is_counting_flops():
         rows = torch.full((n_q_blocks,), block_q, device=q.device)
         rows[-1] = n_q - block_q * (n_q_blocks - 1)
         pairs = (key_valid.sum(-1) * rows).sum()
         out = cost_placeholder(q.new_empty(batch, heads, n_q, dim_v), int(pairs) * (dim + dim_v))
-        return (out, q.new_zeros(batch, heads, n_q, dtype=torch.float32)) if return_lse else out
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        return (out, q.new_zeros(batch, heads, n_q, dtype=lse_dtype)) if return_lse else out
 
     groups = batch * heads
     q_blocks = F.pad(q, (0, 0, 0, n_q_blocks * block_q - n_q)).reshape(groups, n_q_blocks, block_q, dim)

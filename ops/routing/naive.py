@@ -1,0 +1,181 @@
+"""Bi-level routing attention (BiFormer, CVPR 2023) in exact PyTorch, on block-sparse attention.
+
+Algorithm (rayleizhu/BiFormer:ops/bra_legacy.py, the code of the released checkpoints):
+
+1. Cut the `H x W` map into `n_win x n_win` regions (row-major region ids).
+2. Region query/key = mean of the token queries/keys of the region, over all heads' channels
+   at once (one routing for all heads).
+3. Routing, detached from autograd: affinity `(q_r * scale) @ k_r^T` between regions, each
+   region keeps the `topk` regions of highest affinity (it may or may not pick itself); the
+   routing weights are not applied.
+4. Token-to-token attention of each region's queries over all tokens of its routed regions.
+
+How it runs here: tokens are laid out region by region (one permutation copy), so region `r`
+is key/query block `r` of a sequence, and the routed regions are the block indices of
+`zoo.ops.block_sparse_attention`. K and V are never copied `topk` times (the official
+`torch.gather` copy, rayleizhu/BiFormer#21, is what made 600x500 inputs need ~100 GB).
+
+Sizes not divisible by `n_win`: regions are `ceil(H / n_win) x ceil(W / n_win)` (the official
+geometry), the bottom/right regions are partial. Their missing tokens are masked: they do not
+enter the region means and are never attended. Empty regions (tiny maps) are never routed to.
+The official `auto_pad` instead zero-pads the block input *before* the qkv projection and
+attends to the padded tokens; that legacy behaviour belongs to the layer, which pads before
+calling this op with divisible sizes (`zoo.backbones.biformer.BiLevelRoutingAttention`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_same, check_tensor
+from .._cost import cost_placeholder, is_counting_flops
+from ..block_sparse import block_sparse_attention
+
+LAYOUT = "[batch, height, width, heads, head_dim]"
+
+
+def _n_win_pair(n_win: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (n_win, n_win) if isinstance(n_win, int) else tuple(n_win)
+    if len(pair) != 2 or not all(isinstance(n, int) and n >= 1 for n in pair):
+        raise ValueError(f"n_win must be a positive int or (n_h, n_w) of positive ints, got {n_win!r}")
+    return pair
+
+
+def region_geometry(height: int, width: int, n_win: int | tuple[int, int]) -> tuple[int, int, int, int]:
+    """`(n_h, n_w, region_h, region_w)`: regions per side and region side lengths (ceil division)."""
+    n_h, n_w = _n_win_pair(n_win)
+    return n_h, n_w, math.ceil(height / n_h), math.ceil(width / n_w)
+
+
+def to_regions(x: torch.Tensor, n_h: int, n_w: int, region_h: int, region_w: int) -> torch.Tensor:
+    """`[B, H, W, heads, D]` -> `[B, heads, n_h * n_w * region_h * region_w, D]`, region by region.
+
+    Zero-pads the bottom/right to whole regions; region `r` (row-major) occupies rows
+    `r * R ... (r + 1) * R - 1` with its tokens row-major inside, `R = region_h * region_w`.
+    """
+    batch, height, width, heads, dim = x.shape
+    x = F.pad(x, (0, 0, 0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))
+    x = x.view(batch, n_h, region_h, n_w, region_w, heads, dim).permute(0, 5, 1, 3, 2, 4, 6)
+    return x.reshape(batch, heads, n_h * n_w * region_h * region_w, dim)
+
+
+def from_regions(x: torch.Tensor, height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int) -> torch.Tensor:
+    """Inverse of `to_regions`: `[B, heads, N', D]` -> `[B, H, W, heads, D]` (padding cropped)."""
+    batch, heads, _, dim = x.shape
+    x = x.view(batch, heads, n_h, n_w, region_h, region_w, dim).permute(0, 2, 4, 3, 5, 1, 6)
+    return x.reshape(batch, n_h * region_h, n_w * region_w, heads, dim)[:, :height, :width]
+
+
+def region_token_valid(height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """Bool `[n_h * n_w, region_h * region_w]`: which slots of each region are real tokens."""
+    rows = torch.arange(n_h * region_h, device=device) < height
+    cols = torch.arange(n_w * region_w, device=device) < width
+    valid = (rows[:, None] & cols[None, :]).view(n_h, region_h, n_w, region_w).permute(0, 2, 1, 3)
+    return valid.reshape(n_h * n_w, region_h * region_w)
+
+
+def _region_means(x_regions: torch.Tensor, n_regions: int, counts: torch.Tensor) -> torch.Tensor:
+    """`[B, heads, n_regions * R, D]` -> `[B, n_regions, heads * D]`, mean over each region's real tokens."""
+    batch, heads, _, dim = x_regions.shape
+    sums = x_regions.view(batch, heads, n_regions, -1, dim).sum(3)  # padded slots are zeros
+    means = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
+    return means.permute(0, 2, 1, 3).reshape(batch, n_regions, heads * dim)
+
+
+def _route(q_regions, k_regions, valid, topk: int, scale: float) -> torch.Tensor:
+    """Detached top-k routing: int64 `[B, n_regions, topk]`, -1 where the pick is an empty region."""
+    n_regions = valid.shape[0]
+    counts = valid.sum(1)
+    q_r = _region_means(q_regions.detach(), n_regions, counts)
+    k_r = _region_means(k_regions.detach(), n_regions, counts)
+    logits = (q_r * scale) @ k_r.transpose(-2, -1)  # [B, n_regions, n_regions]
+    nonempty = counts > 0
+    if not bool(nonempty.all()):
+        logits = logits.masked_fill(~nonempty, float("-inf"))
+    picks = logits.topk(topk, dim=-1).indices
+    keep = nonempty[picks] & nonempty[:, None]  # empty key regions and empty query regions list nothing
+    return torch.where(keep, picks, -1)
+
+
+def _check_inputs(q, k, v, n_win, topk, scale) -> tuple[int, int, int, int]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 5, LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape {LAYOUT}")
+    if v.shape[:4] != q.shape[:4]:
+        raise ValueError(f"v {tuple(v.shape)} must match q {tuple(q.shape)} in batch, height, width and heads")
+    if 0 in q.shape[1:3]:
+        raise ValueError(f"q has an empty spatial axis: shape {tuple(q.shape)}")
+    geometry = region_geometry(q.shape[1], q.shape[2], n_win)
+    n_regions = geometry[0] * geometry[1]
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n_regions:
+        raise ValueError(f"topk must be an int in [1, n_win^2 = {n_regions}], got {topk!r}")
+    if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
+        raise ValueError(f"scale must be a positive float or None (head_dim ** -0.5), got {scale!r}")
+    return geometry
+
+
+def bra_routing(
+    q: torch.Tensor, k: torch.Tensor, n_win: int | tuple[int, int], topk: int, scale: float | None = None
+) -> torch.Tensor:
+    """The routed regions of every region: int64 `[B, n_win^2, topk]`, -1 for none (see module doc)."""
+    geometry = _check_inputs(q, k, k, n_win, topk, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    valid = region_token_valid(q.shape[1], q.shape[2], *geometry, device=q.device)
+    return _route(to_regions(q, *geometry), to_regions(k, *geometry), valid, topk, scale)
+
+
+def _macs(routing: torch.Tensor | None, valid: torch.Tensor, batch: int, topk: int, heads: int, dim_qk: int,
+          dim_v: int) -> int:
+    """Multiply-adds: the region affinity matmul plus real-query x real-routed-key pairs.
+
+    With every region full (`routing=None` allowed) each query sees `topk` whole regions.
+    """
+    n_regions, region_tokens = valid.shape
+    routing_macs = batch * n_regions * n_regions * heads * dim_qk
+    if routing is None:
+        pairs = batch * n_regions * region_tokens * topk * region_tokens
+    else:
+        counts = valid.sum(1)
+        keys = torch.where(routing >= 0, counts[routing.clamp_min(0)], 0).sum(-1)  # [B, n_regions]
+        pairs = int((keys * counts).sum())
+    return routing_macs + pairs * heads * (dim_qk + dim_v)
+
+
+def bi_level_routing_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_win: int | tuple[int, int],
+    topk: int,
+    scale: float | None = None,
+    return_routing: bool = False,
+):
+    """Bi-level routing attention, exact, in PyTorch. See `zoo.ops.bi_level_routing_attention`."""
+    geometry = _check_inputs(q, k, v, n_win, topk, scale)
+    height, width = q.shape[1:3]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    heads = q.shape[3]
+    valid = region_token_valid(height, width, *geometry, device=q.device)
+    full = bool(valid.all())
+    if is_counting_flops():  # with partial regions the exact count depends on the routing
+        routing = None
+        if not full or return_routing:
+            routing = _route(to_regions(q, *geometry), to_regions(k, *geometry), valid, topk, scale)
+        out = cost_placeholder(v.new_empty(v.shape), _macs(routing, valid, q.shape[0], topk, heads, q.shape[-1],
+                                                            v.shape[-1]))
+        return (out, routing) if return_routing else out
+
+    q_regions, k_regions, v_regions = (to_regions(t, *geometry) for t in (q, k, v))
+    routing = _route(q_regions, k_regions, valid, topk, scale)
+    padded = None if full else ~valid.reshape(1, -1)
+    out = block_sparse_attention(
+        q_regions, k_regions, v_regions, block_indices=routing[:, None], block_size=valid.shape[1], scale=scale,
+        key_padding_mask=padded,
+    )
+    out = from_regions(out, height, width, *geometry)
+    return (out, routing) if return_routing else out
