@@ -2,3 +2,4 @@
 from . import nat  # noqa: F401
 from . import biformer  # noqa: F401,E402
 from . import swin_style  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
+from . import rmt_linear  # noqa: F401

@@ -9,6 +9,7 @@ from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sp
 from .na import na1d, na2d, na3d, na_legacy_pad
 from .routing import bi_level_routing_attention, bra_routing
 from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
+from .linear_rmt import mala_attention, rala_attention
 
 __all__ = [
     "agent_attention",
@@ -24,6 +25,8 @@ __all__ = [
     "block_indices_to_mask",
     "bi_level_routing_attention",
     "bra_routing",
+    "mala_attention",
+    "rala_attention",
     "counting_flops",
     "na1d",
     "na2d",
