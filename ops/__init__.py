@@ -10,6 +10,8 @@ from .na import na1d, na2d, na3d, na_legacy_pad
 from .routing import bi_level_routing_attention, bra_routing
 from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
 from .linear_rmt import mala_attention, rala_attention
+from .radial import SparsityPolicy, radial_attention, radial_block_mask
+from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
 
 __all__ = [
     "agent_attention",
@@ -27,6 +29,12 @@ __all__ = [
     "bra_routing",
     "mala_attention",
     "rala_attention",
+    "radial_block_mask",
+    "radial_attention",
+    "SparsityPolicy",
+    "sparse_linear_attention",
+    "sla_block_map",
+    "SparseLinearAttention",
     "counting_flops",
     "na1d",
     "na2d",
