@@ -88,6 +88,7 @@ class DiffusionCfg:
 class TrainerCfg:
     max_steps: int = 1000
     max_epochs: Optional[int] = None
+    max_time: Optional[str] = None  # "DD:HH:MM:SS": stop (and checkpoint) after this long
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
     devices: Any = "auto"  # int, list or "auto"

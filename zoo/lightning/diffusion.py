@@ -72,17 +72,23 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
 
 
 def create_generator(name: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
-    """`zoo.create_model`, loading `checkpoint_path` across attention backends (dense -> radial / SLA fine-tuning)."""
+    """`zoo.create_model`, loading `checkpoint_path` across attention backends (dense -> radial / SLA fine-tuning).
+
+    The model arguments recorded next to an export (`zoo.weights.export`) are used, with
+    `kwargs` taking precedence (e.g. `attention='sla'` over the dense run's).
+    """
     import zoo
 
+    if checkpoint_path:
+        exported = zoo.weights.read_export_config(checkpoint_path) or {}
+        if exported.get("architecture") == name.partition(".")[0]:
+            kwargs = {**exported.get("model_args", {}), **kwargs}
     model = zoo.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint_path:
         state = zoo.weights.read_checkpoint(checkpoint_path)
         if hasattr(model, "load_state_dict_any_attention"):
-            zoo.weights.check_state_dict(model, zoo.dit.fill_backend_keys(state, model), str(checkpoint_path))
-            model.load_state_dict_any_attention(state)
-        else:
-            zoo.weights.load_checkpoint(model, checkpoint_path)
+            state = zoo.dit.fill_backend_keys(state, model)
+        zoo.weights.load_state_dict(model, state, str(checkpoint_path))
     return model
 
 

@@ -108,6 +108,8 @@ def build_trainer(cfg: DictConfig, module: pl.LightningModule) -> pl.Trainer:
     )
     if t.val_check_interval is not None:  # in optimizer steps, across epoch boundaries
         kwargs.update(val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None)
+    if t.max_time is not None:
+        kwargs["max_time"] = t.max_time
     if t.limit_val_batches is not None:
         kwargs["limit_val_batches"] = t.limit_val_batches
     return pl.Trainer(**kwargs)
@@ -128,7 +130,7 @@ def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) 
     cfg_dict.update(input_size=(d.channels, d.image_size, d.image_size), mean=tuple(d.mean) * (d.channels if len(d.mean) == 1 else 1),
                     std=tuple(d.std) * (d.channels if len(d.std) == 1 else 1), num_classes=d.num_classes)
     if cfg.task == "classify":
-        cfg_dict.setdefault("crop_pct", 1.0)
+        cfg_dict.update(crop_pct=1.0, crop_mode="center")  # digits fill the frame: no centre crop
     model.pretrained_cfg = cfg_dict
     return weights.export(model, path, architecture=getattr(model, "zoo_architecture", None) or cfg.model.name.partition(".")[0])
 
