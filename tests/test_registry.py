@@ -44,7 +44,7 @@ def test_every_classifier_is_in_timm_whatever_the_import_order(order):
 
 def test_zoo_names_never_shadow_timm_names():
     ours = set(zoo.list_models())
-    theirs = set(zoo._registry._TIMM_NAMES_BEFORE_US)
+    theirs = set(zoo._registry.timm_own_names())
     assert not ours & theirs
     def resnet50(pretrained=False, **kwargs):  # noqa: E306
         return None

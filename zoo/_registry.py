@@ -7,12 +7,10 @@ with `zoo.weights.generate_default_cfgs` before its entrypoints, as timm require
 from __future__ import annotations
 
 import fnmatch
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import timm
-from timm.models import register_model as timm_register_model
 
 KINDS = ("classifier", "generator")
 
@@ -27,7 +25,13 @@ class ModelEntry:
 
 
 _MODELS: dict[str, ModelEntry] = {}
-_TIMM_NAMES_BEFORE_US = frozenset(timm.list_models())
+
+
+@functools.cache
+def timm_own_names() -> frozenset[str]:
+    """timm's model names before any zoo registration (taken at the first registration)."""
+
+    return frozenset(timm.list_models())
 
 
 def register_model(fn: Callable | None = None, *, kind: str = "classifier", paper: str = ""):
@@ -39,13 +43,15 @@ def register_model(fn: Callable | None = None, *, kind: str = "classifier", pape
         name = fn.__name__
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice ({_MODELS[name].fn.__module__} and {fn.__module__})")
-        if name in _TIMM_NAMES_BEFORE_US:
+        if name in timm_own_names():
             raise ValueError(f"model name {name!r} is already a timm model: choose a distinct name")
         cfgs = getattr(sys.modules[fn.__module__], "default_cfgs", {})
         tags = list(cfgs[name].tags) if name in cfgs else []
         if kind == "classifier":
             if name not in cfgs:
                 raise ValueError(f"{fn.__module__} must define default_cfgs[{name!r}] before registering {name}")
+            from timm.models import register_model as timm_register_model
+
             timm_register_model(fn)
         _MODELS[name] = ModelEntry(name, fn, kind, paper, tags)
         return fn
@@ -104,3 +110,9 @@ def list_models(filter: str | list[str] = "", pretrained: bool = False, kind: st
 
 def list_pretrained(filter: str | list[str] = "") -> list[str]:
     return list_models(filter, pretrained=True)
+
+
+# Imported last, on purpose: `import zoo` installs a hook that registers every model as soon as
+# timm is imported; when this line is what imports timm, `register_model` must already exist
+# (the functions above import timm locally, since this name is bound only after the hook ran).
+import timm  # noqa: E402,F401

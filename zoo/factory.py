@@ -10,24 +10,25 @@ from . import weights as _weights
 from ._registry import get_entry, split_name
 
 
-def build_classifier(model_cls: type, variant: str, pretrained: bool = False, feature_cfg: dict | None = None, **kwargs):
+def build_classifier(model_cls: type, variant: str, pretrained: bool = False, feature_cfg: dict | None = None,
+                     defaults: dict | None = None, **kwargs):
     """Build a registered classifier the timm way, but load pretrained weights through zoo.weights.
 
     timm's `build_model_with_cfg` resolves the pretrained cfg (from `arch.tag`), fills
     num_classes/in_chans and records it; we then fetch/verify/convert the weights ourselves
-    and finally wrap for `features_only`.
+    and finally wrap for `features_only`. Model arguments resolve as: the variant's `defaults`,
+    then the `model_args` its pretrained tag implies (e.g. dilations at 384), then `kwargs`.
     """
     from timm.models import build_model_with_cfg
     from timm.models._features import FeatureGetterNet, FeatureListNet
+    from timm.models._builder import resolve_pretrained_cfg
 
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     feature_cls = kwargs.pop("feature_cls", None)
-    from timm.models._builder import resolve_pretrained_cfg
-
     tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).tag
     extras = _weights.cfg_extras(f"{variant}.{tag}" if tag else variant)
-    kwargs = {**extras.pop("model_args", {}), **kwargs}  # a tag may imply arguments (e.g. dilations at 384)
+    kwargs = {**(defaults or {}), **extras.pop("model_args", {}), **kwargs}
     model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
     model.pretrained_cfg = {**model.pretrained_cfg, **extras}
     model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
@@ -55,6 +56,9 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     return model
 
 
+_DATA_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes", "label_names")
+
+
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -74,10 +78,11 @@ def create_model(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     entry = get_entry(model_name)
     arch, tag = split_name(model_name)
-    if checkpoint_path is not None:
-        exported = _weights.read_export_config(checkpoint_path)
-        if exported and exported.get("architecture") == arch:
-            kwargs = {**exported.get("model_args", {}), **kwargs}
+    exported = _weights.read_export_config(checkpoint_path) if checkpoint_path is not None else None
+    if exported and exported.get("architecture") != arch:
+        exported = None
+    if exported:
+        kwargs = {**exported.get("model_args", {}), **kwargs}
     if entry.kind == "classifier":
         import timm
 
@@ -87,6 +92,10 @@ def create_model(
         model.zoo_model_args = dict(kwargs)
     if not hasattr(model, "zoo_architecture"):
         model.zoo_architecture = arch
+    if exported and hasattr(model, "pretrained_cfg"):
+        # the preprocessing the weights were trained with (e.g. 1x32x32 digits), for timm's resolve_model_data_config
+        data = {k: v for k, v in exported.get("pretrained_cfg", {}).items() if k in _DATA_CFG_KEYS}
+        model.pretrained_cfg = {**model.pretrained_cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}}
     if checkpoint_path is not None:
         target = getattr(model, "model", model) if kwargs.get("features_only") else model
         _weights.load_checkpoint(target, checkpoint_path, arch=arch)

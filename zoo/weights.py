@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import generate_default_cfgs as _timm_default_cfgs
 
 StateDict = dict[str, torch.Tensor]
 Converter = Callable[[StateDict, torch.nn.Module], StateDict]
@@ -57,7 +56,9 @@ class Weights:
         """The cached file's name; a cfg `file_name` overrides URLs without one (e.g. OneDrive `.../content`)."""
         for source in (self.cfg.get("file_name"), self.hf_filename, self.package_file, self.file, self.url):
             if source:
-                return os.path.basename(source.split("?")[0])
+                name = os.path.basename(source.split("?")[0].rstrip("/"))
+                # share links (https://cloud.tsinghua.edu.cn/f/<id>/?dl=1) name no file: use the entry's
+                return name if "." in name else f"{self.name}.pth"
         raise WeightsError(f"{self.name} has no source")
 
     def describe(self) -> str:
@@ -82,6 +83,8 @@ def generate_default_cfgs(cfgs: dict[str, dict[str, Any]]):
     arguments the tag implies, such as other dilations at 384) is kept by the zoo
     (`cfg_extras`) and added to the model's `pretrained_cfg` by `build_classifier`.
     """
+    from timm.models import generate_default_cfgs as timm_default_cfgs
+
     timm_fields = _timm_cfg_fields()
     timm_cfgs = {}
     for name, cfg in cfgs.items():
@@ -111,7 +114,7 @@ def generate_default_cfgs(cfgs: dict[str, dict[str, Any]]):
                 cfg={**plain, **extras},
             )
         timm_cfgs[name] = plain
-    return _timm_default_cfgs(timm_cfgs)
+    return timm_default_cfgs(timm_cfgs)
 
 
 def cfg_extras(name: str) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Pieces shared by the DeiT-, PVT-, Swin- and CSWin-style macros of the agent / FLatten / InLine
+families: the per-block attention placement and the timm classifier API."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+
+MIXERS = ("agent", "focused", "inline", "softmax")
+_LETTERS = {"A": "agent", "L": "focused", "I": "inline", "B": "softmax", "S": "softmax"}
+
+
+def placement(code: str, depths: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
+    """Expand the papers' per-stage notation into one mixer name per block.
+
+    One letter per stage: A = agent, L = FLatten focused linear, I = InLine, B/S = softmax;
+    `M` marks a mixed stage whose first k blocks use the family's attention and the rest softmax,
+    with k given after the letters (`AAMB2`: stage 3 = 2 agent blocks then softmax).
+    """
+    stages, count = code[: len(depths)], code[len(depths):]
+    letters = [c for c in stages if c != "M"]
+    family = next((c for c in letters if c not in "BS"), "B")
+    if len(stages) != len(depths) or any(c not in _LETTERS and c != "M" for c in stages) or ("M" in stages) != bool(count):
+        raise ValueError(f"placement code {code!r} must give one of A/L/I/B/S/M per stage for depths {depths}")
+    out = []
+    for letter, depth in zip(stages, depths):
+        if letter == "M":
+            out.append(tuple(_LETTERS[family] if i < int(count) else "softmax" for i in range(depth)))
+        else:
+            out.append((_LETTERS[letter],) * depth)
+    return tuple(out)
+
+
+def check_blocks(block_types, depths) -> tuple[tuple[str, ...], ...]:
+    block_types = tuple(tuple(stage) for stage in block_types)
+    if len(block_types) != len(depths) or any(len(s) != d for s, d in zip(block_types, depths)):
+        raise ValueError(f"block_types must list one mixer per block for depths {tuple(depths)}, got {block_types}")
+    bad = {m for s in block_types for m in s} - set(MIXERS)
+    if bad:
+        raise ValueError(f"unknown mixer(s) {sorted(bad)} in block_types; choose from {MIXERS}")
+    return block_types
+
+
+def cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "mit", **kwargs,
+    }
+
+
+class ClassifierMixin:
+    """timm's classifier API on top of a model that defines `head`, `num_features` and
+    `_stages(x) -> iterator of (stage_index, NCHW feature)` plus `_pool(last) -> [B, C]`."""
+
+    grad_checkpointing = False
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "", "avg", "token"):
+            raise ValueError(f"global_pool must be 'avg' (the only pooling of these models), got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        _, last = deque(self._stages(x), maxlen=1)[0]
+        return self._pool(last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        n = len(self.feature_info)
+        if indices is None:
+            wanted = list(range(n))
+        elif isinstance(indices, int):
+            wanted = list(range(n - indices, n))
+        else:
+            wanted = [i % n for i in indices]
+        intermediates, last = [], None
+        for i, feat in self._stages(x, stop=max(wanted) if stop_early or intermediates_only else None):
+            last = feat
+            if i in wanted:
+                intermediates.append(feat if output_fmt == "NCHW" else feat.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        return self._pool(last), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        if prune_head:
+            self.reset_classifier(0)
+        return list(range(len(self.feature_info)))
+
+
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to `rate` over `n` blocks (plain Python, so models
+    can be built on the meta device)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def init_trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
+    """timm's trunc_normal_, skipped for meta tensors (shape-only builds for counting)."""
+    if not t.is_meta:
+        trunc_normal_(t, std=std)
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """The official init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        init_trunc_normal(m.weight)
+        if m.bias is not None and not m.bias.is_meta:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and not m.weight.is_meta:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,129 @@
+"""Non-causal (vision) linear attention in PyTorch: the exact references.
+
+All functions take feature-mapped queries and keys in the layout `[B, H, N, D]` and never
+form an N x N matrix: cost O(N D Dv) and memory O(D Dv) per head.
+
+Numerics: the sums over the N keys are taken as *means* (FLatten's fix for AMP, commit
+e205a01): `kv = (K^T / sqrt(N)) (V / sqrt(N))`, `z = 1 / (q . mean(K) + eps)`, so every
+intermediate is O(1) instead of O(N) and cannot overflow float16 at long sequence lengths;
+for half inputs the reductions additionally run in float32 and the output is cast back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_same, check_tensor
+from .._cost import cost_placeholder, is_counting_flops
+
+LAYOUT = "[batch, heads, seq_len, head_dim]"
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"q, k, v must share batch and heads, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} tokens but v has {v.shape[2]}: keys and values must pair up")
+    if k.shape[2] < 1:
+        raise ValueError("k must hold at least one token, got 0")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """K^T V, Q (K^T V) and Q mean(K): B H (Nk D Dv + Nq D Dv + Nq D)."""
+    b, h, n_q, d = q.shape
+    return b * h * d * (k.shape[2] * v.shape[3] + n_q * v.shape[3] + n_q)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Normalised linear attention `out_i = q_i (sum_j k_j^T v_j) / (q_i . sum_j k_j)`, in the
+    mean-normalised form `(q_i kv) / (q_i . mean(k) + eps)` with `kv = K^T V / N`.
+
+    q, k must already be non-negative features (e.g. ReLU, ELU+1, FLatten's focused map).
+    Returns `[B, H, Nq, Dv]`.
+    """
+    return decoupled_linear_attention(q, k, q, k, v, eps=eps)
+
+
+def decoupled_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_num: torch.Tensor,
+    k_num: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention with different features in numerator and denominator (the RoPE'd form):
+    `out_i = (q_num_i (K_num^T V / N)) / (q_i . mean(K) + eps)`.
+
+    q, k: denominator features `[B, H, N, D]`; q_num, k_num: numerator features (same shapes,
+    e.g. RoPE applied to q, k); v `[B, H, Nk, Dv]`. Returns `[B, H, Nq, Dv]`.
+    """
+    _check_qkv(q, k, v)
+    _check_qkv(q_num, k_num, v)
+    if q_num.shape != q.shape or k_num.shape != k.shape:
+        raise ValueError(
+            f"q_num/k_num must have the shapes of q/k, got {tuple(q_num.shape)}/{tuple(k_num.shape)} "
+            f"vs {tuple(q.shape)}/{tuple(k.shape)}"
+        )
+    if is_counting_flops():
+        return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))
+    compute = _compute_dtype(q)
+    n = k.shape[2]
+    kc, qc = k.to(compute), q.to(compute)
+    z = 1.0 / (qc @ kc.mean(dim=2, keepdim=True).transpose(-2, -1) + eps)
+    kv = (k_num.to(compute).transpose(-2, -1) * n ** -0.5) @ (v.to(compute) * n ** -0.5)
+    return ((q_num.to(compute) @ kv) * z).to(q.dtype)
+
+
+def injective_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """InLine attention (Han et al., NeurIPS 2024): scores that sum to one without a division,
+
+        InL(Q_i, K_j) = q'_i.k_j - (1/N) sum_m q'_i.k_m + 1/N,      q' = q s / N,  s = D^-1/2,
+        out_i = s q_i (K^T V / N) + (1 - s q_i . mean(K)) mean(V)
+
+    (the released code folds the paper's s/N into phi(Q)).
+
+    The map is injective in q (no query-scale invariance, unlike normalised linear attention);
+    q, k may be any features (InLine's released models use the identity). Returns `[B, H, Nq, Dv]`.
+    """
+    _check_qkv(q, k, v)
+    if is_counting_flops():
+        return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))
+    compute = _compute_dtype(q)
+    n, d = k.shape[2], q.shape[3]
+    scale = d ** -0.5 if scale is None else scale
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    kv = (kc.transpose(-2, -1) * (scale / n) ** 0.5) @ (vc * (scale / n) ** 0.5)
+    out = qc @ kv + (1 - (qc @ kc.mean(dim=2, keepdim=True).transpose(-2, -1)) * scale) * vc.mean(dim=2, keepdim=True)
+    return out.to(q.dtype)
+
+
+def focused_feature_map(x: torch.Tensor, scale: torch.Tensor | None = None, focusing_factor: float = 3.0) -> torch.Tensor:
+    """FLatten's focused kernel (Han et al., ICCV 2023) on full-width tokens `[..., C]`:
+
+        phi(x) = ReLU(x) + 1e-6;  x <- phi(x) / softplus(scale);  f_p(x) = x^p * ||x|| / ||x^p||
+
+    with the norms over the whole channel dimension C (all heads together, before the head
+    split), as the released models do. `scale` is the learnable temperature (shape broadcasting
+    to x, zero-initialised in the models); None means no temperature. Computed in float32 for
+    half inputs (x^3 overflows float16 otherwise).
+    """
+    check_tensor("x", x, tuple(range(1, 9)), "[..., channels]")
+    if focusing_factor <= 0:
+        raise ValueError(f"focusing_factor must be positive, got {focusing_factor}")
+    compute = _compute_dtype(x)
+    y = F.relu(x.to(compute)) + 1e-6
+    if scale is not None:
+        y = y / F.softplus(scale.to(compute))
+    norm = y.norm(dim=-1, keepdim=True)
+    y = y ** focusing_factor
+    return (y / y.norm(dim=-1, keepdim=True) * norm).to(x.dtype)
