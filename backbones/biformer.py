@@ -450,7 +450,14 @@ class BiFormer(nn.Module):
         return take
 
 
-# --- pretrained configs and variants ----------------------------------------------------------
+# --- checkpoint converter, pretrained configs and variants ------------------------------------
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: BiFormer) -> dict[str, torch.Tensor]:
+    """Official checkpoints load unchanged; only a model built with `extra_norms=True` (dense
+    prediction) keeps its own freshly initialised `extra_norms.*`, which the ImageNet files lack."""
+    own = model.state_dict()
+    return {**{k: v for k, v in own.items() if k.startswith("extra_norms.") and k not in state_dict}, **state_dict}
+
 
 def _cfg(**kwargs) -> dict:
     return {
@@ -459,7 +466,7 @@ def _cfg(**kwargs) -> dict:
         "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "downsample_layers.0.0", "classifier": "head", "license": "mit",
         "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention", "paper_ids": "arXiv:2303.08810",
-        "origin_url": "https://github.com/rayleizhu/BiFormer", **kwargs,
+        "origin_url": "https://github.com/rayleizhu/BiFormer", "converter": checkpoint_filter_fn, **kwargs,
     }
 
 

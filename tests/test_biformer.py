@@ -136,6 +136,9 @@ def test_official_checkpoint_loads_through_the_registry(tiny, tmp_path):
     x = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
         assert not torch.allclose(loaded(x), tiny(x))
+    dense = zoo.create_model("biformer_tiny", pretrained=True, features_only=True, extra_norms=True)
+    assert torch.equal(dense.model.stages[0][0].attn.wo.weight, state["stages.0.0.attn.wo.weight"])
+    assert torch.equal(dense.model.extra_norms[0].weight, torch.ones(64))  # fresh, as the official mm backbone
     broken = dict(state)
     broken.pop("stages.3.0.attn.proj.bias")
     other = tmp_path / "broken.pth"
