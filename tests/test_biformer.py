@@ -225,13 +225,18 @@ def test_stage4_is_dense_8_head_attention_with_lepe(name):
         assert not torch.allclose(out, _dense_by_hand(attn, x, lepe_on_value=not nchw), atol=1e-3)
 
 
-def test_head_norm_is_batchnorm_and_block_norms_use_eps_1e6():
+def test_head_norm_is_batchnorm_block_norms_use_eps_1e6_and_heads_are_width_over_32():
     for name in ("biformer_tiny", "biformer_stl", "biformer_stl_nchw"):
         model = zoo.create_model(name, depths=(1, 1, 1, 1))
         assert type(model.norm) is nn.BatchNorm2d
         norms = [m for m in model.stages.modules() if isinstance(m, (nn.LayerNorm, LayerNorm2d))]
         assert len(norms) == 8 and all(m.eps == 1e-6 for m in norms)
         assert isinstance(norms[0], LayerNorm2d) == (name == "biformer_stl_nchw")
+    for name, heads in (("biformer_tiny", [2, 4, 8]), ("biformer_base", [3, 6, 12]), ("biformer_stl", [3, 6, 12])):
+        model = zoo.create_model(name, depths=(1, 1, 1, 1))
+        attns = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
+        assert [a.num_heads for a in attns] == heads and [a.topk for a in attns] == [1, 4, 16]
+        assert [a.n_win for a in attns] == [7, 7, 7]
     stem = zoo.create_model("biformer_tiny", depths=(1, 1, 1, 1)).downsample_layers[0]
     assert [type(m) for m in stem] == [nn.Conv2d, nn.BatchNorm2d, nn.GELU, nn.Conv2d, nn.BatchNorm2d]
 
