@@ -5,11 +5,15 @@ Module names equal the official ones, so the released `DiT-XL-2-{256,512}.pt` lo
 (292 tensors, fixed sin-cos `pos_embed` stored as a frozen Parameter as in the original).
 `dit_to_diffusers` / `diffusers_to_dit` map to and from diffusers' `DiTTransformer2DModel`.
 
-Faithful: we follow the original numerics where diffusers differs
-(dit_radial_sla.md section 1.5): timestep sinusoid exponent divided by 128 (diffusers: 127),
-the pre-MLP LayerNorm eps 1e-6 (diffusers `norm3`: 1e-5), one shared t/y embedder (diffusers:
-one copy per block), and classifier-free guidance on the first 3 latent channels by default
-(diffusers: all; `zoo.dit.sample(guidance_channels='all')`).
+Faithful: forward, CFG and training losses are bit-identical to the official code
+(scripts/verify_dit_official.py). Where diffusers' definition differs we follow the original:
+timestep sinusoid exponent divided by 128 (diffusers: 127), the pre-MLP LayerNorm eps 1e-6
+(diffusers `norm3`: 1e-5), one shared t/y embedder (diffusers: one copy per block; the
+converter copies it out and refuses copies that drifted apart), `pos_embed` stored (diffusers:
+a non-persistent buffer, recomputed on conversion), and classifier-free guidance on the first
+3 of 4 latent channels by default (diffusers: all; `zoo.dit.sample(guidance_channels='all')`).
+Deviation: `zoo.dit.sample` draws noise for the B samples only (the original draws it for the
+doubled CFG batch), so a seed does not reproduce the original's images bit for bit.
 """
 from __future__ import annotations
 
