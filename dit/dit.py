@@ -377,6 +377,27 @@ def diffusers_to_dit(state: dict[str, torch.Tensor], model: DiT | None) -> dict[
     return fill_backend_keys(out, model)
 
 
+def to_diffusers(model: DiT):
+    """A diffusers `DiTTransformer2DModel` with `model`'s weights (e.g. for `DiTPipeline`).
+
+    Its outputs differ slightly from ours by diffusers' own numerics (timestep exponent / 127,
+    pre-MLP LayerNorm eps 1e-5); see the module docstring.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    hidden = model.pos_embed.shape[-1]
+    if (model.attention != "dense" or model.input_size[0] != model.input_size[1] or model.null_class is None
+            or model.blocks[0].mlp.fc1.out_features != 4 * hidden):
+        raise ValueError("to_diffusers needs what DiTTransformer2DModel can express: dense attention, a square "
+                         "input_size, mlp_ratio 4 and a null class (class_dropout_prob > 0)")
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=model.num_heads, attention_head_dim=hidden // model.num_heads, in_channels=model.in_channels,
+        out_channels=model.out_channels, num_layers=len(model.blocks), sample_size=model.input_size[0],
+        patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes)
+    theirs.load_state_dict(dit_to_diffusers(model.state_dict()), strict=True)
+    return theirs
+
+
 def convert_checkpoint(state: dict[str, torch.Tensor], model: DiT) -> dict[str, torch.Tensor]:
     """The registered converter: the official layout passes unchanged, a diffusers one is mapped."""
     if any(k.startswith("transformer_blocks.") for k in state):

@@ -165,6 +165,10 @@ def test_diffusers_conversion_round_trip_and_outputs():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert (out - ref_plain).abs().max() > 1e-4  # the documented difference is real
 
+    rebuilt = zoo.dit.to_diffusers(ours).eval()
+    assert rebuilt.config.num_embeds_ada_norm == 10 and rebuilt.config.sample_size == 8
+    torch.testing.assert_close(rebuilt(x, timestep=t, class_labels=y).sample, ref_plain, rtol=0, atol=0)
+
 
 def test_diffusers_checkpoint_file_loads_through_the_registered_converter(tmp_path):
     from safetensors.torch import save_file
