@@ -1,7 +1,10 @@
 """Vision backbones. Importing this package registers every family in zoo and timm."""
-from . import nat  # noqa: F401
-from . import biformer  # noqa: F401,E402
-from . import rmt_linear  # noqa: F401
-from . import swin_style  # noqa: F401,E402  (agent / FLatten / InLine Swin variants)
-from . import pvt_style  # noqa: F401,E402  (agent / FLatten / InLine PVT variants)
-from . import deit_style  # noqa: F401,E402  (agent / InLine DeiT variants)
+from . import (  # noqa: F401
+    biformer,
+    cswin_style,  # agent / FLatten / InLine CSWin variants
+    deit_style,  # agent / InLine DeiT variants
+    nat,
+    pvt_style,  # agent / FLatten / InLine PVT variants
+    rmt_linear,
+    swin_style,  # agent / FLatten / InLine Swin variants
+)

@@ -2,9 +2,12 @@
 families: the per-block attention placement and the timm classifier API."""
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 
 MIXERS = ("agent", "focused", "inline", "softmax")
 _LETTERS = {"A": "agent", "L": "focused", "I": "inline", "B": "softmax", "S": "softmax"}
@@ -71,6 +74,10 @@ class ClassifierMixin:
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        _, last = deque(self._stages(x), maxlen=1)[0]
+        return self._pool(last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -98,3 +105,26 @@ class ClassifierMixin:
         if prune_head:
             self.reset_classifier(0)
         return list(range(len(self.feature_info)))
+
+
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to `rate` over `n` blocks (plain Python, so models
+    can be built on the meta device)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def init_trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
+    """timm's trunc_normal_, skipped for meta tensors (shape-only builds for counting)."""
+    if not t.is_meta:
+        trunc_normal_(t, std=std)
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """The official init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        init_trunc_normal(m.weight)
+        if m.bias is not None and not m.bias.is_meta:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and not m.weight.is_meta:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -11,10 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from zoo.ops import (
+    agent_attention,
+    agent_grid,
+    build_agent_biases,
+    focused_feature_map,
+    injective_linear_attention,
+    linear_attention,
+    pool_agents,
+)
 
-from zoo.ops import agent_attention, agent_grid, build_agent_biases, focused_feature_map, injective_linear_attention
-from zoo.ops import linear_attention, pool_agents
+from ._common import init_trunc_normal
 
 Size = tuple[int, int]
 
@@ -97,7 +104,7 @@ class AgentCore(nn.Module):
         self.cls_token = cls_token
         self.attn_drop = attn_drop
         for p in self._bias_params():
-            trunc_normal_(p, std=0.02)
+            init_trunc_normal(p)
 
     def _bias_params(self):
         names = ["an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"] + (["ac_bias", "ca_bias"] if self.cls_token else [])

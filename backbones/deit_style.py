@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks
+from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, init_linear_and_norm, init_trunc_normal
 from ._mixers import AgentAttention, InLineAttention, Size, SoftmaxAttention, from_grid, resize_tokens, to_grid
 
 
@@ -75,7 +75,7 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             DeiTBlock(embed_dim, num_heads, self.grid, mixer, agent_num, mlp_ratio, drop_rate, attn_drop_rate, dpr[i])
             for i, mixer in enumerate(block_types)])
@@ -83,19 +83,9 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         self.head_drop = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_trunc_normal(self.pos_embed)
+        init_trunc_normal(self.cls_token)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -123,12 +113,6 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         tokens, self._tokens = self._tokens, None
         return self.norm(tokens)[:, 0]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        last = None
-        for _, last in self._stages(x):
-            pass
-        return self._pool(last)
-
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 _AGENT = dict(paper_name="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
@@ -155,6 +139,7 @@ default_cfgs = generate_default_cfgs({
 
 def _deit(variant: str, pretrained: bool, family_blocks: int, mixer: str, **kwargs) -> DeiTStyle:
     depth = kwargs.get("depth", 12)
+    family_blocks = min(family_blocks, depth)
     kwargs.setdefault("block_types", (mixer,) * family_blocks + ("softmax",) * (depth - family_blocks))
     return build_classifier(DeiTStyle, variant, pretrained, feature_cfg=dict(out_indices=(9, 10, 11)), **kwargs)
 

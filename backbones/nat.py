@@ -62,7 +62,7 @@ class NeighborhoodAttention2D(nn.Module):
         if any(pad):
             x = F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        x = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale)
+        x = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb.to(q.dtype), scale=self.scale)
         x = self.proj_drop(self.proj(x.flatten(-2)))
         return x[:, :height, :width] if any(pad) else x
 
@@ -503,13 +503,15 @@ def _nat(name: str, params: float, flops: float, top1: float, hf: str | None = N
 _DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5)
 _DILATIONS_384 = ([1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5)
 _DILATIONS_S_384 = ([1, 13], [1, 6], [1, 3] * 9, [1, 1])
+# HF-hub mirrors whose repositories were checked to exist (the others may exist under the same pattern)
+_HF_VERIFIED = ("mini", "tiny", "base")
 _CFG_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs({
     **_nat("nat_mini", 20e6, 2.7e9, 81.8, "shi-labs/nat-mini-in1k-224"),
-    **_nat("nat_tiny", 28e6, 4.3e9, 83.2, "shi-labs/nat-tiny-in1k-224"),
-    **_nat("nat_small", 51e6, 7.8e9, 83.7, "shi-labs/nat-small-in1k-224"),
-    **_nat("nat_base", 90e6, 13.7e9, 84.3, "shi-labs/nat-base-in1k-224"),
+    **_nat("nat_tiny", 28e6, 4.3e9, 83.2),
+    **_nat("nat_small", 51e6, 7.8e9, 83.7),
+    **_nat("nat_base", 90e6, 13.7e9, 84.3),
     **{
         f"dinat_{size}.{tag}": _cfg(paper_name=_DINAT_PAPER, **cfg)
         for size, params, flops, top1 in (
@@ -522,6 +524,7 @@ default_cfgs = generate_default_cfgs({
             ("hf_in1k", dict(hf_hub_id=f"shi-labs/dinat-{size}-in1k-224", hf_filename="pytorch_model.bin",
                              converter=convert_hf_nat, top1=top1)),
         )
+        if tag == "in1k" or size in _HF_VERIFIED
     },
     "dinat_large.in22k_ft_in1k": _cfg(
         url=f"{_DINAT_CKPT}imagenet1k/dinat_large_in22k_in1k_224.pth", top1=86.6, paper_params=200e6,

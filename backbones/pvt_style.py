@@ -17,15 +17,31 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, placement
-from ._mixers import AgentAttention, FocusedLinearAttention, InLineAttention, Size, SoftmaxAttention, from_grid
-from ._mixers import resize_tokens, to_grid
+from ._common import (
+    ClassifierMixin,
+    cfg,
+    check_blocks,
+    drop_path_rates,
+    init_linear_and_norm,
+    init_trunc_normal,
+    placement,
+)
+from ._mixers import (
+    AgentAttention,
+    FocusedLinearAttention,
+    InLineAttention,
+    Size,
+    SoftmaxAttention,
+    from_grid,
+    resize_tokens,
+    to_grid,
+)
 
 
 class PatchEmbed(nn.Module):
@@ -80,18 +96,18 @@ class PVTStyle(ClassifierMixin, nn.Module):
         self.num_classes = num_classes
         self.num_stages = len(depths)
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.grids = []
         self.feature_info = []
-        for i, depth in enumerate(depths):
+        for i in range(len(depths)):
             if i:
                 grid = (grid[0] // 2, grid[1] // 2)
             self.grids.append(grid)
             setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size if i == 0 else 2,
                                                             in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]))
             pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims[i]))
-            trunc_normal_(pos, std=0.02)
+            init_trunc_normal(pos)
             setattr(self, f"pos_embed{i + 1}", pos)
             setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
             setattr(self, f"block{i + 1}", nn.ModuleList([
@@ -103,17 +119,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
             self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)  # in FLatten-PVT's checkpoints, never applied
         self.head_drop = nn.Identity()
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -141,12 +147,6 @@ class PVTStyle(ClassifierMixin, nn.Module):
 
     def _pool(self, last: torch.Tensor) -> torch.Tensor:
         return last.flatten(2).mean(dim=2)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        last = None
-        for _, last in self._stages(x):
-            pass
-        return self._pool(last)
 
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
@@ -183,10 +183,10 @@ _DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3),
 
 
 def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTStyle:
-    depths = _DEPTHS[size]
-    args = dict(depths=depths, block_types=placement(code, depths))
+    args = dict(dict(depths=_DEPTHS[size]), **kwargs)
+    args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(PVTStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **dict(args, **kwargs))
+                            **args)
 
 
 @register_model(paper=_AGENT["paper_name"])

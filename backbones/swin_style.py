@@ -19,15 +19,32 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, placement
-from ._mixers import AgentAttention, FocusedLinearAttention, InLineAttention, QKV, Size, from_grid, merge_heads
-from ._mixers import split_heads, to_grid
+from ._common import (
+    ClassifierMixin,
+    cfg,
+    check_blocks,
+    drop_path_rates,
+    init_linear_and_norm,
+    init_trunc_normal,
+    placement,
+)
+from ._mixers import (
+    QKV,
+    AgentAttention,
+    FocusedLinearAttention,
+    InLineAttention,
+    Size,
+    from_grid,
+    merge_heads,
+    split_heads,
+    to_grid,
+)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -75,7 +92,7 @@ class WindowAttention(nn.Module, QKV):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        init_trunc_normal(self.relative_position_bias_table)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self._project(x))
@@ -209,11 +226,11 @@ class SwinStyle(ClassifierMixin, nn.Module):
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         res = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.layers = nn.ModuleList()
         self.feature_info = []
-        for i, depth in enumerate(depths):
+        for i in range(len(depths)):
             dim = int(embed_dim * 2 ** i)
             blocks = [
                 SwinBlock(dim, num_heads[i], res, mixer, softmax_window if mixer == "softmax" else window_size,
@@ -228,17 +245,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Identity()
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -270,12 +277,6 @@ class SwinStyle(ClassifierMixin, nn.Module):
 
     def _pool(self, last: torch.Tensor) -> torch.Tensor:
         return self.norm(from_grid(last)).mean(dim=1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        last = None
-        for _, last in self._stages(x):
-            pass
-        return self._pool(last)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -316,9 +317,10 @@ _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
 
 def _swin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> SwinStyle:
-    args = dict(arch, block_types=placement(code, arch["depths"]))
+    args = dict(arch, **kwargs)
+    args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(SwinStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **dict(args, **kwargs))
+                            **args)
 
 
 @register_model(paper=_AGENT["paper_name"])

@@ -5,12 +5,19 @@ autograd), Triton kernels sit beside it and are dispatched to on CUDA tensors.
 """
 from ._cost import counting_flops, is_counting_flops
 from .agent import agent_attention, agent_grid, build_agent_biases, pool_agents
-from .block_sparse import block_indices_to_mask, block_mask_to_indices, block_sparse_attention
-from .na import na1d, na2d, na3d, na_legacy_pad
-from .routing import bi_level_routing_attention, bra_routing
-from .linear_rmt import mala_attention, rala_attention
+from .block_sparse import (
+    BlockSparseLayout,
+    block_indices_to_mask,
+    block_mask_to_indices,
+    block_sparse_attention,
+    block_sparse_backend,
+    block_sparse_layout,
+)
 from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
+from .linear_rmt import mala_attention, rala_attention
+from .na import na1d, na2d, na3d, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
+from .routing import bi_level_routing_attention, bra_routing
 from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
 
 __all__ = [
@@ -23,6 +30,9 @@ __all__ = [
     "focused_feature_map",
     "injective_linear_attention",
     "block_sparse_attention",
+    "block_sparse_backend",
+    "block_sparse_layout",
+    "BlockSparseLayout",
     "block_mask_to_indices",
     "block_indices_to_mask",
     "bi_level_routing_attention",

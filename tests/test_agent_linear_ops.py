@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 import zoo.ops as ops
 from zoo.ops import counting_flops
 

@@ -183,3 +183,17 @@ def test_bad_inputs(name):
         op(q, k[:, :, :0], v[:, :, :0])
     with pytest.raises(ValueError, match="floating-point"):
         op(q.long(), k, v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mala", "rala"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_64k_tokens_cuda(name, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (F.elu(4 * torch.randn(2, 4, 65536, 64, device="cuda", generator=g)) + 1 for _ in range(2))
+    v = 30 * torch.randn(2, 4, 65536, 64, device="cuda", generator=g)
+    ref = OPS[name](q.double(), k.double(), v.double())
+    with torch.autocast("cuda", dtype=dtype):
+        out = OPS[name](q.to(dtype), k.to(dtype), v.to(dtype))
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 0.05

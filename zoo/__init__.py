@@ -36,6 +36,7 @@ def register_all_models() -> None:
     _registered = True
     importlib.import_module("zoo.backbones")
     importlib.import_module("zoo.dit")
+    importlib.import_module("zoo.pretrained")  # the small MNIST-trained defaults (after the families they build on)
 
 
 def __getattr__(name: str):

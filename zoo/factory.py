@@ -56,6 +56,9 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     return model
 
 
+_DATA_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes", "label_names")
+
+
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -75,10 +78,11 @@ def create_model(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     entry = get_entry(model_name)
     arch, tag = split_name(model_name)
-    if checkpoint_path is not None:
-        exported = _weights.read_export_config(checkpoint_path)
-        if exported and exported.get("architecture") == arch:
-            kwargs = {**exported.get("model_args", {}), **kwargs}
+    exported = _weights.read_export_config(checkpoint_path) if checkpoint_path is not None else None
+    if exported and exported.get("architecture") != arch:
+        exported = None
+    if exported:
+        kwargs = {**exported.get("model_args", {}), **kwargs}
     if entry.kind == "classifier":
         import timm
 
@@ -88,6 +92,10 @@ def create_model(
         model.zoo_model_args = dict(kwargs)
     if not hasattr(model, "zoo_architecture"):
         model.zoo_architecture = arch
+    if exported and hasattr(model, "pretrained_cfg"):
+        # the preprocessing the weights were trained with (e.g. 1x32x32 digits), for timm's resolve_model_data_config
+        data = {k: v for k, v in exported.get("pretrained_cfg", {}).items() if k in _DATA_CFG_KEYS}
+        model.pretrained_cfg = {**model.pretrained_cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}}
     if checkpoint_path is not None:
         target = getattr(model, "model", model) if kwargs.get("features_only") else model
         _weights.load_checkpoint(target, checkpoint_path, arch=arch)

@@ -56,7 +56,9 @@ class Weights:
         """The cached file's name; a cfg `file_name` overrides URLs without one (e.g. OneDrive `.../content`)."""
         for source in (self.cfg.get("file_name"), self.hf_filename, self.package_file, self.file, self.url):
             if source:
-                return os.path.basename(source.split("?")[0])
+                name = os.path.basename(source.split("?")[0].rstrip("/"))
+                # share links (https://cloud.tsinghua.edu.cn/f/<id>/?dl=1) name no file: use the entry's
+                return name if "." in name else f"{self.name}.pth"
         raise WeightsError(f"{self.name} has no source")
 
     def describe(self) -> str:

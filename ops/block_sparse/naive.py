@@ -62,11 +62,14 @@ def _check_indices(block_indices: torch.Tensor, n_q_blocks: int, n_k_blocks: int
         )
     if block_indices.shape[2] != n_q_blocks:
         raise ValueError(f"block_indices has {block_indices.shape[2]} query blocks, expected {n_q_blocks}")
-    if block_indices.numel() and int(block_indices.max()) >= n_k_blocks:
-        raise ValueError(f"block_indices lists key block {int(block_indices.max())} but there are {n_k_blocks}")
-    valid = block_indices.long().sort(-1).values
-    valid_next = valid[..., 1:]
-    if bool(((valid[..., :-1] == valid_next) & (valid_next >= 0)).any()):
+    if not block_indices.numel():
+        return
+    ordered = block_indices.long().sort(-1).values
+    repeated = ((ordered[..., :-1] == ordered[..., 1:]) & (ordered[..., 1:] >= 0)).any()
+    largest, repeated = torch.stack([ordered[..., -1].max(), repeated.long()]).tolist()  # one host sync
+    if largest >= n_k_blocks:
+        raise ValueError(f"block_indices lists key block {largest} but there are {n_k_blocks}")
+    if repeated:
         raise ValueError("block_indices lists a key block twice in one row: each row must list unique blocks")
 
 
@@ -81,7 +84,29 @@ def _check_key_padding_mask(key_padding_mask: torch.Tensor, batch: int, n_k: int
         )
 
 
-def _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k):
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v `[batch, heads, seq_len, head_dim]`: same dtype/device, matching batch/heads, k/v lengths, q/k dims."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
+
+
+def resolve_block_indices(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor | None,
+    block_indices: torch.Tensor | None,
+    block_size: int | tuple[int, int],
+) -> tuple[torch.Tensor, int, int]:
+    """Check the arguments of block-sparse attention; return (int64 lists [B|1, H|1, nQb, max_k] on q's device,
+    block_q, block_k). Shared by the reference and the Triton path, so both refuse the same inputs."""
+    check_qkv(q, k, v)
+    block_q, block_k = _pair(block_size)
     batch, heads, n_q, _ = q.shape
     n_q_blocks, n_k_blocks = math.ceil(n_q / block_q), math.ceil(k.shape[2] / block_k)
     if (block_mask is None) == (block_indices is None):
@@ -98,7 +123,7 @@ def _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k):
         block_indices = block_mask_to_indices(block_mask)
     else:
         _check_indices(block_indices, n_q_blocks, n_k_blocks, batch, heads)
-    return block_indices.to(q.device).long().expand(batch, heads, -1, -1), n_q_blocks
+    return block_indices.to(q.device).long(), block_q, block_k
 
 
 def _attend_chunk(q_chunk, k, v, key_pos, key_valid, scale):
@@ -106,11 +131,12 @@ def _attend_chunk(q_chunk, k, v, key_pos, key_valid, scale):
     g = torch.arange(k.shape[0], device=k.device)[:, None, None]
     k_sel, v_sel = k[g, key_pos], v[g, key_pos]  # [G, C, L, D]
     acc = torch.promote_types(q_chunk.dtype, torch.float32)  # fp16/bf16 accumulate in fp32, fp64 stays
-    scores = torch.einsum("gcqd,gcld->gcql", q_chunk.to(acc), k_sel.to(acc)) * scale
-    scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.clamp_min(torch.finfo(acc).min)[..., None])
-    out = torch.einsum("gcql,gcld->gcqd", probs, v_sel.to(acc))
+    with torch.autocast(q_chunk.device.type, enabled=False):  # autocast would run the einsums in bf16/fp16
+        scores = torch.einsum("gcqd,gcld->gcql", q_chunk.to(acc), k_sel.to(acc)) * scale
+        scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.clamp_min(torch.finfo(acc).min)[..., None])
+        out = torch.einsum("gcql,gcld->gcqd", probs, v_sel.to(acc))
     return out.to(q_chunk.dtype), lse
 
 
@@ -127,16 +153,10 @@ def block_sparse_attention_reference(
     chunk_elements: int = 1 << 24,
 ):
     """Block-sparse attention, exact, in PyTorch. See `zoo.ops.block_sparse_attention`."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
-    block_q, block_k = _pair(block_size)
-    indices, n_q_blocks = _resolve_blocks(q, k, block_mask, block_indices, block_q, block_k)
+    indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
     batch, heads, n_q, dim = q.shape
+    n_q_blocks = math.ceil(n_q / block_q)
+    indices = indices.expand(batch, heads, -1, -1)
     n_k, dim_v = k.shape[2], v.shape[-1]
     scale = dim ** -0.5 if scale is None else scale
 

@@ -17,7 +17,10 @@ N-d neighbourhood is the Cartesian product of the per-axis windows:
 
 Memory: no N x N matrix. Each query's k^d neighbour indices are computed from small per-axis
 tables; queries are processed in chunks whose gathered K/V stay under `chunk_elements`, and
-under autograd each chunk is recomputed in backward (activation checkpointing).
+under autograd each chunk is recomputed in backward (activation checkpointing). Peak extra
+memory is a heads-first float32 copy of q, k, v plus about `chunk_elements` (default 2^24,
+64 MiB in float32) for one chunk's gathered neighbours, logits and probabilities; the kept
+activations are the output and, with `return_lse`, the logsumexp.
 """
 from __future__ import annotations
 
@@ -209,7 +212,7 @@ def neighborhood_attention(
     rpb_flat = None if rpb is None else rpb.to(compute).reshape(heads, -1)
 
     token_strides = [math.prod(spatial[a + 1:]) for a in range(na_dim)]
-    rpb_strides = [math.prod(2 * kk - 1 for kk in kernel[a + 1:]) for a in range(na_dim)]
+    rpb_strides = [math.prod([2 * kk - 1 for kk in kernel[a + 1:]]) for a in range(na_dim)]
     per_query = batch * heads * (n_keys * (dim + dim_v + 2) + n_extra)
     chunk = max(1, chunk_elements // max(per_query, 1))
     needs_grad = torch.is_grad_enabled() and any(

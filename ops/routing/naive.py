@@ -57,14 +57,15 @@ def to_regions(x: torch.Tensor, n_h: int, n_w: int, region_h: int, region_w: int
     """
     batch, height, width, heads, dim = x.shape
     x = F.pad(x, (0, 0, 0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))
-    x = x.view(batch, n_h, region_h, n_w, region_w, heads, dim).permute(0, 5, 1, 3, 2, 4, 6)
-    return x.reshape(batch, heads, n_h * n_w * region_h * region_w, dim)
+    x = x.reshape(batch, n_h, region_h, n_w, region_w, heads, dim).permute(0, 5, 1, 3, 2, 4, 6)
+    # contiguous: one copy either way, and torch.compile (aot) otherwise mis-tracks the strides of 1-token regions
+    return x.reshape(batch, heads, n_h * n_w * region_h * region_w, dim).contiguous()
 
 
 def from_regions(x: torch.Tensor, height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int) -> torch.Tensor:
     """Inverse of `to_regions`: `[B, heads, N', D]` -> `[B, H, W, heads, D]` (padding cropped)."""
     batch, heads, _, dim = x.shape
-    x = x.view(batch, heads, n_h, n_w, region_h, region_w, dim).permute(0, 2, 4, 3, 5, 1, 6)
+    x = x.reshape(batch, heads, n_h, n_w, region_h, region_w, dim).permute(0, 2, 4, 3, 5, 1, 6)
     return x.reshape(batch, n_h * region_h, n_w * region_w, heads, dim)[:, :height, :width]
 
 
@@ -73,14 +74,14 @@ def region_token_valid(height: int, width: int, n_h: int, n_w: int, region_h: in
     """Bool `[n_h * n_w, region_h * region_w]`: which slots of each region are real tokens."""
     rows = torch.arange(n_h * region_h, device=device) < height
     cols = torch.arange(n_w * region_w, device=device) < width
-    valid = (rows[:, None] & cols[None, :]).view(n_h, region_h, n_w, region_w).permute(0, 2, 1, 3)
+    valid = (rows[:, None] & cols[None, :]).reshape(n_h, region_h, n_w, region_w).permute(0, 2, 1, 3)
     return valid.reshape(n_h * n_w, region_h * region_w)
 
 
 def _region_means(x_regions: torch.Tensor, n_regions: int, counts: torch.Tensor) -> torch.Tensor:
     """`[B, heads, n_regions * R, D]` -> `[B, n_regions, heads * D]`, mean over each region's real tokens."""
     batch, heads, _, dim = x_regions.shape
-    sums = x_regions.view(batch, heads, n_regions, -1, dim).sum(3)  # padded slots are zeros
+    sums = x_regions.reshape(batch, heads, n_regions, -1, dim).sum(3)  # padded slots are zeros
     means = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
     return means.permute(0, 2, 1, 3).reshape(batch, n_regions, heads * dim)
 

@@ -36,6 +36,7 @@ the output is cast back, which is what keeps fp16/bf16 finite at 64k tokens.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -139,6 +140,16 @@ def _linear_branch(
     return out.flatten(2, 3)[:, :, :n_q]
 
 
+def _fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int]) -> bool:
+    """Whether the fused Triton kernel (`triton_kernel.py`) runs: CUDA, fp16/bf16, one head_dim of
+    32/64/128 for q, k and v, power-of-two blocks of 16..128, triton importable."""
+    d = q.shape[-1]
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d in (32, 64, 128)
+            and k.shape[-1] == d and v.shape[-1] == d and all(b in (16, 32, 64, 128) for b in block_size)):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
 def sla_cost(
     block_map: torch.Tensor, n_q: int, n_k: int, dim: int, dim_v: int, block_size: tuple[int, int], linear_on: str
 ) -> int:
@@ -226,6 +237,15 @@ def sparse_linear_attention(
     if is_counting_flops():
         macs = sla_cost(block_map, n_q, n_k, dim, dim_v, (block_q, block_k), linear_on)
         return cost_placeholder(q.new_empty(*q.shape[:3], dim_v), macs)
+
+    if _fused_supported(q, k, v, (block_q, block_k)):
+        from .triton_kernel import sla_fused  # triton is imported only on this path
+
+        o_s, o_l = sla_fused(q, k, v, block_map, dim**-0.5 if scale is None else scale, feature_map, linear_on, eps,
+                             (block_q, block_k))
+        # O_s + O_l W^T in one GEMM (float32 accumulate, one rounding), then the bias
+        out = torch.addmm(o_s.flatten(0, 2), o_l.flatten(0, 2), proj_weight.to(q.dtype).t()).view(o_s.shape)
+        return out if proj_bias is None else out + proj_bias.to(q.dtype)
 
     o_s = block_sparse_attention(q, k, v, block_mask=block_map == CRITICAL, block_size=(block_q, block_k), scale=scale)
     acc = torch.promote_types(q.dtype, torch.float32)

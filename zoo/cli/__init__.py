@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # modules that contribute subcommands; each defines add_parser(subparsers)
-COMMAND_MODULES = ["zoo.cli.models"]
+COMMAND_MODULES = ["zoo.cli.models", "zoo.cli.generate", "zoo.cli.classify", "zoo.cli.train", "zoo.cli.bench"]
 
 
 class CliError(Exception):
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (CliError, ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as e:
         if args.verbose:
             raise
         print(f"zoo {args.command}: error: {e}".splitlines()[0] if "\n" not in str(e) else f"zoo {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,411 @@
+"""Block-sparse flash attention in Triton: forward, and backward (dq, dk, dv).
+
+The sparsity pattern is a list of key blocks per query block (`block_indices`, the shape
+`zoo.ops.block_sparse_attention` takes). One program owns `BLOCK_M` query rows and walks the
+listed key blocks with an online softmax (exp2, the scale folded with log2(e)); it writes the
+output and the natural-log logsumexp. Backward is two kernels, so that no atomics are needed:
+dq walks the same per-query-block lists, dk/dv walk the transposed lists (query blocks per key
+block), which are built on the GPU from the forward lists.
+
+Any sequence length: the lists are sorted ascending, so the only partial key block (the last
+one) is the last entry of a list; every other entry runs an unmasked inner step, only the tail
+entry pays for per-element masking. Query rows past the end are loaded as zeros and never
+stored; in backward their logsumexp is read as +inf so their probabilities are exactly 0.
+
+The mask's block sizes (`BLOCK_Q`, `BLOCK_K`, 64 or 128) are the granularity of the lists; the
+program tile (`BLOCK_M` rows, `BLOCK_N` keys per step) divides them and is a tuning knob only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockSparseLayout
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_BLOCKS = (64, 128)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, MASK: tl.constexpr):
+    """One BLOCK_N slice of keys: update the running max, normaliser and accumulator."""
+    if MASK:
+        valid = (start_n + offs_n) < N_K
+        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, k) * qk_scale
+    if MASK:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _list_split(idx_ptr, CNT, last_block, N_LAST_PARTIAL: tl.constexpr):
+    """Entries [0, n_full) are whole blocks; entry n_full (if < cnt) is the partial last block."""
+    n_full = CNT
+    if N_LAST_PARTIAL:
+        if CNT > 0:
+            tail = tl.load(idx_ptr + CNT - 1)
+            n_full = tl.where(tail == last_block, CNT - 1, CNT)
+    return n_full
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, IDX, CNT,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_ib, s_ih, s_iq, s_cb, s_ch,
+    H, N_Q, N_K, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr,
+):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + b * s_kb + h * s_kh + offs_d[:, None] + offs_n[None, :] * s_kn  # [D, BLOCK_N], K transposed
+    v_base = V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :]
+    idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
+    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
+    last_block = tl.cdiv(N_K, BLOCK_K) - 1
+    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for t in range(0, n_full * SUB):
+        start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
+                                  start_n, offs_n, N_K, qk_scale, False)
+    if n_full < cnt:  # the partial last key block: only its slices that hold keys
+        block_start = last_block * BLOCK_K
+        for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
+            start_n = (block_start + s * BLOCK_N).to(tl.int64)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
+                                      start_n, offs_n, N_K, qk_scale, True)
+
+    empty = l_i == 0.0  # a row with no listed key: output 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, MASK: tl.constexpr):
+    """dq += (P * (dP - delta)) K for one BLOCK_N slice (keys past the end load as zeros)."""
+    if MASK:
+        valid = (start_n + offs_n) < N_K
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    dp = tl.dot(do, v)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_ib, s_ih, s_iq, s_cb, s_ch,
+    H, N_Q, N_K, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr,
+):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]  # [BLOCK_N, D]
+    v_base = V + b * s_vb + h * s_vh + offs_d[:, None] + offs_n[None, :] * s_vn  # [D, BLOCK_N]
+    idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
+    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
+    last_block = tl.cdiv(N_K, BLOCK_K) - 1
+    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for t in range(0, n_full * SUB):
+        start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
+        dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
+                      start_n, offs_n, N_K, qk_scale, False)
+    if n_full < cnt:
+        block_start = last_block * BLOCK_K
+        for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
+            start_n = (block_start + s * BLOCK_N).to(tl.int64)
+            dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
+                          start_n, offs_n, N_K, qk_scale, True)
+    tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, offs_m, N_Q, qk_scale,
+               MASK: tl.constexpr, KV_AS_B: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q for one BLOCK_M slice of query rows (transposed tiles)."""
+    if MASK:
+        valid = (start_m + offs_m) < N_Q
+        q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=valid[:, None], other=0.0)
+        lse2 = tl.load(lse_ptrs, mask=valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptrs, mask=valid, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse2 = tl.load(lse_ptrs) * 1.4426950408889634
+        delta = tl.load(delta_ptrs)
+    if KV_AS_B:  # K, V as the B operands (shared memory); P and dS transposed into A
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    else:  # K, V as the A operands, P^T and dS^T computed directly
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, TIDX, TCNT,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_ib, s_ih, s_iq, s_cb, s_ch,
+    H, N_Q, N_K, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr, KV_AS_B: tl.constexpr,
+):
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    SUB: tl.constexpr = BLOCK_Q // BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < N_K
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    q_base = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :]
+    do_base = DO + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :]
+    lse_base = LSE + pid_bh.to(tl.int64) * N_Q + offs_m
+    delta_base = DELTA + pid_bh.to(tl.int64) * N_Q + offs_m
+    idx_ptr = TIDX + b * s_ib + h * s_ih + (pid_n * BLOCK_N // BLOCK_K) * s_iq
+    cnt = tl.load(TCNT + b * s_cb + h * s_ch + pid_n * BLOCK_N // BLOCK_K)
+    last_block = tl.cdiv(N_Q, BLOCK_Q) - 1
+    n_full = _list_split(idx_ptr, cnt, last_block, Q_PARTIAL)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for t in range(0, n_full * SUB):
+        start_m = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_Q + (t % SUB) * BLOCK_M
+        dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on, lse_base + start_m,
+                            delta_base + start_m, start_m, offs_m, N_Q, qk_scale, False, KV_AS_B)
+    if n_full < cnt:
+        block_start = last_block * BLOCK_Q
+        for s in range(0, tl.cdiv(N_Q - block_start, BLOCK_M)):
+            start_m = (block_start + s * BLOCK_M).to(tl.int64)
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
+                                lse_base + start_m, delta_base + start_m, start_m, offs_m, N_Q, qk_scale, True, KV_AS_B)
+    out_off = offs_n[:, None] * s_kn + offs_d[None, :]
+    tl.store(DK + b * s_kb + h * s_kh + out_off, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok[:, None])
+
+
+@triton.jit
+def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < N_Q
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = pid_bh.to(tl.int64) * N_Q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=ok, other=0.0)
+    tl.store(DELTA + rows, delta, mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
+    """None if the Triton kernel runs these inputs, else the reason it does not."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} (the kernel takes equal head dims in {SUPPORTED_HEAD_DIMS})"
+    if block_q not in SUPPORTED_BLOCKS or block_k not in SUPPORTED_BLOCKS:
+        return f"block_size ({block_q}, {block_k}) (the kernel takes blocks in {SUPPORTED_BLOCKS})"
+    return None
+
+
+def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[str, int]]:
+    """Tile shapes and launch settings per kernel (H100, bf16; measured in BENCHMARKS.md)."""
+    if head_dim > 64:
+        fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4, num_stages=3)
+        dq = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4,
+                  num_stages=2 if block_q == block_k == 128 else 3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3, KV_AS_B=False)
+    else:
+        fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=4, num_stages=3)
+        dq = dict(BLOCK_M=block_q, BLOCK_N=64, num_warps=8 if block_q == 128 else 4, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, KV_AS_B=False)
+    return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _list_strides(idx: torch.Tensor, cnt: torch.Tensor) -> tuple[int, ...]:
+    """Strides of [B|1, H|1, n_blocks, max] lists and [B|1, H|1, n_blocks] counts; 0 where broadcast."""
+    sib = idx.stride(0) if idx.shape[0] > 1 else 0
+    sih = idx.stride(1) if idx.shape[1] > 1 else 0
+    scb = cnt.stride(0) if cnt.shape[0] > 1 else 0
+    sch = cnt.stride(1) if cnt.shape[1] > 1 else 0
+    return sib, sih, idx.stride(2), scb, sch
+
+
+def _check_config(cfg: dict[str, int], block_q: int, block_k: int) -> None:
+    if block_q % cfg["BLOCK_M"] or block_k % cfg["BLOCK_N"]:
+        raise ValueError(f"tile {cfg} must divide the mask blocks ({block_q}, {block_k})")
+
+
+def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None):
+    """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists as in `BlockSparseLayout`."""
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
+    cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
+    _check_config(cfg, block_q, block_k)
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, idx, cnt, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
+        *_list_strides(idx, cnt), heads, n_q, n_k, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, **cfg,
+    )
+    return o, lse
+
+
+def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None):
+    """Launch the dq and dk/dv kernels; `t_idx`/`t_cnt` are `BlockSparseLayout.t_indices`/`t_counts`.
+
+    A gradient `dlse` of the logsumexp (or None) enters through delta: d lse_i / d s_ij = p_ij, so
+    dS = P * (dP - (rowsum(dO * O) - dlse)).
+    """
+    configs = config or default_config(block_q, block_k, q.shape[-1])
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = launch_delta(do, o, dlse)
+    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"])
+    dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"])
+    return dq, dk, dv
+
+
+def launch_delta(do, o, dlse):
+    """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass."""
+    batch, heads, n_q, dim = o.shape
+    delta = torch.empty(batch, heads, n_q, device=o.device, dtype=torch.float32)
+    rows = 64
+    dlse_arg = delta if dlse is None else dlse.float().contiguous()
+    _delta_kernel[(math.ceil(n_q / rows), batch * heads)](
+        o, do, dlse_arg, delta, *_strides4(o), *_strides4(do), heads, n_q,
+        BLOCK_M=rows, HEAD_DIM=dim, HAS_DLSE=dlse is not None,
+    )
+    return delta
+
+
+def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg):
+    batch, heads, n_q, dim = q.shape
+    _check_config(cfg, block_q, block_k)
+    dq = torch.empty_like(q)
+    grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    _bwd_dq_kernel[grid](
+        q, k, v, do, dq, lse, delta, idx, cnt, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+        *_list_strides(idx, cnt), heads, n_q, k.shape[2], scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=k.shape[2] % block_k != 0, **cfg,
+    )
+    return dq
+
+
+def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg):
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
+    _check_config(cfg, block_q, block_k)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = (math.ceil(n_k / block_k) * (block_k // cfg["BLOCK_N"]), batch * heads)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, do, dk, dv, lse, delta, t_idx, t_cnt, *_strides4(q), *_strides4(k), *_strides4(v),
+        *_strides4(do), *_list_strides(t_idx, t_cnt), heads, n_q, n_k, scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, Q_PARTIAL=n_q % block_q != 0, **cfg,
+    )
+    return dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+class BlockSparseAttention(torch.autograd.Function):
+    """Autograd wrapper: saves O and the logsumexp, recomputes P block by block in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, config):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (layout, scale, config)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        layout, scale, config = ctx.args
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, layout.t_indices,
+                              layout.t_counts, layout.block_q, layout.block_k, scale, config)
+        return dq, dk, dv, None, None, None
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    scale: float,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of block-sparse attention over a checked `layout` (see `layout.block_sparse_layout`).
+
+    Inputs are assumed checked (`zoo.ops.block_sparse_attention` does it). `config` overrides the
+    tile shapes and launch settings (see `default_config`); it exists for tuning.
+    """
+    return BlockSparseAttention.apply(q, k, v, layout, scale, config)

@@ -1,0 +1,105 @@
+"""A checked block-sparse pattern in the form the Triton kernel reads, built once and reused.
+
+Checking a list of key blocks costs a host sync (its largest entry and repeats must be read on
+the host to raise a clear error). Masks such as radial attention's are fixed for a resolution
+and reused by every layer and step, so `block_sparse_layout` checks once and keeps the sorted
+per-query-block lists plus the transposed per-key-block lists that the backward pass needs;
+`zoo.ops.block_sparse_attention(..., layout=...)` then runs with no host sync.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .naive import _check_indices, _pair, block_indices_to_mask, block_mask_to_indices
+
+
+def sort_lists(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-1-padded lists -> (int32 lists, ascending, valid entries first, -1 after; int32 counts)."""
+    idx = indices.to(torch.int32)
+    big = torch.iinfo(torch.int32).max
+    idx = torch.where(idx >= 0, idx, big).sort(dim=-1).values
+    cnt = (idx != big).sum(-1, dtype=torch.int32)
+    return torch.where(idx == big, -1, idx).contiguous(), cnt.contiguous()
+
+
+def transpose_lists(indices: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query-block key lists -> per-key-block query lists (int32, ascending, full width, valid entries
+    first) and counts, on the lists' device with no host sync."""
+    mask = block_indices_to_mask(indices, n_k_blocks).transpose(-1, -2)  # [.., n_k_blocks, n_q_blocks]
+    n_q_blocks = mask.shape[-1]
+    rows = torch.arange(n_q_blocks, device=mask.device, dtype=torch.int32)
+    ordered = torch.where(mask, rows, rows + n_q_blocks).sort(dim=-1).values
+    t_idx = torch.where(ordered < n_q_blocks, ordered, -1)
+    return t_idx.contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
+
+
+@dataclass(frozen=True)
+class BlockSparseLayout:
+    """Checked lists for sequence lengths (n_q, n_k) and blocks (block_q, block_k).
+
+    indices int32 `[B|1, H|1, ceil(n_q/block_q), max_k]` ascending, -1 after the `counts` valid entries;
+    t_indices / t_counts the same per key block (query blocks that list it), for the backward pass.
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    t_indices: torch.Tensor
+    t_counts: torch.Tensor
+    block_q: int
+    block_k: int
+    n_q: int
+    n_k: int
+
+    @classmethod
+    def from_checked(cls, indices: torch.Tensor, block_q: int, block_k: int, n_q: int, n_k: int) -> BlockSparseLayout:
+        """Build from lists already checked by `resolve_block_indices` (no host sync)."""
+        idx, cnt = sort_lists(indices)
+        t_idx, t_cnt = transpose_lists(idx, math.ceil(n_k / block_k))
+        return cls(idx, cnt, t_idx, t_cnt, block_q, block_k, n_q, n_k)
+
+    def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Raise ValueError unless q/k `[B, H, N, D]` match the lengths, batch/heads and device of this layout."""
+        if (q.shape[2], k.shape[2]) != (self.n_q, self.n_k):
+            raise ValueError(f"layout was built for seq lens ({self.n_q}, {self.n_k}), got q {q.shape[2]} and "
+                             f"k {k.shape[2]}: build one with block_sparse_layout for these lengths")
+        lead = tuple(self.indices.shape[:2])
+        if lead[0] not in (1, q.shape[0]) or lead[1] not in (1, q.shape[1]):
+            raise ValueError(f"layout lists have batch/heads {lead}, which do not broadcast to q {tuple(q.shape[:2])}")
+        if self.indices.device != q.device:
+            raise ValueError(f"layout is on {self.indices.device} but q is on {q.device}: build it on q's device")
+
+
+def block_sparse_layout(
+    n_q: int,
+    n_k: int,
+    block_mask: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    block_size: int | tuple[int, int] = 128,
+    device: torch.device | str | None = None,
+) -> BlockSparseLayout:
+    """Check a block mask or key-block lists once (one host sync) and return a reusable `BlockSparseLayout`.
+
+    Args:
+        n_q, n_k: query and key sequence lengths.
+        block_mask: bool `[B|1, H|1, ceil(n_q/block_q), ceil(n_k/block_k)]`, or
+        block_indices: int `[B|1, H|1, ceil(n_q/block_q), max_k]`, key-block ids, -1 = unused.
+        device: where the layout lives (default: the mask's device).
+    """
+    block_q, block_k = _pair(block_size)
+    n_qb, n_kb = math.ceil(n_q / block_q), math.ceil(n_k / block_k)
+    if (block_mask is None) == (block_indices is None):
+        raise ValueError("pass exactly one of block_mask or block_indices")
+    if block_mask is not None:
+        if block_mask.ndim != 4 or tuple(block_mask.shape[2:]) != (n_qb, n_kb):
+            raise ValueError(f"block_mask must have shape [B|1, H|1, {n_qb}, {n_kb}] for seq lens ({n_q}, {n_k}) "
+                             f"and block_size ({block_q}, {block_k}), got {tuple(block_mask.shape)}")
+        block_indices = block_mask_to_indices(block_mask)
+    else:
+        if block_indices.ndim != 4:
+            raise ValueError(f"block_indices must have shape [B|1, H|1, {n_qb}, max_k], got {tuple(block_indices.shape)}")
+        _check_indices(block_indices, n_qb, n_kb, *block_indices.shape[:2])
+    device = block_indices.device if device is None else device
+    return BlockSparseLayout.from_checked(block_indices.to(device), block_q, block_k, n_q, n_k)

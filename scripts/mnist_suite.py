@@ -1,0 +1,216 @@
+"""The training issue's real-data runs, end to end, in one process.
+
+1. Digit classifiers (NAT, BiFormer, MAViT, Agent-Swin) on mnist8k.npz; held-out top-1 of
+   the *exported* weights reloaded through `zoo.create_model(..., checkpoint_path=)`.
+2. A class-conditional pixel DiT on the digits; 200 samples (20 per class) scored by the
+   first classifier.
+3. A video DiT on Moving-MNIST (16 x 32 x 32): dense, then fine-tuned from dense with radial
+   and with SLA attention; per-frame digit accuracy of 20 videos each (and of real videos,
+   the metric's ceiling).
+
+Writes `summary.json`, sample grids and one `.tar.gz` per model (fp16 safetensors + JSON)
+into --out. `--quick` shrinks everything for a CPU smoke test.
+
+  python scripts/mnist_suite.py --data mnist8k.npz --out runs/ --stages classify dit video
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+QUICK = {
+    "classify": ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=16", "trainer.precision=32-true",
+                 "data.num_workers=0"],
+    "dit": ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=8", "model.kwargs.depth=1",
+            "model.kwargs.hidden_size=32", "model.kwargs.num_heads=2", "diffusion.sample_steps=2", "trainer.precision=32-true",
+            "data.num_workers=0"],
+    "video": ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=2", "data.num_videos=8",
+              "model.kwargs.depth=2", "model.kwargs.hidden_size=32", "data.frames=4", "model.kwargs.input_size=[4,32,32]",
+              "diffusion.sample_steps=2", "diffusion.sample_classes=[0,1]", "trainer.precision=32-true", "data.num_workers=0"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(config: str, overrides: list[str]) -> dict:
+    from zoo.lightning.config import load_config
+    from zoo.lightning.train import run
+
+    cfg = load_config(config, overrides)
+    log(f"train {config} {' '.join(overrides)}")
+    result = run(cfg)
+    log(f"done {config}: step {result['global_step']} in {result['seconds']:.0f} s")
+    return result
+
+
+def pack(export: str | Path, out: Path, name: str) -> Path:
+    """fp16 copy of an export (+ its JSON) as out/name.tar.gz."""
+    from safetensors.torch import load_file, save_file
+
+    export = Path(export)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(export)).items()}
+    tmp = out / f"{name}.safetensors"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
+        tar.add(tmp, arcname=f"{name}.safetensors")
+        tar.add(export.with_suffix(".json"), arcname=f"{name}.json")
+    tmp.unlink()
+    return out / f"{name}.tar.gz"
+
+
+def val_images(data: str, cfg_name: str):
+    from zoo.lightning.config import load_config
+    from zoo.lightning.data import NpzDataModule
+
+    cfg = load_config(cfg_name, [f"data.path={data}"])
+    dm = NpzDataModule(cfg.data)
+    dm.setup("validate")
+    x, y = dm.val_set.images, dm.val_set.labels
+    return x * 2 - 1, y  # [-1, 1] pixels, as generators produce
+
+
+def stage_classify(args, root: Path, summary: dict) -> torch.nn.Module:
+    import zoo
+    from zoo import digits
+
+    x, y = val_images(args.data, "classify/nat_mnist.yaml")
+    first = None
+    for name in args.classifiers:
+        res = train(f"classify/{name}.yaml", [f"data.path={args.data}", f"output_dir={root / name}", *args.quick_classify])
+        exported = json.loads(Path(res["export"]).with_suffix(".json").read_text())
+        model = zoo.create_model(exported["architecture"], checkpoint_path=res["export"]).to(args.device).eval()
+        top1 = digits.image_accuracy(model, x, y)
+        params = sum(p.numel() for p in model.parameters())
+        summary["classify"][name] = {"arch": exported["architecture"], "params": params, "heldout_top1": top1,
+                                     "val_top1_during_training": res.get("val/top1"), "steps": res["global_step"],
+                                     "train_seconds": res["seconds"]}
+        log(f"{name}: held-out top-1 {top1:.4f} ({len(y)} digits), {params / 1e6:.2f} M params")
+        pack(res["export"], args.out, name)
+        first = first or model
+    return first
+
+
+def stage_dit(args, root: Path, summary: dict, classifier) -> None:
+    from zoo import digits, dit, media
+    from zoo.lightning.diffusion import create_generator
+
+    res = train("diffusion/dit_s_2_mnist.yaml", [f"data.path={args.data}", f"output_dir={root / 'dit'}", *args.quick_dit])
+    model = create_generator("dit_s_2", checkpoint_path=res["export"]).to(args.device).eval()
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    out = {"steps": res["global_step"], "train_seconds": res["seconds"], "params": sum(p.numel() for p in model.parameters())}
+    for guidance in (1.0, 2.0, 4.0):
+        g = torch.Generator(device=args.device).manual_seed(0)
+        start = time.perf_counter()
+        x = dit.sample(model, labels.tolist(), num_steps=args.sample_steps, guidance_scale=guidance, scheduler="ddim",
+                       generator=g, progress=False, guidance_channels="all").float().cpu()
+        acc = digits.image_accuracy(classifier, x, labels)
+        out[f"accuracy_guidance_{guidance}"] = acc
+        out[f"sample_seconds_guidance_{guidance}"] = time.perf_counter() - start
+        log(f"dit: {len(labels)} samples, guidance {guidance}: {acc:.3f} classified as requested")
+        if guidance == 4.0:
+            media.save_grid(x.view(10, args.per_class, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), args.out / "dit_samples.png",
+                            nrow=min(10, args.per_class))
+    summary["dit"] = out
+    pack(res["export"], args.out, "dit_s_2_mnist")
+
+
+def stage_video(args, root: Path, summary: dict, classifier) -> None:
+    from zoo import digits, dit, media
+    from zoo.lightning.config import load_config
+    from zoo.lightning.data import MovingMNISTDataModule
+    from zoo.lightning.diffusion import create_generator
+
+    base = [f"data.path={args.data}", *args.quick_video]
+    cfg = load_config("diffusion/video_dit_s_2_mmnist.yaml", base)
+    dm = MovingMNISTDataModule(cfg.data)
+    dm.setup("validate")
+    real = torch.stack([dm.val_set[i][0] for i in range(args.real_videos)])
+    real_y = torch.stack([dm.val_set[i][1] for i in range(args.real_videos)])
+    summary["video"] = {"real_frame_accuracy": digits.frame_accuracy(classifier, real, real_y, cfg.data.digit_size)}
+    log(f"video: per-frame accuracy of real Moving-MNIST videos (metric ceiling) {summary['video']['real_frame_accuracy']:.3f}")
+    runs = [("dense", [f"output_dir={root / 'video_dense'}"])]
+    dense_export = None
+    for attention, ft in (("radial", args.radial), ("sla", args.sla)):
+        runs.append((attention, [f"output_dir={root / ('video_' + attention)}", f"model.kwargs.attention={attention}",
+                                 f"trainer.max_steps={args.finetune_steps}", "optim.warmup_steps=20", *ft]))
+    for attention, extra in runs:
+        overrides = base + extra + ([f"model.checkpoint_path={dense_export}"] if dense_export else [])
+        if attention == "dense":
+            overrides.append(f"trainer.max_steps={args.video_steps}")
+        res = train("diffusion/video_dit_s_2_mmnist.yaml", overrides)
+        if attention == "dense":
+            dense_export = res["export"]
+        model = create_generator("video_dit_s_2", checkpoint_path=res["export"]).to(args.device).eval()
+        labels = torch.arange(10).repeat_interleave(args.videos_per_class)
+        g = torch.Generator(device=args.device).manual_seed(0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            v = dit.sample_video(model, labels.tolist(), num_steps=args.video_sample_steps, guidance_scale=2.0, scheduler="euler",
+                                 shift=3.0, generator=g, progress=False)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        v = v.float().cpu()
+        acc = digits.frame_accuracy(classifier, v, labels, cfg.data.digit_size)
+        summary["video"][attention] = {"frame_accuracy": acc, "steps": res["global_step"], "train_seconds": res["seconds"],
+                                       "sample_seconds": seconds, "videos": len(labels)}
+        log(f"video {attention}: per-frame digit accuracy {acc:.3f} over {len(labels)} videos; sampling {seconds:.1f} s")
+        media.save_video(media.video_grid(v[:: args.videos_per_class], nrow=10), args.out / f"video_{attention}.gif")
+        pack(res["export"], args.out, f"video_dit_s_2_mmnist_{attention}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="mnist8k.npz")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=Path("outputs/mnist_suite"), help="checkpoints and logs")
+    p.add_argument("--stages", nargs="+", default=["classify", "dit", "video"], choices=["classify", "dit", "video"])
+    p.add_argument("--classifiers", nargs="+", default=["nat_mnist", "biformer_mnist", "mavit_mnist", "agent_swin_mnist"])
+    p.add_argument("--classifier-export", default=None, help="score with this exported classifier instead of training one")
+    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--video-steps", type=int, default=2000)
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--videos-per-class", type=int, default=2)
+    p.add_argument("--video-sample-steps", type=int, default=30)
+    p.add_argument("--real-videos", type=int, default=200)
+    p.add_argument("--radial", nargs="*", default=[], help="extra overrides for the radial fine-tune")
+    p.add_argument("--sla", nargs="*", default=[], help="extra overrides for the SLA fine-tune")
+    p.add_argument("--set", nargs="*", default=[], help="overrides for every run")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a CPU smoke test")
+    args = p.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for stage in QUICK:
+        setattr(args, f"quick_{stage}", (QUICK[stage] if args.quick else []) + args.set)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "classify": {}}
+    start = time.perf_counter()
+    try:
+        if "classify" in args.stages:
+            classifier = stage_classify(args, args.work, summary)
+        else:
+            import zoo
+
+            meta = json.loads(Path(args.classifier_export).with_suffix(".json").read_text())
+            classifier = zoo.create_model(meta["architecture"], checkpoint_path=args.classifier_export).to(args.device).eval()
+        if "dit" in args.stages:
+            stage_dit(args, args.work, summary, classifier)
+        if "video" in args.stages:
+            stage_video(args, args.work, summary, classifier)
+    finally:
+        summary["total_seconds"] = time.perf_counter() - start
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

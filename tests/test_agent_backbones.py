@@ -1,0 +1,193 @@
+"""Agent / FLatten / InLine backbones: official architecture (params, keys), FLOPs, placement,
+resolution handling, features_only, checkpoint loading. No downloads."""
+import pytest
+import torch
+
+import zoo
+
+zoo.list_models()  # registers the models before zoo.weights is imported by name (import order)
+from zoo.weights import get_weights, load_checkpoint  # noqa: E402
+
+# Parameter counts of the official model definitions (LeapLabTHU/Agent-Attention@207ce3e,
+# FLatten-Transformer@abdb115, InLine@e463a6f) instantiated with the released configs; for these
+# and every other registered variant the official state_dict keys and shapes were checked equal
+# to ours (and, for the tiny ones, outputs equal after a strict load of the official weights).
+OFFICIAL_PARAMS = {
+    "agent_swin_tiny": 28_902_964,
+    "agent_swin_base": 88_095_096,
+    "agent_pvt_tiny": 11_570_352,
+    "agent_pvt_medium_256": 36_083_682,
+    "agent_deit_tiny": 6_015_640,
+    "agent_deit_base": 87_204_904,
+    "agent_cswin_tiny": 20_458_672,
+    "agent_cswin_small": 32_814_100,
+    "flatten_swin_tiny": 29_192_384,
+    "flatten_pvt_tiny": 12_150_504,
+    "flatten_cswin_tiny": 21_201_768,
+    "inline_swin_tiny": 29_223_544,
+    "inline_pvt_tiny": 12_032_232,
+    "inline_pvt_large": 51_154_280,
+    "inline_deit_tiny": 6_477_736,
+    "inline_cswin_tiny": 20_604_520,
+}
+
+FAMILIES = ("agent_*", "flatten_*", "inline_*")
+
+
+def _meta(name: str, **kw) -> torch.nn.Module:
+    with torch.device("meta"):
+        return zoo.create_model(name, **kw)
+
+
+def _nparams(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_params_equal_official_code(name):
+    assert _nparams(_meta(name)) == OFFICIAL_PARAMS[name]
+
+
+def test_every_variant_registered_with_paper_numbers_and_url():
+    names = zoo.list_models(list(FAMILIES))
+    expected = {
+        "agent_swin_tiny", "agent_swin_small", "agent_swin_small_288", "agent_swin_base", "agent_swin_base_384",
+        "agent_pvt_tiny", "agent_pvt_small", "agent_pvt_medium", "agent_pvt_medium_256", "agent_pvt_large",
+        "agent_deit_tiny", "agent_deit_small", "agent_deit_small_448", "agent_deit_base",
+        "agent_cswin_tiny", "agent_cswin_small", "agent_cswin_base", "agent_cswin_base_384",
+        "flatten_pvt_tiny", "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "flatten_cswin_tiny",
+        "inline_deit_tiny", "inline_pvt_tiny", "inline_pvt_small", "inline_pvt_medium", "inline_pvt_large",
+        "inline_swin_tiny", "inline_swin_small", "inline_swin_base",
+        "inline_cswin_tiny", "inline_cswin_small", "inline_cswin_base",
+    }
+    assert expected <= set(names)
+    for name in expected:
+        w = get_weights(f"{name}.in1k")
+        assert w.url.startswith("https://cloud.tsinghua.edu.cn/f/") and w.url.endswith("/?dl=1")
+        assert w.filename == f"{name}.in1k.pth"
+        assert isinstance(w.cfg["top1"], float)
+        assert "paper_params" in w.cfg and "paper_flops" in w.cfg
+
+
+@pytest.mark.parametrize("name", ["agent_swin_tiny", "agent_pvt_tiny", "agent_deit_tiny", "inline_pvt_tiny"])
+def test_flops_within_2_percent_of_paper(name):
+    model = zoo.create_model(name)
+    flops = zoo.flops(model) / 1e9
+    paper = model.pretrained_cfg["paper_flops"]
+    # tables give one decimal: Agent-DeiT-T's 1.2G is fvcore's 1.18G for the official code
+    assert abs(flops - paper) / paper < 0.02 or round(flops, 1) == paper, (flops, paper)
+
+
+def test_official_key_layout_and_shapes():
+    """Keys and shapes the reference lists for the official checkpoints."""
+    sd = _meta("agent_swin_tiny").state_dict()
+    expect = {
+        "layers.0.blocks.0.attn.an_bias": (3, 9, 7, 7), "layers.0.blocks.0.attn.na_bias": (3, 9, 7, 7),
+        "layers.0.blocks.0.attn.ah_bias": (1, 3, 9, 56, 1), "layers.0.blocks.0.attn.aw_bias": (1, 3, 9, 1, 56),
+        "layers.0.blocks.0.attn.ha_bias": (1, 3, 56, 1, 9), "layers.0.blocks.0.attn.wa_bias": (1, 3, 1, 56, 9),
+        "layers.0.blocks.0.attn.qkv.weight": (288, 96), "layers.0.blocks.0.attn.dwc.weight": (96, 1, 3, 3),
+        "layers.2.blocks.0.attn.an_bias": (12, 49, 7, 7), "layers.2.blocks.0.attn.ah_bias": (1, 12, 49, 14, 1),
+        "layers.3.blocks.0.attn.relative_position_bias_table": (169, 24),
+        "layers.0.downsample.reduction.weight": (192, 384), "patch_embed.proj.weight": (96, 3, 4, 4),
+    }
+    for k, shape in expect.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any("attn_mask" in k or "relative" in k for k in sd if k.startswith("layers.0."))
+    deit = _meta("agent_deit_tiny").state_dict()
+    assert tuple(deit["blocks.0.attn.ac_bias"].shape) == (1, 3, 49, 1)
+    assert tuple(deit["blocks.0.attn.ca_bias"].shape) == (1, 3, 1, 49)
+    pvt = _meta("agent_pvt_tiny").state_dict()
+    assert tuple(pvt["block1.0.attn.q.weight"].shape) == (64, 64) and tuple(pvt["block1.0.attn.kv.weight"].shape) == (128, 64)
+    assert tuple(pvt["pos_embed1"].shape) == (1, 3136, 64) and "norm.weight" not in pvt  # no final norm
+    assert "norm.weight" in _meta("flatten_pvt_tiny").state_dict()  # present but unused in FLatten-PVT
+    cswin = _meta("agent_cswin_tiny").state_dict()
+    assert tuple(cswin["stage1.0.attns.0.an_bias"].shape) == (2, 9, 7, 7)
+    assert tuple(cswin["stage1.0.attns.0.ah_bias"].shape) == (1, 2, 9, 56, 1)
+    assert "stage1.0.attns.1.get_v.weight" not in cswin  # agent blocks: one global branch
+    assert "stage3.0.attns.1.get_v.weight" in cswin  # softmax blocks: two stripe branches
+    flat = _meta("flatten_swin_tiny").state_dict()
+    assert tuple(flat["layers.0.blocks.0.attn.scale"].shape) == (1, 1, 96)
+    assert tuple(flat["layers.0.blocks.0.attn.positional_encoding"].shape) == (1, 3136, 96)
+    assert tuple(flat["layers.0.blocks.0.attn.dwc.weight"].shape) == (32, 1, 5, 5)  # head-shared 5x5 DWC
+    inline = _meta("inline_swin_tiny").state_dict()
+    assert tuple(inline["layers.0.blocks.0.attn.residual.2.weight"].shape) == (864, 32, 1)
+
+
+def test_placement_per_block():
+    from zoo.backbones._mixers import AgentAttention
+    from zoo.backbones.swin_style import WindowAttention
+
+    m = _meta("agent_swin_base")
+    stage3 = [type(b.attn) for b in m.layers[2].blocks]
+    assert stage3[:2] == [AgentAttention] * 2 and set(stage3[2:]) == {WindowAttention}
+    assert all(b.window == 56 and b.shift == 0 for b in m.layers[0].blocks)  # one global window
+    assert [b.shift for b in m.layers[2].blocks[2:4]] == [0, 3] and m.layers[2].blocks[2].window == 7
+    m288 = _meta("agent_swin_small_288")
+    assert m288.layers[2].blocks[0].window == 9  # softmax window max(7, 72 // 8)
+    deit_b = _meta("agent_deit_base")
+    assert [type(b.attn).__name__ for b in deit_b.blocks].count("AgentAttention") == 4
+    assert isinstance(deit_b.blocks[3].attn, AgentAttention) and not isinstance(deit_b.blocks[4].attn, AgentAttention)
+
+
+def test_checkpoint_in_official_layout_loads_strictly(tmp_path):
+    model = zoo.create_model("agent_pvt_tiny")
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "agent_pvt_tiny.pth"
+    torch.save({"model": state, "epoch": 299}, path)  # the official training script's container
+    fresh = zoo.create_model("agent_pvt_tiny")
+    load_checkpoint(fresh, path)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_other_resolutions_and_features_only():
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_swin_tiny").eval()
+    with torch.no_grad():
+        for size in ((288, 288), (160, 224)):
+            out = model(torch.randn(1, 3, *size))
+            assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    feats = zoo.create_model("agent_pvt_tiny", features_only=True).eval()
+    with torch.no_grad():
+        outs = feats(torch.randn(1, 3, 256, 192))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 64, 48), (1, 128, 32, 24), (1, 320, 16, 12), (1, 512, 8, 6)]
+
+
+def test_runtime_bias_resize_matches_finetune_interpolation():
+    """A 224 Agent-PVT run at 256 equals the 256 model loaded with the official fine-tune resize."""
+    torch.manual_seed(0)
+    small = zoo.create_model("agent_pvt_tiny", depths=(1, 1, 1, 1)).eval()
+    big = zoo.create_model("agent_pvt_tiny", depths=(1, 1, 1, 1), img_size=256).eval()
+    state = small.state_dict()
+    big_state = big.state_dict()
+    f = torch.nn.functional
+    for k, v in state.items():
+        if big_state[k].shape == v.shape:
+            big_state[k] = v
+            continue
+        if k.startswith("pos_embed"):
+            n, c = v.shape[1], v.shape[2]
+            g, g2 = int(n ** 0.5), int(big_state[k].shape[1] ** 0.5)
+            grid = v.transpose(1, 2).reshape(1, c, g, g)
+            big_state[k] = f.interpolate(grid, size=(g2, g2), mode="bilinear").flatten(2).transpose(1, 2)
+        else:  # utils.load_pretrained: 1-D linear resize of ah/aw/ha/wa biases
+            dims = [d for d in range(5) if v.shape[d] != big_state[k].shape[d]]
+            moved = v.movedim(dims[0], -1)
+            flat = moved.reshape(-1, 1, moved.shape[-1])
+            res = f.interpolate(flat, size=big_state[k].shape[dims[0]], mode="linear")
+            big_state[k] = res.reshape(*moved.shape[:-1], -1).movedim(-1, dims[0])
+    big.load_state_dict(big_state)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), big(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flatten_swin_tiny", "inline_cswin_tiny", "inline_deit_tiny"])
+def test_forward_backward_small(name):
+    torch.manual_seed(0)
+    kw = dict(depths=(1, 1, 1, 1)) if "deit" not in name else dict(depth=2)
+    model = zoo.create_model(name, num_classes=10, **kw)
+    out = model(torch.randn(2, 3, 224, 224) if "swin" in name or "cswin" in name else torch.randn(2, 3, 64, 96))
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert out.shape == (2, 10) and not missing, missing

@@ -1,0 +1,209 @@
+"""The Triton block-sparse flash-attention kernel against the exact PyTorch reference.
+
+Oracle: dense attention with an explicit token mask built from the block lists (an N x N matrix,
+allowed in tests only), in float64. The PyTorch reference must match it to float64 rounding.
+Tolerance for the kernel (flash-attention style): the same dense attention run at the inputs'
+low precision (scores and probabilities rounded to the dtype, as a flash kernel rounds them)
+is compared to the float64 oracle, and the kernel's max error may be at most 2x that error plus
+the rounding of the exact result to the dtype. The bound follows the dtype instead of a magic
+constant; a wrong block, mask or tail gives errors of order 1, far above it.
+
+On CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1), which Triton reads when
+a kernel is decorated, i.e. at import: those cases run in a fresh subprocess with the variable
+set (this file run as a script). The interpreter's `tl.dot` multiplies bfloat16 as raw 16-bit
+integers (triton 3.7 runtime/interpreter.py create_dot), so bfloat16 is checked on GPU only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_backend, block_sparse_layout
+from zoo.ops.block_sparse.naive import block_sparse_attention_reference
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device):
+    """Random per-head key-block lists with an empty row, -1 holes in the middle and unsorted order."""
+    n_qb, n_kb = math.ceil(n_q / block_q), math.ceil(n_k / block_k)
+    mask = torch.rand(batch, heads, n_qb, n_kb, generator=gen) < density
+    mask[..., -1] |= torch.rand(batch, heads, n_qb, generator=gen) < 0.5  # the partial tail block often
+    mask[0, 0, 0] = False  # a query block with no keys: output 0, lse -inf
+    idx = block_mask_to_indices(mask).long()
+    idx = torch.cat([idx, torch.full_like(idx[..., :1], -1)], -1)  # padding in the middle after shuffling
+    perm = torch.argsort(torch.rand(idx.shape, generator=gen), dim=-1)
+    return idx.gather(-1, perm).to(device)
+
+
+def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast):
+    """Dense masked attention; upcast=True in float64, else in the inputs' dtype (probabilities
+    rounded to it before P @ V, scores rounded by the low-precision matmul)."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    blocks = torch.zeros(*idx.shape[:-1], math.ceil(n_k / block_k) + 1, dtype=torch.bool, device=idx.device)
+    blocks.scatter_(-1, torch.where(idx >= 0, idx, blocks.shape[-1] - 1), True)
+    token_mask = blocks[..., :-1].repeat_interleave(block_q, -2).repeat_interleave(block_k, -1)[..., :n_q, :n_k]
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    scores = ((q * scale) @ k.transpose(-1, -2)).to(torch.float64 if upcast else torch.float32)
+    scores = scores.masked_fill(~token_mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    return probs.to(v.dtype) @ v, lse
+
+
+def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True):
+    """Run one case; return a dict of errors and bounds (asserted by `assert_case`)."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen).to(device, dt) for n in (n_q, n_k, n_k))
+    do = torch.randn(batch, heads, n_q, dim, generator=gen).to(device, dt)
+    dlse = torch.randn(batch, heads, n_q, generator=gen).to(device)
+    idx = _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device)
+    scale = dim**-0.5
+
+    def run(fn, inputs):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out, lse = fn(*leaves)
+        finite = torch.isfinite(lse)
+        loss = (out.double() * do.double()).sum() + (torch.where(finite, lse, 0).double() * dlse.double()).sum()
+        return [out, lse, *torch.autograd.grad(loss, leaves)]
+
+    if kernel:  # the kernel itself (interpreter)
+        from zoo.ops.block_sparse.kernel import block_sparse_attention_triton
+
+        layout = block_sparse_layout(n_q, n_k, block_indices=idx, block_size=(block_q, block_k))
+        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale), [q, k, v])
+    else:  # the public dispatcher (GPU)
+        fast = run(lambda a, b, c: block_sparse_attention(a, b, c, block_indices=idx, block_size=(block_q, block_k),
+                                                          scale=scale, return_lse=True), [q, k, v])
+    exact64 = [q.double(), k.double(), v.double()]
+    exact = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, True), exact64)
+    low = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, False), [q, k, v])
+    ref = run(lambda a, b, c: block_sparse_attention_reference(
+        a, b, c, block_indices=idx, block_size=(block_q, block_k), scale=scale, return_lse=True), exact64)
+    result = {"reference_vs_oracle": max(((r - e).nan_to_num(posinf=0, neginf=0)).abs().max().item()
+                                         for r, e in zip(ref, exact))}
+    for name, f, lo, ex in zip(("out", "lse", "dq", "dk", "dv"), fast, low, exact):
+        f, lo = f.double(), lo.double()
+        if name == "lse":  # -inf rows must match exactly; compare the finite ones
+            result["lse_inf_match"] = bool(torch.equal(torch.isinf(f), torch.isinf(ex)))
+            keep = torch.isfinite(ex)
+            f, lo, ex = f[keep], lo[keep], ex[keep]
+            rounding = 1e-6 * ex.abs().max().item()
+        else:
+            rounding = (ex.to(dt).double() - ex).abs().max().item()
+        result[name] = {
+            "kernel": (f - ex).abs().max().item(),
+            "low_precision": (lo - ex).abs().max().item(),
+            "bound": 2 * (lo - ex).abs().max().item() + rounding,
+            "nan": bool(torch.isnan(f).any()),
+        }
+    result["empty_row_zero"] = bool((fast[0][0, 0, :block_q] == 0).all())
+    return result
+
+
+def assert_case(result, label):
+    assert result["reference_vs_oracle"] < 1e-9, f"{label}: reference disagrees with the dense oracle {result}"
+    assert result["lse_inf_match"], f"{label}: rows with no keys must have lse -inf (and only those)"
+    assert result["empty_row_zero"], f"{label}: a query block with no keys must give zeros"
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        r = result[name]
+        assert not r["nan"], f"{label}: NaN in {name}"
+        assert r["kernel"] <= r["bound"], f"{label}: {name} error {r['kernel']:.3g} > bound {r['bound']:.3g} {r}"
+
+
+# ------------------------------------------------------------------ CPU, Triton interpreter
+# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed): odd lengths with partial
+# tail blocks, every head_dim, both block sizes, q/k lengths that differ, and 1-row tails.
+INTERPRETER_GROUPS = [
+    [
+        ("float16", 1, 2, 150, 150, 32, 64, 64, 0.6, 1),
+        ("float16", 2, 1, 193, 129, 64, 64, 128, 0.7, 2),
+    ],
+    [
+        ("float16", 1, 1, 129, 257, 128, 128, 64, 0.6, 3),
+        ("float16", 1, 1, 257, 200, 32, 128, 128, 0.8, 4),
+    ],
+]
+
+
+def _run_interpreter(cases):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("group", range(len(INTERPRETER_GROUPS)))
+def test_kernel_matches_reference_interpreter(group):
+    cases = INTERPRETER_GROUPS[group]
+    for case, result in zip(cases, _run_interpreter(cases)):
+        assert_case(result, str(case))
+
+
+def test_backend_choice_names_reason():
+    q = torch.randn(1, 1, 8, 32)
+    backend, reason = block_sparse_backend(q, q, q, 64, 64)
+    assert backend == "reference" and "cpu" in reason
+    out = block_sparse_attention(q, q, q, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=64)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+
+
+def test_layout_matches_lists_and_checks():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=gen) for n in (70, 90, 90))
+    idx = _random_lists(1, 2, 70, 90, 64, 64, 0.7, gen, "cpu")
+    layout = block_sparse_layout(70, 90, block_indices=idx, block_size=64)
+    expect = block_sparse_attention(q, k, v, block_indices=idx, block_size=64)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout=layout), expect, rtol=0, atol=0)
+    assert layout.counts.tolist() == (idx >= 0).sum(-1).tolist()
+    t_mask = torch.zeros(1, 2, 2, 2, dtype=torch.bool)  # key block -> query blocks that list it
+    for h in range(2):
+        for qb in range(2):
+            for kb in idx[0, h, qb][idx[0, h, qb] >= 0].tolist():
+                t_mask[0, h, kb, qb] = True
+    assert layout.t_counts.tolist() == t_mask.sum(-1).tolist()
+    with pytest.raises(ValueError, match="seq lens"):
+        block_sparse_attention(q[:, :, :60], k, v, layout=layout)
+    with pytest.raises(ValueError, match="layout alone"):
+        block_sparse_attention(q, k, v, block_indices=idx, layout=layout)
+    with pytest.raises(ValueError, match="twice"):
+        block_sparse_layout(70, 90, block_indices=torch.tensor([[[[0, 0], [1, -1]]]]), block_size=64)
+    with pytest.raises(ValueError, match="key block 2"):
+        block_sparse_layout(70, 90, block_indices=torch.tensor([[[[2, -1], [1, -1]]]]), block_size=64)
+
+
+# ------------------------------------------------------------------ GPU, real sizes
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("blocks", [(128, 128), (64, 64), (128, 64)])
+def test_kernel_matches_reference_gpu(dtype, dim, blocks):
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))  # poison the caching allocator: unwritten = NaN
+    result = check_case(dtype, 2, 3, 4099, 4099, dim, *blocks, 0.4, dim + blocks[1], "cuda", kernel=False)
+    assert_case(result, f"{dtype} d{dim} {blocks}")
+
+
+@needs_cuda
+def test_backend_choice_gpu():
+    q = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+    assert block_sparse_backend(q, q, q, 128, 128) == ("triton", "")
+    backend, reason = block_sparse_backend(q.float(), q.float(), q.float(), 128, 128)
+    assert backend == "reference" and "float32" in reason
+    backend, reason = block_sparse_backend(q, q, q, 32, 128)
+    assert backend == "reference" and "block_size" in reason
+
+
+if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
+    print(json.dumps([check_case(*case, device="cpu") for case in json.loads(sys.argv[1])]))

@@ -1,0 +1,145 @@
+"""Shared pieces of the generation / classification commands: flags, device, model loading.
+
+Errors meant for the user are `CliError` with one line that says what to do.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from . import CliError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples verbatim in the epilog, defaults shown after each flag."""
+
+
+def add_common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (autocast for bf16/fp16)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed: the same seed on the same device gives the same output")
+
+
+def add_model_source(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--model", "-m", default=default, help="model name (`zoo list`), optionally arch.tag")
+    p.add_argument("--checkpoint", default=None, help="load these weights (safetensors, .pth or Lightning .ckpt) instead of the registered ones")
+    p.add_argument("--random-init", action="store_true", help="use untrained weights (for smoke tests and timing)")
+
+
+def device_of(args: argparse.Namespace):
+    import torch
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def autocast(args: argparse.Namespace, device):
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def info(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        import sys
+
+        print(message, file=sys.stderr)
+
+
+def check_model_name(name: str, kind: str | None = None):
+    """The registry entry of `name`; unknown names get the closest ones suggested."""
+    import zoo
+
+    zoo.register_all_models()  # before zoo._registry: importing it first re-enters it through timm's import hook
+    from zoo._registry import get_entry
+
+    try:
+        entry = get_entry(name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if kind and entry.kind != kind:
+        raise CliError(f"{name} is a {entry.kind}, not a {kind}; `zoo list` shows the models")
+    return entry
+
+
+def registered_weights(name: str, entry, prefer: str | None = None):
+    """The weight entry to load for `name` (`arch.tag` or the arch's default tag), or None."""
+    from zoo import weights
+    from zoo._registry import split_name
+
+    arch, tag = split_name(name)
+    if tag:
+        return weights.get_weights(name) if weights.has_weights(name) else None
+    tags = [t for t in entry.tags if weights.has_weights(f"{arch}.{t}")]
+    if prefer:
+        preferred = [t for t in tags if t.endswith(f"_{prefer}")]
+        tags = preferred or [t for t in tags if not any(t.endswith(f"_{a}") for a in ("radial", "sla", "na"))] or tags
+    return weights.get_weights(f"{arch}.{tags[0]}") if tags else None
+
+
+def no_weights_message(name: str) -> str:
+    return (f"{name} has no pretrained weights registered: pass --checkpoint PATH (e.g. a file written by "
+            f"`zoo train ... export=PATH`), or --random-init for an untrained model")
+
+
+def load_generator_weights(args: argparse.Namespace, model, name: str, entry, prefer: str | None = None) -> str:
+    """Load --checkpoint or the registered weights into `model` (any attention backend); returns the source.
+
+    A checkpoint trained with one attention loads into another (`load_state_dict_any_attention`),
+    so dense weights run with radial / SLA / NA when no fine-tuned ones are registered.
+    """
+    from zoo import weights
+
+    if args.random_init:
+        return "random init (untrained)"
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise CliError(f"--checkpoint {args.checkpoint}: no such file")
+        state, source, converter = weights.read_checkpoint(args.checkpoint), args.checkpoint, None
+    else:
+        w = registered_weights(name, entry, prefer)
+        if w is None:
+            raise CliError(no_weights_message(name))
+        try:
+            path = weights.fetch(w, progress=not args.quiet)
+        except weights.WeightsError as e:
+            raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
+        weights.verify_sha256(path, w.sha256)
+        state, source, converter = weights.read_checkpoint(path), f"{w.name} ({w.describe()})", w.converter
+    if converter is not None:
+        state = converter(state, model)
+    if hasattr(model, "load_state_dict_any_attention"):
+        from zoo.dit import fill_backend_keys
+
+        state = fill_backend_keys(state, model)
+    try:
+        weights.load_state_dict(model, state, source)
+    except weights.WeightsError as e:
+        raise CliError(str(e).splitlines()[0] + " " + "; ".join(line.strip() for line in str(e).splitlines()[1:])) from None
+    return source
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create --out-dir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise CliError(f"cannot write into --out-dir {path}: permission denied")
+    return path

@@ -1,0 +1,116 @@
+"""`zoo classify`: top-5 classes of images with any zoo or timm classifier."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import CliError
+from ._common import HelpFormatter, add_common, add_model_source, check_model_name, device_of, info, no_weights_message, registered_weights
+
+DEFAULT_CLASSIFIER = "nat_mnist"
+
+EXAMPLES = """examples:
+  zoo classify digit.png                              # the embedded MNIST classifier (white digit on black)
+  zoo classify --model nat_tiny --top 3 cat.jpg dog.jpg
+  zoo classify --model nat_mini --checkpoint outputs/classify/nat_mini_mnist/export/nat_mini_mnist.safetensors digit.png"""
+
+
+def class_names(model) -> list[str]:
+    """Names from the pretrained cfg (`label_names`), ImageNet's for 1000 classes, else the indices."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    n = model.num_classes
+    if cfg.get("label_names"):
+        return list(cfg["label_names"])
+    if n in (1000, 1001, 11821, 21841, 21843):
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset:
+            info_ = ImageNetInfo(subset)
+            return [info_.index_to_description(i) for i in range(n)]
+    return [str(i) for i in range(n)]
+
+
+def load_classifier(args: argparse.Namespace):
+    import zoo
+
+    name = args.model or DEFAULT_CLASSIFIER
+    import timm
+
+    if timm.is_model(name) and not zoo.list_models(name.partition(".")[0]):  # a timm model: timm loads its weights
+        pretrained = not (args.random_init or args.checkpoint)
+        if args.checkpoint and not Path(args.checkpoint).is_file():
+            raise CliError(f"--checkpoint {args.checkpoint}: no such file")
+        try:
+            model = timm.create_model(name, pretrained=pretrained, checkpoint_path=args.checkpoint or "")
+        except Exception as e:  # hub / network errors come in many types
+            raise CliError(f"timm could not load {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                           "pass --checkpoint PATH or --random-init") from None
+        return name, model, f"timm {'pretrained' if pretrained else args.checkpoint or 'random init'}"
+    entry = check_model_name(name, kind="classifier")
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise CliError(f"--checkpoint {args.checkpoint}: no such file")
+        return name, zoo.create_model(name, checkpoint_path=args.checkpoint), args.checkpoint
+    if args.random_init:
+        return name, zoo.create_model(name), "random init (untrained)"
+    w = registered_weights(name, entry)
+    if w is None:
+        raise CliError(no_weights_message(name))
+    try:
+        return name, zoo.create_model(w.name, pretrained=True), f"{w.name} ({w.describe()})"
+    except zoo.weights.WeightsError as e:
+        raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
+
+
+def preprocess(model, paths: list[str]):
+    """Images -> a batch with the model's own preprocessing (timm's data config from its pretrained_cfg)."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    transform = create_transform(**cfg)
+    mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    batch = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                batch.append(transform(im.convert(mode)))
+        except FileNotFoundError:
+            raise CliError(f"{p}: no such image") from None
+        except UnidentifiedImageError:
+            raise CliError(f"{p}: not an image Pillow can read") from None
+    return torch.stack(batch)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    device = device_of(args)
+    name, model, source = load_classifier(args)
+    info(args, f"{name}: {source}")
+    model.to(device).eval()
+    x = preprocess(model, args.images).to(device)
+    names = class_names(model)
+    with torch.no_grad():
+        probs = model(x).float().softmax(-1).cpu()
+    k = min(args.top, probs.shape[-1])
+    for path, p in zip(args.images, probs):
+        top = p.topk(k)
+        print(path)
+        for prob, idx in zip(top.values.tolist(), top.indices.tolist()):
+            print(f"  {prob:7.2%}  {idx:>4d}  {names[idx]}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="top-5 classes of images with a classifier",
+                       description="Classify images with a zoo/timm classifier, using its own preprocessing. "
+                       f"Without --model, the embedded {DEFAULT_CLASSIFIER} (MNIST digits, 32x32) is used.",
+                       epilog=EXAMPLES, formatter_class=HelpFormatter)
+    add_model_source(p, None)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--top", type=int, default=5, help="classes to print per image")
+    add_common(p, seed=False)
+    p.set_defaults(func=cmd_classify)

@@ -1,0 +1,179 @@
+"""`DiffusionModule`: train an image DiT (DDPM objective) or a video DiT (flow matching).
+
+The objective and the sampler come from the generators (`zoo.dit`); they can also be
+passed in (`loss_fn(model, x, y) -> loss`, `sample_fn(model, labels, num_steps,
+guidance_scale, generator) -> samples in [-1, 1]`). EMA is Lightning's
+`EMAWeightAveraging` callback (see `zoo.lightning.train`), which swaps the averaged
+weights in for validation, so the periodic samples drawn there use the EMA weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import media
+from ._compat import pl
+from .optim import configure_adamw
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+SampleFn = Callable[..., torch.Tensor]
+
+OBJECTIVES = ("ddpm", "flow")
+
+
+def resolve_objective(objective: str, model: nn.Module, options: dict | None = None) -> tuple[LossFn, SampleFn]:
+    """The generators' loss and sampler: `ddpm` (`zoo.dit.GaussianDiffusion`, sampled with
+    `zoo.dit.sample`) or `flow` (`zoo.dit.FlowMatching`, `zoo.dit.sample_video`); `auto` picks
+    flow for video models (5-D inputs) and ddpm otherwise.
+
+    options: `scheduler` (sampler: ddim/ddpm/dpm or euler/unipc); ddpm: `guidance_channels`
+    (default all); flow: `shift`.
+    """
+    from zoo import dit
+
+    options = dict(options or {})
+    if objective == "auto":
+        objective = "flow" if len(getattr(model, "input_size", ())) == 3 else "ddpm"
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}; use one of auto, {', '.join(OBJECTIVES)}")
+    if objective == "ddpm":
+        unknown = set(options) - {"scheduler", "guidance_channels"}
+        if unknown:
+            raise ValueError(f"unknown ddpm options {sorted(unknown)}; known: scheduler, guidance_channels")
+        diffusion = dit.GaussianDiffusion(learn_sigma=getattr(model, "learn_sigma", False))
+        scheduler, channels = options.get("scheduler", "ddim"), options.get("guidance_channels", "all")
+
+        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return diffusion.training_losses(m, x, y)["loss"].mean()
+
+        def sample_fn(m, labels, num_steps, guidance_scale, generator):
+            return dit.sample(m, labels, num_steps=num_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                              guidance_channels=channels, generator=generator, progress=False)
+
+        return loss_fn, sample_fn
+    unknown = set(options) - {"scheduler", "shift"}
+    if unknown:
+        raise ValueError(f"unknown flow options {sorted(unknown)}; known: scheduler, shift")
+    shift, scheduler = float(options.get("shift", 3.0)), options.get("scheduler", "euler")
+    flow = dit.FlowMatching(shift=shift)
+
+    def flow_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return flow.training_losses(m, x, y=y)["loss"].mean()
+
+    def flow_sample(m, labels, num_steps, guidance_scale, generator):
+        return dit.sample_video(m, labels, num_steps=num_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                                shift=shift, generator=generator, progress=False)
+
+    return flow_loss, flow_sample
+
+
+def create_generator(name: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
+    """`zoo.create_model`, loading `checkpoint_path` across attention backends (dense -> radial / SLA fine-tuning).
+
+    The model arguments recorded next to an export (`zoo.weights.export`) are used, with
+    `kwargs` taking precedence (e.g. `attention='sla'` over the dense run's).
+    """
+    import zoo
+
+    if checkpoint_path:
+        exported = zoo.weights.read_export_config(checkpoint_path) or {}
+        if exported.get("architecture") == name.partition(".")[0]:
+            kwargs = {**exported.get("model_args", {}), **kwargs}
+    model = zoo.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path:
+        state = zoo.weights.read_checkpoint(checkpoint_path)
+        if hasattr(model, "load_state_dict_any_attention"):
+            state = zoo.dit.fill_backend_keys(state, model)
+        zoo.weights.load_state_dict(model, state, str(checkpoint_path))
+    return model
+
+
+class DiffusionModule(pl.LightningModule):
+    """Train a class-conditional generator named `model_name` (or a given `model`).
+
+    Args:
+        model_name, model_kwargs: `zoo.create_model(model_name, **model_kwargs)`.
+        objective: `auto`, `ddpm` (image DiT) or `flow` (video DiT); or give loss_fn/sample_fn.
+        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW and its per-step schedule.
+        sample_classes, sample_steps, guidance_scale: the periodic sample grid (0 steps: none).
+        objective_kwargs: the objective's options (`scheduler` for samples; `shift` for flow).
+        sample_dir: where grids (PNG) and videos (GIF) are written, besides the loggers.
+    """
+
+    def __init__(self, model_name: str, model_kwargs: dict | None = None, pretrained: bool = False,
+                 checkpoint_path: str | None = None, objective: str = "auto", lr: float = 1e-4,
+                 weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 0,
+                 min_lr_ratio: float = 1.0, no_weight_decay: Sequence[str] = ("pos_embed",),
+                 sample_classes: Sequence[int] = tuple(range(10)), sample_steps: int = 50, guidance_scale: float = 2.0,
+                 objective_kwargs: dict | None = None, sample_dir: str | None = None, model: nn.Module | None = None,
+                 loss_fn: LossFn | None = None, sample_fn: SampleFn | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss_fn", "sample_fn"])
+        if model is None:
+            model = create_generator(model_name, pretrained, checkpoint_path, **dict(model_kwargs or {}))
+        self.model = model
+        if loss_fn is None or sample_fn is None:
+            default_loss, default_sample = resolve_objective(objective, model, objective_kwargs)
+            loss_fn, sample_fn = loss_fn or default_loss, sample_fn or default_sample
+        self.loss_fn, self.sample_fn = loss_fn, sample_fn
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self.model, x, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        loss = self.loss_fn(self.model, x, y)
+        self.log("val/loss", loss, batch_size=x.shape[0], prog_bar=True, sync_dist=True)
+
+    @torch.no_grad()
+    def generate(self, labels: Sequence[int], seed: int = 0, num_steps: int | None = None) -> torch.Tensor:
+        """Samples for `labels` in [-1, 1] (the current weights: EMA ones during validation)."""
+        h = self.hparams
+        y = torch.as_tensor(list(labels), device=self.device, dtype=torch.long)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.sample_fn(self.model, y, num_steps=num_steps or h.sample_steps, guidance_scale=h.guidance_scale, generator=g)
+        finally:
+            self.model.train(was_training)
+
+    def on_validation_epoch_end(self) -> None:
+        h = self.hparams
+        if self.trainer.sanity_checking or not h.sample_steps or not h.sample_classes or not self.trainer.is_global_zero:
+            return
+        samples = self.generate(h.sample_classes).float()
+        step = self.global_step
+        frames = media.video_grid(samples) if samples.ndim == 5 else None
+        grid = media.make_grid(samples if frames is None else samples[:, :, 0], nrow=len(h.sample_classes))
+        if h.sample_dir:
+            out = Path(h.sample_dir)
+            media.save_image(grid, out / f"step{step:07d}.png")
+            if frames is not None:
+                media.save_video(frames, out / f"step{step:07d}.gif")
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("samples", (grid.clamp(-1, 1) + 1) / 2, step)
+            if frames is not None and hasattr(experiment, "add_video"):
+                _add_video(experiment, frames, step)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return configure_adamw(self, self.model, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio, h.no_weight_decay)
+
+
+def _add_video(experiment: Any, frames: torch.Tensor, step: int) -> None:
+    """TensorBoard videos need moviepy; without it the GIF in sample_dir is the record."""
+    try:
+        import moviepy  # noqa: F401
+    except ModuleNotFoundError:
+        return
+    experiment.add_video("samples_video", ((frames.clamp(-1, 1) + 1) / 2)[None], step, fps=8)

