@@ -417,11 +417,24 @@ def _cfg(**kw):
             "paper_ids": "arXiv:2212.09748", "origin_url": "https://github.com/facebookresearch/DiT", "description": _VAE_NOTE, **kw}
 
 
+# (params, Gflops at 256 px) of DiT's Table 4, as recomputed from the layer shapes in the reference
+# notes (within 0.05 Gflops of the paper; params without the frozen pos_embed)
+_PAPER_NUMBERS = {
+    "dit_s_2": (32.9e6, 6.06e9), "dit_s_4": (32.9e6, 1.41e9), "dit_s_8": (33.1e6, 0.36e9),
+    "dit_b_2": (130.3e6, 23.01e9), "dit_b_4": (130.4e6, 5.57e9), "dit_b_8": (130.9e6, 1.42e9),
+    "dit_l_2": (457.8e6, 80.70e9), "dit_l_4": (458.0e6, 19.70e9), "dit_l_8": (458.6e6, 5.01e9),
+    "dit_xl_2": (674.8e6, 118.62e9), "dit_xl_4": (675.0e6, 29.04e9), "dit_xl_8": (675.7e6, 7.39e9),
+}
+
 default_cfgs = generate_default_cfgs({
     "dit_xl_2.in1k_256": _cfg(url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", input_size=(4, 32, 32),
-                              notes="FID-50K 2.27, IS 278.24 (cfg 1.5, 250 DDPM steps)"),
+                              notes="FID-50K 2.27, IS 278.24 (cfg 1.5, 250 DDPM steps)",
+                              paper_params=_PAPER_NUMBERS["dit_xl_2"][0], paper_flops=_PAPER_NUMBERS["dit_xl_2"][1]),
     "dit_xl_2.in1k_512": _cfg(url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", input_size=(4, 64, 64),
-                              notes="FID-50K 3.04, IS 240.82 (cfg 1.5, 250 DDPM steps)"),
+                              notes="FID-50K 3.04, IS 240.82 (cfg 1.5, 250 DDPM steps)",
+                              paper_params=_PAPER_NUMBERS["dit_xl_2"][0], paper_flops=525e9),
+    **{arch: _cfg(input_size=(4, 32, 32), paper_params=params, paper_flops=flops)
+       for arch, (params, flops) in _PAPER_NUMBERS.items() if arch != "dit_xl_2"},
 })
 
 _SIZES = {"s": dict(depth=12, hidden_size=384, num_heads=6), "b": dict(depth=12, hidden_size=768, num_heads=12),
@@ -441,6 +454,9 @@ def _create(arch: str, size: str, patch: int, pretrained: bool, pretrained_tag: 
             raise ValueError(f"hidden_size={kwargs['hidden_size']} is not a multiple of {arch}'s head dim {head_dim}: pass num_heads too")
         kwargs["num_heads"] = kwargs["hidden_size"] // head_dim
     model = DiT(patch_size=patch, **{**preset, **kwargs})
+    # timm-style record of the inputs (no `architecture`: wrappers such as dit_s_2_mnist name themselves)
+    cfg = {k: v for k, v in default_cfgs[arch].default.to_dict().items() if k not in ("architecture", "tag")}
+    model.pretrained_cfg = {**cfg, "input_size": (model.in_channels, *model.input_size), "num_classes": model.num_classes}
     load_generator_weights(model, arch, pretrained, pretrained_tag, default_tag)
     return model
 
