@@ -457,8 +457,6 @@ def convert_hf_nat(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dic
                 break
         else:
             raise KeyError(f"{key!r} is not a key of an HF-transformers NAT/DiNAT checkpoint")
-        if key.endswith("pooler.weight") or key.endswith("pooler.bias"):
-            continue
         for old, new in _HF_RENAMES:
             key = key.replace(old, new)
         if ".attention.self." in key:  # query/key/value -> one qkv Linear, q|k|v stacked as the official qkv
