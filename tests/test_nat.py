@@ -392,7 +392,8 @@ def test_every_variant_is_registered_with_weights():
 # ---------------------------------------------------------------- training behaviour
 
 @pytest.mark.parametrize("name,kw,size", [("dinat_base", dict(TINY, layer_scale=1e-5), 96),
-                                          ("dinat_s_tiny", TINY_S, 96), ("dinat_iso_small", TINY_ISO, 96)])
+                                          ("dinat_s_tiny", TINY_S, 96), ("dinat_iso_small", TINY_ISO, 96),
+                                          ("vit_rpb_small", dict(embed_dim=64, depth=2, num_heads=2, img_size=96), 96)])
 def test_forward_backward_and_bf16(name, kw, size):
     model = zoo.create_model(name, **kw)
     x = torch.randn(2, 3, size, size)
