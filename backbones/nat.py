@@ -70,15 +70,49 @@ class NeighborhoodAttention2D(nn.Module):
         return f"heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}"
 
 
+class GlobalAttentionRPB(NeighborhoodAttention2D):
+    """ViT-rpb attention: global self attention with a relative position bias over a fixed L x L map.
+
+    This is neighbourhood attention with kernel_size = L on an L x L map: every query sees every
+    key, and the official table `rpb` [heads, 2L-1, 2L-1] is indexed by the same key - query
+    offset (the official flipped Swin-style index works out to exactly that). The official
+    `relative_position_index` buffer is kept only so that the official checkpoints load strictly.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 14, dilation: int = 1, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, legacy_pad: bool = False):
+        if dilation != 1 or legacy_pad:
+            raise ValueError("global attention has no dilation or legacy padding: use dilation=1, legacy_pad=False")
+        super().__init__(dim, num_heads, kernel_size, 1, qkv_bias, proj_drop)
+        side = kernel_size
+        coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]) + side - 1  # [2, L^2, L^2], query - key
+        index = rel[0] * (2 * side - 1) + rel[1]
+        self.register_buffer("relative_position_index", index.flip(0, 1), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:3]) != (self.kernel_size,) * 2:
+            raise ValueError(
+                f"ViT-rpb attends globally with a relative position table for a {self.kernel_size}x{self.kernel_size} "
+                f"map, got {x.shape[1]}x{x.shape[2]}: use the training input size (224 for patch 16)"
+            )
+        return super().forward(x)
+
+
+_ATTENTION = {"neighborhood": NeighborhoodAttention2D, "global": GlobalAttentionRPB}
+
+
 class NATLayer(nn.Module):
     """Pre-norm block: x + gamma1 * NA(LN(x)), then x + gamma2 * MLP(LN(x)); gammas only with layer scale."""
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
-                 legacy_pad: bool = False):
+                 legacy_pad: bool = False, attention: str = "neighborhood"):
         super().__init__()
+        if attention not in _ATTENTION:
+            raise ValueError(f"attention must be one of {tuple(_ATTENTION)}, got {attention!r}")
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias, drop, legacy_pad)
+        self.attn = _ATTENTION[attention](dim, num_heads, kernel_size, dilation, qkv_bias, drop, legacy_pad)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -338,16 +372,21 @@ class NAT(nn.Module):
 
 
 class NATIsotropic(nn.Module):
-    """Isotropic NAT / DiNAT: 16x16 patch embed, `depth` NA blocks at one resolution, LN, mean, head.
+    """Isotropic NAT / DiNAT / ViT-rpb: 16x16 patch embed, `depth` blocks at one resolution, LN, mean, head.
 
     Block i uses dilation 1 when i is even and `dilation` when odd (dilation=1 gives NAT-iso).
+    `attention='global'` gives ViT-rpb: global attention with a relative position bias for the
+    `img_size // patch_size` map (kernel_size is then that map side).
     """
 
     def __init__(self, embed_dim: int = 384, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  kernel_size: int = 7, dilation: int = 1, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", qkv_bias: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, legacy_pad: bool = False):
+                 drop_path_rate: float = 0.1, legacy_pad: bool = False, attention: str = "neighborhood",
+                 img_size: int = 224):
         super().__init__()
+        if attention == "global":
+            kernel_size = img_size // patch_size
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dim
         self.grad_checkpointing = False
@@ -356,7 +395,7 @@ class NATIsotropic(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.layers = nn.Sequential(*(
             NATLayer(embed_dim, num_heads, kernel_size, 1 if i % 2 == 0 else dilation, mlp_ratio, qkv_bias,
-                     drop_rate, dpr[i], legacy_pad=legacy_pad)
+                     drop_rate, dpr[i], legacy_pad=legacy_pad, attention=attention)
             for i in range(depth)
         ))
         self.norm = nn.LayerNorm(embed_dim)
@@ -457,8 +496,6 @@ def convert_hf_nat(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dic
                 break
         else:
             raise KeyError(f"{key!r} is not a key of an HF-transformers NAT/DiNAT checkpoint")
-        if key.endswith("pooler.weight") or key.endswith("pooler.bias"):
-            continue
         for old, new in _HF_RENAMES:
             key = key.replace(old, new)
         if ".attention.self." in key:  # query/key/value -> one qkv Linear, q|k|v stacked as the official qkv
@@ -566,6 +603,8 @@ default_cfgs = generate_default_cfgs({
             ("dinat_iso_small", "dinat_isotropic_small", 22e6, 4.3e9, 80.8),
             ("nat_iso_base", "nat_isotropic_base", 86e6, 16.9e9, 81.6),
             ("dinat_iso_base", "dinat_isotropic_base", 86e6, 16.9e9, 82.1),
+            ("vit_rpb_small", "vitrpb_small", 22e6, 4.6e9, 81.2),
+            ("vit_rpb_base", "vitrpb_base", 86e6, 17.5e9, 82.5),
         )
     },
 })
@@ -699,3 +738,15 @@ def nat_iso_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
 def dinat_iso_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
     """Isotropic DiNAT-B (86M, 16.9G)."""
     return _create(NATIsotropic, "dinat_iso_base", pretrained, dict(_ISO_BASE, dilation=2), kwargs)
+
+
+@register_model(paper=_DINAT_PAPER)
+def vit_rpb_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    """ViT-rpb-S (22M, 4.6G): the isotropic baseline with global attention + RPB, 224 only."""
+    return _create(NATIsotropic, "vit_rpb_small", pretrained, dict(_ISO_SMALL, attention="global"), kwargs)
+
+
+@register_model(paper=_DINAT_PAPER)
+def vit_rpb_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    """ViT-rpb-B (86M, 17.5G), 224 only."""
+    return _create(NATIsotropic, "vit_rpb_base", pretrained, dict(_ISO_BASE, attention="global"), kwargs)

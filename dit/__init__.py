@@ -26,9 +26,9 @@ A checkpoint trained with one attention loads into another: `model.load_state_di
 from . import dit, video_dit
 from .attention import ATTENTION_BACKENDS, fill_backend_keys
 from .diffusion import GaussianDiffusion, sample
-from .dit import DiT, diffusers_to_dit, dit_to_diffusers
+from .dit import DiT, diffusers_to_dit, dit_to_diffusers, to_diffusers
 from .flow import FlowMatching, sample_video
 from .video_dit import VideoDiT
 
 __all__ = ["DiT", "VideoDiT", "GaussianDiffusion", "FlowMatching", "sample", "sample_video", "dit_to_diffusers",
-           "diffusers_to_dit", "fill_backend_keys", "ATTENTION_BACKENDS"]
+           "diffusers_to_dit", "to_diffusers", "fill_backend_keys", "ATTENTION_BACKENDS"]

@@ -5,11 +5,15 @@ Module names equal the official ones, so the released `DiT-XL-2-{256,512}.pt` lo
 (292 tensors, fixed sin-cos `pos_embed` stored as a frozen Parameter as in the original).
 `dit_to_diffusers` / `diffusers_to_dit` map to and from diffusers' `DiTTransformer2DModel`.
 
-Faithful: we follow the original numerics where diffusers differs
-(dit_radial_sla.md section 1.5): timestep sinusoid exponent divided by 128 (diffusers: 127),
-the pre-MLP LayerNorm eps 1e-6 (diffusers `norm3`: 1e-5), one shared t/y embedder (diffusers:
-one copy per block), and classifier-free guidance on the first 3 latent channels by default
-(diffusers: all; `zoo.dit.sample(guidance_channels='all')`).
+Faithful: forward, CFG and training losses are bit-identical to the official code
+(scripts/verify_dit_official.py). Where diffusers' definition differs we follow the original:
+timestep sinusoid exponent divided by 128 (diffusers: 127), the pre-MLP LayerNorm eps 1e-6
+(diffusers `norm3`: 1e-5), one shared t/y embedder (diffusers: one copy per block; the
+converter copies it out and refuses copies that drifted apart), `pos_embed` stored (diffusers:
+a non-persistent buffer, recomputed on conversion), and classifier-free guidance on the first
+3 of 4 latent channels by default (diffusers: all; `zoo.dit.sample(guidance_channels='all')`).
+Deviation: `zoo.dit.sample` draws noise for the B samples only (the original draws it for the
+doubled CFG batch), so a seed does not reproduce the original's images bit for bit.
 """
 from __future__ import annotations
 
@@ -373,6 +377,27 @@ def diffusers_to_dit(state: dict[str, torch.Tensor], model: DiT | None) -> dict[
     return fill_backend_keys(out, model)
 
 
+def to_diffusers(model: DiT):
+    """A diffusers `DiTTransformer2DModel` with `model`'s weights (e.g. for `DiTPipeline`).
+
+    Its outputs differ slightly from ours by diffusers' own numerics (timestep exponent / 127,
+    pre-MLP LayerNorm eps 1e-5); see the module docstring.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    hidden = model.pos_embed.shape[-1]
+    if (model.attention != "dense" or model.input_size[0] != model.input_size[1] or model.null_class is None
+            or model.blocks[0].mlp.fc1.out_features != 4 * hidden):
+        raise ValueError("to_diffusers needs what DiTTransformer2DModel can express: dense attention, a square "
+                         "input_size, mlp_ratio 4 and a null class (class_dropout_prob > 0)")
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=model.num_heads, attention_head_dim=hidden // model.num_heads, in_channels=model.in_channels,
+        out_channels=model.out_channels, num_layers=len(model.blocks), sample_size=model.input_size[0],
+        patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes)
+    theirs.load_state_dict(dit_to_diffusers(model.state_dict()), strict=True)
+    return theirs
+
+
 def convert_checkpoint(state: dict[str, torch.Tensor], model: DiT) -> dict[str, torch.Tensor]:
     """The registered converter: the official layout passes unchanged, a diffusers one is mapped."""
     if any(k.startswith("transformer_blocks.") for k in state):
@@ -392,11 +417,24 @@ def _cfg(**kw):
             "paper_ids": "arXiv:2212.09748", "origin_url": "https://github.com/facebookresearch/DiT", "description": _VAE_NOTE, **kw}
 
 
+# (params, Gflops at 256 px) of DiT's Table 4, as recomputed from the layer shapes in the reference
+# notes (within 0.05 Gflops of the paper; params without the frozen pos_embed)
+_PAPER_NUMBERS = {
+    "dit_s_2": (32.9e6, 6.06e9), "dit_s_4": (32.9e6, 1.41e9), "dit_s_8": (33.1e6, 0.36e9),
+    "dit_b_2": (130.3e6, 23.01e9), "dit_b_4": (130.4e6, 5.57e9), "dit_b_8": (130.9e6, 1.42e9),
+    "dit_l_2": (457.8e6, 80.70e9), "dit_l_4": (458.0e6, 19.70e9), "dit_l_8": (458.6e6, 5.01e9),
+    "dit_xl_2": (674.8e6, 118.62e9), "dit_xl_4": (675.0e6, 29.04e9), "dit_xl_8": (675.7e6, 7.39e9),
+}
+
 default_cfgs = generate_default_cfgs({
     "dit_xl_2.in1k_256": _cfg(url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", input_size=(4, 32, 32),
-                              notes="FID-50K 2.27, IS 278.24 (cfg 1.5, 250 DDPM steps)"),
+                              notes="FID-50K 2.27, IS 278.24 (cfg 1.5, 250 DDPM steps)",
+                              paper_params=_PAPER_NUMBERS["dit_xl_2"][0], paper_flops=_PAPER_NUMBERS["dit_xl_2"][1]),
     "dit_xl_2.in1k_512": _cfg(url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", input_size=(4, 64, 64),
-                              notes="FID-50K 3.04, IS 240.82 (cfg 1.5, 250 DDPM steps)"),
+                              notes="FID-50K 3.04, IS 240.82 (cfg 1.5, 250 DDPM steps)",
+                              paper_params=_PAPER_NUMBERS["dit_xl_2"][0], paper_flops=525e9),
+    **{arch: _cfg(input_size=(4, 32, 32), paper_params=params, paper_flops=flops)
+       for arch, (params, flops) in _PAPER_NUMBERS.items() if arch != "dit_xl_2"},
 })
 
 _SIZES = {"s": dict(depth=12, hidden_size=384, num_heads=6), "b": dict(depth=12, hidden_size=768, num_heads=12),
@@ -416,6 +454,9 @@ def _create(arch: str, size: str, patch: int, pretrained: bool, pretrained_tag: 
             raise ValueError(f"hidden_size={kwargs['hidden_size']} is not a multiple of {arch}'s head dim {head_dim}: pass num_heads too")
         kwargs["num_heads"] = kwargs["hidden_size"] // head_dim
     model = DiT(patch_size=patch, **{**preset, **kwargs})
+    # timm-style record of the inputs (no `architecture`: wrappers such as dit_s_2_mnist name themselves)
+    cfg = {k: v for k, v in default_cfgs[arch].default.to_dict().items() if k not in ("architecture", "tag")}
+    model.pretrained_cfg = {**cfg, "input_size": (model.in_channels, *model.input_size), "num_classes": model.num_classes}
     load_generator_weights(model, arch, pretrained, pretrained_tag, default_tag)
     return model
 

@@ -7,7 +7,11 @@ RMSNorm on q and k over the full width, an ungated cross-attention to text embed
 an affine LayerNorm, GELU(tanh) MLP. Conditioning follows DiT: adaLN-Zero from the timestep
 plus a class label (with a null class for guidance), or, for text models, cross-attention.
 
-There is no official checkpoint of this model; the S/B/L sizes are DiT's (depth/width/heads).
+There is no official checkpoint of this model; the S/B/L sizes are DiT's (depth/width/heads),
+class-conditional on 101 labels (UCF-101) by default. The RoPE equals diffusers'
+WanRotaryPosEmbed (tested). Deviations from Wan: DiT's per-block adaLN Linear instead of Wan's
+shared time projection plus per-block table, modulation in the model's dtype (Wan: fp32), a
+fused qkv Linear, and no image (I2V) branch.
 `attention=` picks the self-attention backend (`dense`, `radial`, `sla`, `na`; see
 `zoo.dit.attention`); cross-attention is always dense, as in the radial and SLA ports of Wan.
 """

@@ -33,7 +33,7 @@ def rows_for(patterns: list[str]) -> list[str]:
 
 
 def _delta(ours: float, paper: float | None) -> str:
-    return f"{100 * (ours / paper - 1):+.1f}%" if paper else "-"
+    return f"{round(100 * (ours / paper - 1), 1) + 0.0:+.1f}%" if paper else "-"  # + 0.0: no "-0.0"
 
 
 def measure(name: str, with_flops: bool) -> dict:

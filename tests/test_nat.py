@@ -16,7 +16,7 @@ from zoo.ops import na2d
 NAT_NAMES = ["nat_mini", "nat_tiny", "nat_small", "nat_base"]
 DINAT_NAMES = ["dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]
 DINAT_S_NAMES = ["dinat_s_tiny", "dinat_s_small", "dinat_s_base", "dinat_s_large"]
-ISO_NAMES = ["nat_iso_small", "nat_iso_base", "dinat_iso_small", "dinat_iso_base"]
+ISO_NAMES = ["nat_iso_small", "nat_iso_base", "dinat_iso_small", "dinat_iso_base", "vit_rpb_small", "vit_rpb_base"]
 ALL = NAT_NAMES + DINAT_NAMES + DINAT_S_NAMES + ISO_NAMES
 
 # a small NAT-layout config: stage maps at 96 px are 24, 12, 6, 3 (>= kernel * dilation everywhere)
@@ -61,7 +61,7 @@ def test_dinat_small_has_no_layer_scale_so_it_is_smaller_than_nat_small():
     assert round((_n(_meta("nat_small")) - _n(_meta("dinat_small"))) * 1e6) == gammas
 
 
-@pytest.mark.parametrize("name", ["nat_mini", "dinat_s_tiny", "nat_iso_small", "dinat_large"])
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_s_tiny", "nat_iso_small", "vit_rpb_small", "dinat_large"])
 def test_flops_match_paper(name):
     """fvcore FLOPs within 2% of the paper (the 384 models: scripts/model_table.py, docs/model_table.md)."""
     model = zoo.create_model(name)
@@ -252,6 +252,23 @@ def test_isotropic_dilation_alternates_and_heads():
     assert _meta("dinat_iso_base").layers[0].attn.num_heads == 24  # head_dim 32
 
 
+def test_vit_rpb_is_global_attention_with_the_official_flipped_index():
+    from zoo.backbones.nat import GlobalAttentionRPB
+
+    attn = GlobalAttentionRPB(8, 2, kernel_size=5)
+    x = torch.randn(2, 5, 5, 8)
+    q, k, v = attn.qkv(x).reshape(2, 25, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    logits = (q * 4 ** -0.5) @ k.transpose(-1, -2)
+    bias = attn.rpb.permute(1, 2, 0).flatten(0, 1)[attn.relative_position_index.view(-1)].view(25, 25, 2)
+    out = (torch.softmax(logits + bias.permute(2, 0, 1), -1) @ v).transpose(1, 2).reshape(2, 5, 5, 8)
+    torch.testing.assert_close(attn(x), attn.proj(out))
+    with pytest.raises(ValueError, match="5x5 map"):
+        attn(torch.randn(1, 6, 5, 8))
+    state = _meta("vit_rpb_small").state_dict()
+    assert state["layers.0.attn.rpb"].shape == (12, 27, 27)
+    assert state["layers.0.attn.relative_position_index"].shape == (196, 196)
+
+
 def test_variant_hyperparameters():
     large = _meta("dinat_s_large")
     assert [s.blocks[0].attn.num_heads for s in large.stages] == [6, 12, 24, 48]  # upstream fix 4a39ab6
@@ -353,7 +370,7 @@ def test_isotropic_features_and_forward():
 
 # ---------------------------------------------------------------- pretrained cfgs
 
-@pytest.mark.parametrize("name", zoo.list_pretrained("*nat_*"))
+@pytest.mark.parametrize("name", zoo.list_pretrained(["*nat_*", "vit_rpb_*"]))
 def test_pretrained_cfg_has_official_eval_transform_and_top1(name):
     cfg, extras = get_pretrained_cfg(name), weights.cfg_extras(name)
     assert cfg.interpolation == "bicubic"
@@ -364,7 +381,7 @@ def test_pretrained_cfg_has_official_eval_transform_and_top1(name):
 
 
 def test_every_variant_is_registered_with_weights():
-    pretrained = zoo.list_pretrained("*nat*")
+    pretrained = zoo.list_pretrained(["*nat*", "vit_rpb_*"])
     for name in ALL:
         assert any(p.startswith(name + ".") for p in pretrained), name
     for tag in ("dinat_large.in22k_ft_in1k_384", "dinat_large.in22k_ft_in1k_384_11x11",
@@ -375,7 +392,8 @@ def test_every_variant_is_registered_with_weights():
 # ---------------------------------------------------------------- training behaviour
 
 @pytest.mark.parametrize("name,kw,size", [("dinat_base", dict(TINY, layer_scale=1e-5), 96),
-                                          ("dinat_s_tiny", TINY_S, 96), ("dinat_iso_small", TINY_ISO, 96)])
+                                          ("dinat_s_tiny", TINY_S, 96), ("dinat_iso_small", TINY_ISO, 96),
+                                          ("vit_rpb_small", dict(embed_dim=64, depth=2, num_heads=2, img_size=96), 96)])
 def test_forward_backward_and_bf16(name, kw, size):
     model = zoo.create_model(name, **kw)
     x = torch.randn(2, 3, size, size)
@@ -411,7 +429,7 @@ def test_model_table_reads_paper_numbers_from_the_cfgs():
     spec.loader.exec_module(table)
     assert table.rows_for(["dinat_large"]) == [
         "dinat_large.in22k_ft_in1k", "dinat_large.in22k_ft_in1k_384", "dinat_large.in22k_ft_in1k_384_11x11"]
-    assert len(table.rows_for(["nat_*", "dinat_*"])) == len(ALL) + 3  # HF mirrors carry no paper numbers
+    assert len(table.rows_for(["nat_*", "dinat_*", "vit_rpb_*"])) == len(ALL) + 3  # HF mirrors carry no paper numbers
     row = dict(name="x.y", params=20.1e6, input_size=(3, 224, 224), paper_params=20e6, paper_flops=2.7e9,
                flops=2.727e9, top1=81.8, paper="p")
     assert "| `x.y` | 224 | 20.10 | 20 | +0.5% | 2.73 | 2.7 | +1.0% | 81.8 |" in table.markdown([row])

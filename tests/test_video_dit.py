@@ -244,6 +244,11 @@ def test_na_kernel_equal_to_the_grid_equals_dense():
     local.load_state_dict(dense.state_dict())
     assert not torch.allclose(local(x, t, y), dense(x, t, y), atol=1e-4)
     assert zoo.flops(local) < zoo.flops(dense)
+    # sliding-tile attention: stride = tile = kernel (2, 2, 2): every query in a tile shares its keys
+    tile = VideoDiT(**TINY, attention="na", attention_kwargs=dict(kernel_size=2, stride=2)).eval()
+    tile.load_state_dict(dense.state_dict())
+    out = tile(x, t, y)
+    assert torch.isfinite(out).all() and zoo.flops(tile) < zoo.flops(local)
 
 
 def test_switching_attention_keeps_every_weight():

@@ -38,9 +38,9 @@ BoolArg = bool | Sequence[bool]
 
 
 def _per_axis(name: str, value, n: int, kind: type) -> tuple:
-    values = (value,) * n if isinstance(value, (kind, int)) and not isinstance(value, Sequence) else tuple(value)
+    values = (value,) * n if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
     if len(values) != n or not all(isinstance(v, (bool, int)) for v in values):
-        raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {n} (one per spatial axis), got {value!r}")
+        raise ValueError(f"{name} must be a single {kind.__name__} or a tuple of {n} (one per spatial axis), got {value!r}")
     return tuple(kind(v) for v in values)
 
 
@@ -101,8 +101,7 @@ def axis_neighbors(length: int, kernel: int, dilation: int, stride: int, causal:
         keys = start[:, None] + slot
         valid = torch.ones_like(keys, dtype=torch.bool)
     rel = (keys - inner[:, None] + kernel - 1).clamp(0, 2 * kernel - 2)
-    keys = keys.clamp(0, None)
-    keys = torch.minimum(keys, (group_len - 1)[:, None])
+    keys = keys.clamp_min(0)  # causal slots before the sequence start (masked); windows never pass the end
     return keys * dilation + group[:, None], rel, valid
 
 
