@@ -96,10 +96,10 @@ def test_offline_url_source_says_where_to_place_the_file(tmp_path, monkeypatch):
     entry = _register("zootest_toynet.remote", url="https://example.org/weights/toy_remote.pth")
     with pytest.raises(WeightsError) as err:
         weights.load_pretrained(_model(), "zootest_toynet.remote")
-    expected = tmp_path / "cache" / "toy_remote.pth"
+    expected = tmp_path / "cache" / "zootest_toynet.remote" / "toy_remote.pth"
     assert str(expected) in str(err.value) and entry.url in str(err.value)
     source = _model()
-    expected.parent.mkdir(parents=True)
+    expected.parent.mkdir(parents=True, exist_ok=True)
     torch.save(source.state_dict(), expected)  # the user places the file as told
     target = _model()
     weights.load_pretrained(target, "zootest_toynet.remote")
@@ -144,9 +144,11 @@ def test_lightning_checkpoint_prefix_is_stripped(tmp_path):
 
 def test_export_round_trip_is_bit_exact(tmp_path):
     source = _model(num_classes=12)
+    source.zoo_model_args["attention_kwargs"] = {"topk": 2, "sizes": [1, 2]}  # nested args survive the JSON
     path = weights.export(source, tmp_path / "toy")
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["architecture"] == "zootest_toynet" and meta["model_args"]["num_classes"] == 12
+    assert meta["model_args"]["attention_kwargs"] == {"topk": 2, "sizes": [1, 2]}
     again = zoo.create_model("zootest_toynet", checkpoint_path=path)
     assert again.num_classes == 12
     x = torch.randn(2, 3, 32, 32)

@@ -165,11 +165,11 @@ def fetch(weights: Weights, progress: bool = True) -> Path:
         if not path.is_file():
             raise WeightsError(f"{weights.name}: local file {path} does not exist")
         return path
-    target = cache_dir() / weights.filename
+    target = cache_dir() / weights.name / weights.filename  # per entry: hub files often share a name
     if target.is_file():
         return target
     where = weights.url or f"https://huggingface.co/{weights.hf_hub_id}/resolve/main/{weights.hf_filename}"
-    place = f"download {where} and place it at {target} (or set ZOO_CACHE to the folder holding {weights.filename})"
+    place = f"download {where} and place it at {target} (ZOO_CACHE moves the cache root)"
     if _offline():
         raise WeightsError(f"{weights.name}: offline mode and {target} is not cached; {place}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -351,8 +351,9 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, converter: 
 
 
 def _model_args(model) -> dict:
-    args = dict(getattr(model, "_model_args", None) or getattr(model, "zoo_model_args", None) or {})
-    return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    """The factory arguments that JSON can hold (numbers, strings, lists and dicts of them)."""
+    args = {**(getattr(model, "_model_args", None) or {}), **(getattr(model, "zoo_model_args", None) or {})}
+    return _jsonable(args)
 
 
 def export(model: torch.nn.Module, path: str | os.PathLike, architecture: str | None = None) -> Path:
