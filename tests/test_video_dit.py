@@ -257,3 +257,15 @@ def test_switching_attention_keeps_every_weight():
         names["radial"] = dict(block_size=16)
     keys = {name: set(VideoDiT(**TINY, attention=name, attention_kwargs=o).state_dict()) for name, o in names.items()}
     assert all(k == keys["dense"] for k in keys.values())
+
+
+@needs_sla
+def test_dense_checkpoint_loads_into_sla_through_create_model(tmp_path):
+    import zoo
+
+    dense = zoo.create_model("video_dit_tiny")
+    path = zoo.weights.export(dense, tmp_path / "dense")
+    sla = zoo.create_model("video_dit_tiny", checkpoint_path=path, attention="sla",
+                           attention_kwargs=dict(topk=1.0, block_size=16))
+    x, t, y = _inputs(dense)
+    torch.testing.assert_close(sla.eval()(x, t, y), dense.eval()(x, t, y), rtol=1e-5, atol=1e-5)

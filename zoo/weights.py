@@ -343,6 +343,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, converter: 
     """Load a local checkpoint in our layout or an official one (through the arch's converters)."""
     state = read_checkpoint(path)
     converters = [converter] if converter else []
+    if getattr(model, "checkpoint_converter", None) is not None:  # the model's own (e.g. dense -> sparse attention)
+        converters.append(model.checkpoint_converter)
     arch = arch or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch:
         converters += [w.converter for w in weights_for_arch(arch) if w.converter is not None and w.converter not in converters]
