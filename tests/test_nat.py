@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
+from zoo.backbones.nat import NeighborhoodAttention2D, convert_hf_nat
+from zoo.ops import na2d
 
 import zoo
 from zoo import weights
-from zoo.backbones.nat import NeighborhoodAttention2D, convert_hf_nat
-from zoo.ops import na2d
 
 NAT_NAMES = ["nat_mini", "nat_tiny", "nat_small", "nat_base"]
 DINAT_NAMES = ["dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]
@@ -424,7 +424,8 @@ def test_model_table_reads_paper_numbers_from_the_cfgs():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("model_table", Path(__file__).parents[1] / "scripts" / "model_table.py")
+    path = Path(__file__).parents[1] / "scripts" / "model_table.py"
+    spec = importlib.util.spec_from_file_location("model_table", path)
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     assert table.rows_for(["dinat_large"]) == [
