@@ -292,6 +292,22 @@ def test_attention_packs_qkv_as_3_heads_headdim_and_adds_rpb_after_scaling():
     torch.testing.assert_close(attn(x), own)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_attention_matches_the_official_legacy_pytorch_na(kernel):
+    """Golden outputs of the NAT repo's own pure-PyTorch NA with RPB (`LegacyNeighborhoodAttention`,
+    SHI-Labs/Neighborhood-Attention-Transformer@4c01844 classification/natten/nattentorch.py, unfold + pad),
+    float64, odd map sizes 9x11 (k=3) and 8x7 (k=5): checks the RPB offset direction and the border shift."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = load_file(str(Path(__file__).parent / "data" / "nat_legacy_na_reference.safetensors"))
+    case = {k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(f"k{kernel}.")}
+    attn = NeighborhoodAttention2D(8, 2, kernel_size=kernel).double()
+    attn.load_state_dict({k: v for k, v in case.items() if k not in ("x", "y")})
+    torch.testing.assert_close(attn(case["x"]), case["y"])
+
+
 def test_head_is_norm_then_token_mean_then_linear():
     model = zoo.create_model("nat_mini", **TINY).eval()
     x = torch.randn(1, 3, 96, 96)
