@@ -185,6 +185,26 @@ def test_hf_transformers_layout_loads_through_the_converter(tmp_path, arch, pref
     assert weights.get_weights(f"{arch}.hf_in1k").converter is convert_hf_nat
 
 
+def test_converter_accepts_the_real_transformers_dinat_state_dict(monkeypatch):
+    """The key set of transformers' own DinatForImageClassification (built without natten) loads strictly."""
+    modeling = pytest.importorskip("transformers.models.dinat.modeling_dinat")
+    from transformers import DinatConfig
+
+    monkeypatch.setattr(modeling, "requires_backends", lambda *args, **kwargs: None)  # construction needs no kernels
+    kw = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_size=3, mlp_ratio=3.0)
+    hf = modeling.DinatForImageClassification(DinatConfig(
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        dilations=[[2], [1], [1, 2], [1]], layer_scale_init_value=1e-5, num_labels=1000,
+    ))
+    model = zoo.create_model("dinat_base", **kw, dilations=[[2], [1], [1, 2], [1]], layer_scale=1e-5)
+    state = convert_hf_nat(hf.state_dict(), model)
+    model.load_state_dict(state, strict=True)
+    torch.testing.assert_close(model.levels[2].blocks[1].attn.qkv.weight[128:256],  # stage 2: C = 128
+                               hf.dinat.encoder.levels[2].layers[1].attention.self.key.weight)
+    torch.testing.assert_close(model.levels[0].blocks[0].gamma2,
+                               hf.dinat.encoder.levels[0].layers[0].layer_scale_parameters[1])
+
+
 # ---------------------------------------------------------------- quirks
 
 def test_nat_stem_has_no_activation_or_norm_between_its_convs():
