@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
+from zoo.ops import na2d, na_legacy_pad
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
-from zoo.ops import na2d, na_legacy_pad
 from zoo.weights import generate_default_cfgs
 
 __all__ = ["NAT", "NATIsotropic", "NeighborhoodAttention2D", "convert_hf_nat"]
@@ -57,7 +57,7 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = x.shape
+        height, width = x.shape[1:3]
         pad = na_legacy_pad((height, width), self.kernel_size, self.dilation) if self.legacy_pad else (0, 0)
         if any(pad):
             x = F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))
@@ -215,7 +215,9 @@ def _dilations(dilations, depths: Sequence[int]) -> list[list[int]]:
         return [[1] * d for d in depths]
     dilations = [list(d) for d in dilations]
     if [len(d) for d in dilations] != list(depths):
-        raise ValueError(f"dilations must give one value per block of each stage (depths {tuple(depths)}), got {dilations}")
+        raise ValueError(
+            f"dilations must give one value per block of each stage (depths {tuple(depths)}), got {dilations}"
+        )
     return dilations
 
 
@@ -243,7 +245,7 @@ class NAT(nn.Module):
         if layout not in ("nat", "swin"):
             raise ValueError(f"layout must be 'nat' or 'swin', got {layout!r}")
         if layout == "swin" and layer_scale is not None:
-            raise ValueError("layer_scale is not supported by the DiNAT_s (layout='swin') blocks, as in the official code")
+            raise ValueError("layer_scale is not supported by DiNAT_s (layout='swin') blocks, as in the official code")
         self.num_classes, self.global_pool, self.layout = num_classes, global_pool, layout
         self.drop_rate = drop_rate
         num_stages = len(depths)
@@ -612,7 +614,8 @@ default_cfgs = generate_default_cfgs({
 
 def _create(cls: type, variant: str, pretrained: bool, args: dict, kwargs: dict) -> nn.Module:
     out_indices = (0, 1, 2, 3) if cls is NAT else (2, 5, 8, 11)  # isotropic: every third block
-    return build_classifier(cls, variant, pretrained, feature_cfg=dict(out_indices=out_indices), defaults=args, **kwargs)
+    feature_cfg = dict(out_indices=out_indices)
+    return build_classifier(cls, variant, pretrained, feature_cfg=feature_cfg, defaults=args, **kwargs)
 
 
 _MINI = dict(depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.0, drop_path_rate=0.2)

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
+from zoo.backbones.nat import NeighborhoodAttention2D, convert_hf_nat
+from zoo.ops import na2d
 
 import zoo
 from zoo import weights
-from zoo.backbones.nat import NeighborhoodAttention2D, convert_hf_nat
-from zoo.ops import na2d
 
 NAT_NAMES = ["nat_mini", "nat_tiny", "nat_small", "nat_base"]
 DINAT_NAMES = ["dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]
@@ -185,6 +185,26 @@ def test_hf_transformers_layout_loads_through_the_converter(tmp_path, arch, pref
     assert weights.get_weights(f"{arch}.hf_in1k").converter is convert_hf_nat
 
 
+def test_converter_accepts_the_real_transformers_dinat_state_dict(monkeypatch):
+    """The key set of transformers' own DinatForImageClassification (built without natten) loads strictly."""
+    modeling = pytest.importorskip("transformers.models.dinat.modeling_dinat")
+    from transformers import DinatConfig
+
+    monkeypatch.setattr(modeling, "requires_backends", lambda *args, **kwargs: None)  # construction needs no kernels
+    kw = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_size=3, mlp_ratio=3.0)
+    hf = modeling.DinatForImageClassification(DinatConfig(
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        dilations=[[2], [1], [1, 2], [1]], layer_scale_init_value=1e-5, num_labels=1000,
+    ))
+    model = zoo.create_model("dinat_base", **kw, dilations=[[2], [1], [1, 2], [1]], layer_scale=1e-5)
+    state = convert_hf_nat(hf.state_dict(), model)
+    model.load_state_dict(state, strict=True)
+    torch.testing.assert_close(model.levels[2].blocks[1].attn.qkv.weight[128:256],  # stage 2: C = 128
+                               hf.dinat.encoder.levels[2].layers[1].attention.self.key.weight)
+    torch.testing.assert_close(model.levels[0].blocks[0].gamma2,
+                               hf.dinat.encoder.levels[0].layers[0].layer_scale_parameters[1])
+
+
 # ---------------------------------------------------------------- quirks
 
 def test_nat_stem_has_no_activation_or_norm_between_its_convs():
@@ -290,6 +310,22 @@ def test_attention_packs_qkv_as_3_heads_headdim_and_adds_rpb_after_scaling():
         attn.rpb[:, 2, 2] = 1e4
     own = attn.proj(v.reshape(2, 7, 6, 8))
     torch.testing.assert_close(attn(x), own)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_attention_matches_the_official_legacy_pytorch_na(kernel):
+    """Golden outputs of the NAT repo's own pure-PyTorch NA with RPB (`LegacyNeighborhoodAttention`,
+    SHI-Labs/Neighborhood-Attention-Transformer@4c01844 classification/natten/nattentorch.py, unfold + pad),
+    float64, odd map sizes 9x11 (k=3) and 8x7 (k=5): checks the RPB offset direction and the border shift."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = load_file(str(Path(__file__).parent / "data" / "nat_legacy_na_reference.safetensors"))
+    case = {k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(f"k{kernel}.")}
+    attn = NeighborhoodAttention2D(8, 2, kernel_size=kernel).double()
+    attn.load_state_dict({k: v for k, v in case.items() if k not in ("x", "y")})
+    torch.testing.assert_close(attn(case["x"]), case["y"])
 
 
 def test_head_is_norm_then_token_mean_then_linear():
@@ -424,7 +460,8 @@ def test_model_table_reads_paper_numbers_from_the_cfgs():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("model_table", Path(__file__).parents[1] / "scripts" / "model_table.py")
+    path = Path(__file__).parents[1] / "scripts" / "model_table.py"
+    spec = importlib.util.spec_from_file_location("model_table", path)
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     assert table.rows_for(["dinat_large"]) == [

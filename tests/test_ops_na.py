@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from zoo.ops import counting_flops, na1d, na2d, na3d, na_legacy_pad
 from zoo.ops.na import neighborhood_attention
 
@@ -46,8 +45,14 @@ def oracle(q, k, v, kernel, dilation, stride, causal, rpb=None, scale=None, extr
             )
             if ok:
                 mask[a, b] = True
-                rel[a, b] = torch.tensor([kc[x] // dilation[x] - qc[x] // dilation[x] + kernel[x] - 1 for x in range(n_ax)])
+                rel[a, b] = torch.tensor(
+                    [kc[x] // dilation[x] - qc[x] // dilation[x] + kernel[x] - 1 for x in range(n_ax)]
+                )
     scale = dim ** -0.5 if scale is None else scale
+    group = heads // k.shape[-2]  # GQA: kv head j serves query heads j*group ... (j+1)*group - 1
+    k, v = k.repeat_interleave(group, -2), v.repeat_interleave(group, -2)
+    if extra_k is not None:
+        extra_k, extra_v = extra_k.repeat_interleave(group, -2), extra_v.repeat_interleave(group, -2)
     qf, kf, vf = (t.reshape(batch, n, heads, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
     logits = qf @ kf.transpose(-1, -2) * scale
     if rpb is not None:
@@ -64,7 +69,7 @@ def oracle(q, k, v, kernel, dilation, stride, causal, rpb=None, scale=None, extr
 
 def _inputs(spatial, heads=2, dim=4, dim_v=3, kernel=None, batch=2, extra=0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
     q, k = mk(batch, *spatial, heads, dim), mk(batch, *spatial, heads, dim)
     v = mk(batch, *spatial, heads, dim_v)
     rpb = mk(heads, *(2 * kk - 1 for kk in kernel)) if kernel is not None else None
@@ -138,6 +143,21 @@ def test_chunked_path_and_additional_kv_match_oracle():
     _check((9, 7), (3, 4), (2, 1), (2, 1), (False, True), extra=3, scale=0.37, chunk_elements=200)
 
 
+def test_gqa_matches_oracle():
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    q, k, v = mk(2, 7, 8, 4, 5), mk(2, 7, 8, 2, 5), mk(2, 7, 8, 2, 3)
+    rpb, ek, ev = mk(4, 5, 5), mk(2, 3, 2, 5), mk(2, 3, 2, 3)
+    out, lse = na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, additional_keys=ek, additional_values=ev, return_lse=True)
+    ref, ref_lse = oracle(q, k, v, (3, 3), (2, 1), (1, 1), (False, False), rpb, None, ek, ev)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    leaves = (q, k, v, rpb, ek, ev)
+    got = torch.autograd.grad(out.sum() + lse.sum(), leaves)
+    for a, b in zip(got, torch.autograd.grad(ref.sum() + ref_lse.sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
 def test_uneven_dilation_groups_and_border_shift():
     """L = 11, d = 3: groups of lengths 4, 4, 3; k = 3 windows are shifted inward, never padded."""
     from zoo.ops.na import axis_neighbors
@@ -169,7 +189,7 @@ def test_3d_sliding_tile_is_blocked_attention():
 def test_full_window_is_self_attention_and_causal_1d_is_causal_attention():
     q, k, v, *_ = _inputs((5, 7), dim=4, dim_v=4)
     full = na2d(q, k, v, (5, 7))
-    flat = lambda x: x.reshape(2, 35, 2, 4).transpose(1, 2)  # noqa: E731
+    flat = lambda x: x.reshape(2, 35, 2, 4).transpose(1, 2)
     torch.testing.assert_close(flat(full), F.scaled_dot_product_attention(flat(q), flat(k), flat(v)))
     q, k, v, *_ = _inputs((9,), dim=4, dim_v=4)
     causal = na1d(q, k, v, 9, is_causal=True)

@@ -20,8 +20,8 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     then the `model_args` its pretrained tag implies (e.g. dilations at 384), then `kwargs`.
     """
     from timm.models import build_model_with_cfg
-    from timm.models._features import FeatureGetterNet, FeatureListNet
     from timm.models._builder import resolve_pretrained_cfg
+    from timm.models._features import FeatureGetterNet, FeatureListNet
 
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)

@@ -32,14 +32,15 @@ def _na(na_dim: int):
     op.__doc__ = f"""{na_dim}-D neighborhood attention (NATTEN semantics, see `zoo.ops.na.naive`).
 
     Args:
-        q, k: `[batch, {axes}, heads, head_dim]` (NATTEN's heads-last layout).
-        v: `[batch, {axes}, heads, head_dim_v]`.
+        q: `[batch, {axes}, heads, head_dim]` (NATTEN's heads-last layout).
+        k, v: `[batch, {axes}, heads_kv, head_dim]` and `[..., head_dim_v]`; heads_kv divides heads
+            (GQA/MQA: kv head j serves query heads j * heads / heads_kv ...).
         kernel_size, dilation, stride: int or one int per axis; kernel_size * dilation must not
             exceed the axis, stride <= kernel_size (stride = kernel_size is blocked attention).
         is_causal: bool or one per axis.
         rpb: optional NAT/DiNAT relative position bias `[heads, 2k-1, ...]`, added after scaling.
         scale: logit scale, default head_dim ** -0.5.
-        additional_keys, additional_values: optional `[batch, num_extra, heads, head_dim(_v)]`
+        additional_keys, additional_values: optional `[batch, num_extra, heads_kv, head_dim(_v)]`
             tokens every query attends to, in the same softmax.
         return_lse: also return the log-sum-exp of each query's logits, `[batch, {axes}, heads]`.
     """

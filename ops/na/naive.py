@@ -40,7 +40,9 @@ BoolArg = bool | Sequence[bool]
 def _per_axis(name: str, value, n: int, kind: type) -> tuple:
     values = (value,) * n if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
     if len(values) != n or not all(isinstance(v, (bool, int)) for v in values):
-        raise ValueError(f"{name} must be a single {kind.__name__} or a tuple of {n} (one per spatial axis), got {value!r}")
+        raise ValueError(
+            f"{name} must be a single {kind.__name__} or a tuple of {n} (one per spatial axis), got {value!r}"
+        )
     return tuple(kind(v) for v in values)
 
 
@@ -54,7 +56,9 @@ def normalize_args(na_dim: int, kernel_size: IntArg, dilation: IntArg, stride: I
         if min(vals) < low:
             raise ValueError(f"{name} must be >= {low} on every axis, got {vals}")
     if any(s > k for s, k in zip(strd, kernel)):
-        raise ValueError(f"stride {strd} must be <= kernel_size {kernel} on every axis (stride = kernel is blocked attention)")
+        raise ValueError(
+            f"stride {strd} must be <= kernel_size {kernel} on every axis (stride = kernel is blocked attention)"
+        )
     return kernel, dil, strd, causal
 
 
@@ -160,15 +164,21 @@ def neighborhood_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, na_dim + 3, layout)
     check_same(("q", "k", "v"), (q, k, v))
-    if k.shape[:-1] != q.shape[:-1] or v.shape[:-1] != q.shape[:-1]:
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-1] != k.shape[:-1]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, spatial shape and "
-            "heads (only head_dim of v may differ)"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch and spatial shape, "
+            "k and v also in heads (only head_dim of v may differ)"
+        )
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(
+            f"q has {q.shape[-2]} heads but k/v have {k.shape[-2]}: q heads must equal k/v heads or be a multiple "
+            "of them (GQA/MQA)"
         )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k head_dim {k.shape[-1]} != q head_dim {q.shape[-1]}: q and k must have the same head_dim")
     kernel, dil, strd, causal = normalize_args(na_dim, kernel_size, dilation, stride, is_causal)
     batch, *spatial, heads, dim = q.shape
+    heads_kv = k.shape[-2]
     dim_v = v.shape[-1]
     check_against_shape(spatial, kernel, dil)
     if rpb is not None:
@@ -181,10 +191,10 @@ def neighborhood_attention(
         raise ValueError("pass both additional_keys and additional_values, or neither")
     if additional_keys is not None:
         for name, t, d in (("additional_keys", additional_keys, dim), ("additional_values", additional_values, dim_v)):
-            check_tensor(name, t, 4, "[batch, num_extra, heads, head_dim]")
+            check_tensor(name, t, 4, "[batch, num_extra, heads_kv, head_dim]")
             check_same(("q", name), (q, t))
-            if t.shape[0] != batch or t.shape[2] != heads or t.shape[3] != d:
-                raise ValueError(f"{name} must have shape [{batch}, num_extra, {heads}, {d}], got {tuple(t.shape)}")
+            if t.shape[0] != batch or t.shape[2] != heads_kv or t.shape[3] != d:
+                raise ValueError(f"{name} must have shape [{batch}, num_extra, {heads_kv}, {d}], got {tuple(t.shape)}")
         if additional_keys.shape[1] != additional_values.shape[1]:
             raise ValueError(
                 f"additional_keys has {additional_keys.shape[1]} tokens but additional_values has "
@@ -194,7 +204,7 @@ def neighborhood_attention(
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]
 
     device = q.device
-    tables = [axis_neighbors(length, kk, dd, ss, cc, device) for length, kk, dd, ss, cc in zip(spatial, kernel, dil, strd, causal)]
+    tables = [axis_neighbors(*axis, device) for axis in zip(spatial, kernel, dil, strd, causal)]
     if is_counting_flops():
         per_axis_pairs = [int(t[2].sum()) for t in tables]
         n_tokens = math.prod(spatial)
@@ -204,7 +214,10 @@ def neighborhood_attention(
 
     compute = torch.promote_types(q.dtype, torch.float32)
     n_tokens, n_keys = math.prod(spatial), math.prod(kernel)
-    heads_first = lambda t: t.reshape(batch, -1, heads, t.shape[-1]).transpose(1, 2).to(compute)  # noqa: E731
+    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B, ..., h, D] -> [B, H, tokens, D], kv heads repeated
+        t = t.reshape(batch, -1, t.shape[-2], t.shape[-1]).transpose(1, 2).to(compute)
+        return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
+
     qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
     extra_k = None if additional_keys is None else heads_first(additional_keys)
     extra_v = None if additional_values is None else heads_first(additional_values)
@@ -225,7 +238,8 @@ def neighborhood_attention(
         key_idx = _combine([t[0] for t in tables], coords, token_strides, "sum")
         rel_idx = _combine([t[1] for t in tables], coords, rpb_strides, "sum")
         key_valid = _combine([t[2] for t in tables], coords, token_strides, "and")
-        args = (qh[:, :, start:stop], kh, vh, key_idx, key_valid, rel_idx, rpb_flat, extra_k, extra_v, scale, return_lse)
+        args = (qh[:, :, start:stop], kh, vh, key_idx, key_valid, rel_idx, rpb_flat, extra_k, extra_v, scale,
+                return_lse)
         out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if needs_grad else _attend_chunk(*args)
         outs.append(out)
         lses.append(lse)
