@@ -276,7 +276,9 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
         fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4, num_stages=3)
         dq = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4,
                   num_stages=2 if block_q == block_k == 128 else 3)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3, KV_AS_B=False)
+        # K/V as B operands pays at 64 keys per program (fewer spills), not at 128 (more): H100 sweep
+        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3,
+                    KV_AS_B=block_k == 64)
     else:
         fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=4, num_stages=3)
         dq = dict(BLOCK_M=block_q, BLOCK_N=64, num_warps=8 if block_q == 128 else 4, num_stages=3)
