@@ -13,7 +13,9 @@ entry pays for per-element masking. Query rows past the end are loaded as zeros 
 stored; in backward their logsumexp is read as +inf so their probabilities are exactly 0.
 
 The mask's block sizes (`BLOCK_Q`, `BLOCK_K`, 64 or 128) are the granularity of the lists; the
-program tile (`BLOCK_M` rows, `BLOCK_N` keys per step) divides them and is a tuning knob only.
+program tile (`BLOCK_M` rows, `BLOCK_N` keys per step) divides them and is a tuning knob only,
+like `KV_AS_B` (which operand order the dk/dv kernel gives the tensor cores); `default_config`
+holds the settings measured fastest on an H100 (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def _fwd_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
@@ -138,7 +140,7 @@ def _bwd_dq_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
@@ -208,7 +210,7 @@ def _bwd_dkdv_kernel(
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < N_K
@@ -246,7 +248,7 @@ def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_m < N_Q
     o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
