@@ -266,7 +266,8 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        return f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} (the kernel takes equal head dims in {SUPPORTED_HEAD_DIMS})"
+        return (f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} "
+                f"(the kernel takes equal head dims in {SUPPORTED_HEAD_DIMS})")
     if block_q not in SUPPORTED_BLOCKS or block_k not in SUPPORTED_BLOCKS:
         return f"block_size ({block_q}, {block_k}) (the kernel takes blocks in {SUPPORTED_BLOCKS})"
     return None
