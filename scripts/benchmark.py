@@ -168,7 +168,8 @@ def run_mask(name, mask, shape, dtype, args, flex, results):
         mult = 1.0 if mode == "fwd" else 3.5  # backward counted as 2.5x forward (FlashAttention convention)
         t_ours = times[(mode, "ours")]
         row[f"{mode}_tflops_ours"] = mult * fwd_flops / t_ours / 1e9
-        row[f"{mode}_tflops_flex"] = mult * (fwd_flops if flex_mask is not None else dense_fwd_flops) / times[(mode, "flex")] / 1e9
+        flex_flops = fwd_flops if flex_mask is not None else dense_fwd_flops
+        row[f"{mode}_tflops_flex"] = mult * flex_flops / times[(mode, "flex")] / 1e9
         for key in ("sdpa_cudnn", "sdpa_flash", "flex", "ours_lists"):
             row[f"{mode}_speedup_vs_{key}"] = times[(mode, key)] / t_ours
     targets = []
@@ -188,7 +189,8 @@ def run_mask(name, mask, shape, dtype, args, flex, results):
     print(f"\n== mask {name}  shape {shape}  block density {density:.4f}  pair density {row['pair_density']:.4f}")
     for mode in args.modes:
         print(f"  {mode:6s} " + "  ".join(f"{k} {times[(mode, k)]:.3f} ms" for k in fns))
-        print(f"  {mode:6s} ours {row[f'{mode}_tflops_ours']:.0f} TFLOP/s (computed), flex {row[f'{mode}_tflops_flex']:.0f};"
+        print(f"  {mode:6s} ours {row[f'{mode}_tflops_ours']:.0f} TFLOP/s (computed), "
+              f"flex {row[f'{mode}_tflops_flex']:.0f};"
               f" speedup vs cuDNN {row[f'{mode}_speedup_vs_sdpa_cudnn']:.2f}x, vs flash "
               f"{row[f'{mode}_speedup_vs_sdpa_flash']:.2f}x, vs flex {row[f'{mode}_speedup_vs_flex']:.2f}x")
     for t, v, m in targets:

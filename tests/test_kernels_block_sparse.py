@@ -58,11 +58,19 @@ def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast):
     return probs.to(v.dtype) @ v, lse
 
 
-def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True):
-    """Run one case; return a dict of errors and bounds (asserted by `assert_case`)."""
+def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True,
+               token_major=False):
+    """Run one case; return a dict of errors and bounds (asserted by `assert_case`).
+
+    token_major: q, k, v are `[B, N, H, D]` tensors seen as `[B, H, N, D]` (strided, as a fused qkv
+    projection gives them)."""
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
-    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen).to(device, dt) for n in (n_q, n_k, n_k))
+    if token_major:
+        q, k, v = (torch.randn(batch, n, heads, dim, generator=gen).to(device, dt).transpose(1, 2)
+                   for n in (n_q, n_k, n_k))
+    else:
+        q, k, v = (torch.randn(batch, heads, n, dim, generator=gen).to(device, dt) for n in (n_q, n_k, n_k))
     do = torch.randn(batch, heads, n_q, dim, generator=gen).to(device, dt)
     dlse = torch.randn(batch, heads, n_q, generator=gen).to(device)
     idx = _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device)
@@ -120,8 +128,8 @@ def assert_case(result, label):
 
 
 # ------------------------------------------------------------------ CPU, Triton interpreter
-# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed): odd lengths with partial
-# tail blocks, every head_dim, both block sizes, q/k lengths that differ, and 1-row tails.
+# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed[, token_major]): odd lengths with
+# partial tail blocks, every head_dim, both block sizes, q/k lengths that differ, 1-row tails, strided inputs.
 INTERPRETER_GROUPS = [
     [
         ("float16", 1, 2, 150, 150, 32, 64, 64, 0.6, 1),
@@ -129,7 +137,7 @@ INTERPRETER_GROUPS = [
     ],
     [
         ("float16", 1, 1, 129, 257, 128, 128, 64, 0.6, 3),
-        ("float16", 1, 1, 257, 200, 32, 128, 128, 0.8, 4),
+        ("float16", 1, 2, 257, 200, 32, 128, 128, 0.8, 4, True),
     ],
 ]
 
@@ -191,7 +199,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("blocks", [(128, 128), (64, 64), (128, 64)])
 def test_kernel_matches_reference_gpu(dtype, dim, blocks):
     torch.empty(1 << 28, device="cuda").fill_(float("nan"))  # poison the caching allocator: unwritten = NaN
-    result = check_case(dtype, 2, 3, 4099, 4099, dim, *blocks, 0.4, dim + blocks[1], "cuda", kernel=False)
+    result = check_case(dtype, 2, 3, 4099, 4099, dim, *blocks, 0.4, dim + blocks[1], "cuda", kernel=False,
+                        token_major=blocks == (128, 64))
     assert_case(result, f"{dtype} d{dim} {blocks}")
 
 
@@ -206,4 +215,5 @@ def test_backend_choice_gpu():
 
 
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
-    print(json.dumps([check_case(*case, device="cpu") for case in json.loads(sys.argv[1])]))
+    cases = json.loads(sys.argv[1])  # an 11th entry True: token-major (strided) inputs
+    print(json.dumps([check_case(*case[:10], device="cpu", token_major=bool(case[10:])) for case in cases]))

@@ -31,7 +31,9 @@ def _kernel_module():
     return kernel
 
 
-def block_sparse_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> tuple[str, str]:
+def block_sparse_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int
+) -> tuple[str, str]:
     """("triton", "") when the kernel runs these inputs, else ("reference", the reason)."""
     if q.device.type != "cuda":
         return "reference", f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"

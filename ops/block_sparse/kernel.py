@@ -13,7 +13,9 @@ entry pays for per-element masking. Query rows past the end are loaded as zeros 
 stored; in backward their logsumexp is read as +inf so their probabilities are exactly 0.
 
 The mask's block sizes (`BLOCK_Q`, `BLOCK_K`, 64 or 128) are the granularity of the lists; the
-program tile (`BLOCK_M` rows, `BLOCK_N` keys per step) divides them and is a tuning knob only.
+program tile (`BLOCK_M` rows, `BLOCK_N` keys per step) divides them and is a tuning knob only,
+like `KV_AS_B` (which operand order the dk/dv kernel gives the tensor cores); `default_config`
+holds the settings measured fastest on an H100 (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def _fwd_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
@@ -138,7 +140,7 @@ def _bwd_dq_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
@@ -208,7 +210,7 @@ def _bwd_dkdv_kernel(
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < N_K
@@ -246,7 +248,7 @@ def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_m < N_Q
     o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -264,7 +266,8 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        return f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} (the kernel takes equal head dims in {SUPPORTED_HEAD_DIMS})"
+        return (f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} "
+                f"(the kernel takes equal head dims in {SUPPORTED_HEAD_DIMS})")
     if block_q not in SUPPORTED_BLOCKS or block_k not in SUPPORTED_BLOCKS:
         return f"block_size ({block_q}, {block_k}) (the kernel takes blocks in {SUPPORTED_BLOCKS})"
     return None
@@ -276,7 +279,9 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
         fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4, num_stages=3)
         dq = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4,
                   num_stages=2 if block_q == block_k == 128 else 3)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3, KV_AS_B=False)
+        # K/V as B operands pays at 64 keys per program (fewer spills), not at 128 (more): H100 sweep
+        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3,
+                    KV_AS_B=block_k == 64)
     else:
         fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=4, num_stages=3)
         dq = dict(BLOCK_M=block_q, BLOCK_N=64, num_warps=8 if block_q == 128 else 4, num_stages=3)

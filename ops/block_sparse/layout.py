@@ -99,7 +99,9 @@ def block_sparse_layout(
         block_indices = block_mask_to_indices(block_mask)
     else:
         if block_indices.ndim != 4:
-            raise ValueError(f"block_indices must have shape [B|1, H|1, {n_qb}, max_k], got {tuple(block_indices.shape)}")
+            raise ValueError(
+                f"block_indices must have shape [B|1, H|1, {n_qb}, max_k], got {tuple(block_indices.shape)}"
+            )
         _check_indices(block_indices, n_qb, n_kb, *block_indices.shape[:2])
     device = block_indices.device if device is None else device
     return BlockSparseLayout.from_checked(block_indices.to(device), block_q, block_k, n_q, n_k)

@@ -119,7 +119,9 @@ def resolve_block_indices(
                 f"({n_q}, {k.shape[2]}) and block_size ({block_q}, {block_k}), got {tuple(block_mask.shape)}"
             )
         if block_mask.shape[0] not in (1, batch) or block_mask.shape[1] not in (1, heads):
-            raise ValueError(f"block_mask batch/heads dims must be 1 or ({batch}, {heads}), got {tuple(block_mask.shape)}")
+            raise ValueError(
+                f"block_mask batch/heads dims must be 1 or ({batch}, {heads}), got {tuple(block_mask.shape)}"
+            )
         block_indices = block_mask_to_indices(block_mask)
     else:
         _check_indices(block_indices, n_q_blocks, n_k_blocks, batch, heads)
