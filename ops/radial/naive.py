@@ -37,7 +37,7 @@ import torch
 
 from .._checks import check_same, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
-from ..block_sparse import block_sparse_attention
+from ..block_sparse import BlockSparseLayout, block_sparse_attention, block_sparse_layout
 
 MODELS = ("wan", "hunyuan")
 THINNING_THRESHOLD = 128  # tokens; hard-coded in the official `get_diagonal_split_mask`
@@ -161,6 +161,13 @@ def _device_mask(args: tuple, device: torch.device) -> torch.Tensor:
     return _radial_block_mask(*args).to(device)[None, None]
 
 
+@functools.lru_cache(maxsize=16)
+def _device_layout(args: tuple, device: torch.device) -> BlockSparseLayout:
+    """The mask as checked key-block lists, so repeated calls skip the per-call check (a host sync)."""
+    n = args[0] * args[1] + args[5]
+    return block_sparse_layout(n, n, block_mask=_device_mask(args, device), block_size=args[3], device=device)
+
+
 def block_mask_pairs(block_mask: torch.Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
     """Number of (query, key) token pairs a block mask `[..., nQb, nKb]` keeps (partial tails counted exactly)."""
     rows = torch.full((block_mask.shape[-2],), block_q, dtype=torch.float64)
@@ -219,4 +226,5 @@ def radial_attention(
         pairs = block_mask_pairs(mask, n, n, block_size, block_size)
         out = cost_placeholder(q.new_empty(batch, heads, n, v.shape[-1]), batch * heads * pairs * (dim + v.shape[-1]))
         return (out, q.new_zeros(batch, heads, n, dtype=torch.float32)) if return_lse else out
-    return block_sparse_attention(q, k, v, block_mask=mask, block_size=block_size, scale=scale, return_lse=return_lse)
+    layout = _device_layout(args, q.device)
+    return block_sparse_attention(q, k, v, layout=layout, scale=scale, return_lse=return_lse)
