@@ -113,7 +113,8 @@ class AgentCore(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
         """q, k, v `[B, (1+) H*W, C]` -> `[B, (1+) H*W, C]` (no projection, no local term)."""
         patches = q[:, 1:] if self.cls_token else q
-        agents = split_heads(pool_agents(patches, size, self.agent_shape), self.num_heads)
+        # under autocast pooling may run in float32: keep the projections' dtype
+        agents = split_heads(pool_agents(patches, size, self.agent_shape).to(q.dtype), self.num_heads)
         key_bias, query_bias = build_agent_biases(
             self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, size, size)
         if self.cls_token:
@@ -166,7 +167,7 @@ class FocusedCore(nn.Module):
         self.positional_encoding = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
-        k = k + resize_tokens(self.positional_encoding, self.grid, size, "bicubic")
+        k = (k + resize_tokens(self.positional_encoding, self.grid, size, "bicubic")).to(k.dtype)  # autocast: keep k's dtype
         q = focused_feature_map(q, self.scale, self.focusing_factor)
         k = focused_feature_map(k, self.scale, self.focusing_factor)
         vh = split_heads(v, self.num_heads)

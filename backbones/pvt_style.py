@@ -183,7 +183,8 @@ _DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3),
 
 
 def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTStyle:
-    args = dict(dict(depths=_DEPTHS[size]), **kwargs)
+    base = dict(depths=_DEPTHS[size], num_heads=_INLINE_HEADS if code == "IIII" else (1, 2, 5, 8))
+    args = dict(base, **kwargs)
     args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(PVTStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
                             **args)
@@ -202,42 +203,42 @@ def agent_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_medium", pretrained, "AAAA", "medium", drop_path_rate=0.3, **kwargs)
+    return _pvt("agent_pvt_medium", pretrained, "AAAA", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> PVTStyle:
     """Agent-PVT-M trained at 256 (pos_embeds and biases sized for 64x64 ... 8x8 grids)."""
-    return _pvt("agent_pvt_medium_256", pretrained, "AAAA", "medium", img_size=256, drop_path_rate=0.3, **kwargs)
+    return _pvt("agent_pvt_medium_256", pretrained, "AAAA", "medium", **dict(dict(img_size=256, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_large", pretrained, "AAAA", "large", drop_path_rate=0.3, **kwargs)
+    return _pvt("agent_pvt_large", pretrained, "AAAA", "large", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """FLatten-PVT-T: focused linear attention in every block (LLLL), no SR."""
-    return _pvt("flatten_pvt_tiny", pretrained, "LLLL", "tiny", unused_final_norm=True, **kwargs)
+    return _pvt("flatten_pvt_tiny", pretrained, "LLLL", "tiny", **dict(dict(unused_final_norm=True), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """InLine-PVT-T: injective linear attention in every block (IIII), heads 2-4-10-16, no SR."""
-    return _pvt("inline_pvt_tiny", pretrained, "IIII", "tiny", num_heads=_INLINE_HEADS, **kwargs)
+    return _pvt("inline_pvt_tiny", pretrained, "IIII", "tiny", **kwargs)
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_small", pretrained, "IIII", "small", num_heads=_INLINE_HEADS, **kwargs)
+    return _pvt("inline_pvt_small", pretrained, "IIII", "small", **kwargs)
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_medium", pretrained, "IIII", "medium", num_heads=_INLINE_HEADS, drop_path_rate=0.3, **kwargs)
+    return _pvt("inline_pvt_medium", pretrained, "IIII", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_large", pretrained, "IIII", "large", num_heads=_INLINE_HEADS, drop_path_rate=0.3, **kwargs)
+    return _pvt("inline_pvt_large", pretrained, "IIII", "large", **dict(dict(drop_path_rate=0.3), **kwargs))

@@ -191,3 +191,14 @@ def test_forward_backward_small(name):
     out.sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert out.shape == (2, 10) and not missing, missing
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_tiny", "flatten_pvt_tiny", "inline_pvt_tiny"])
+def test_bfloat16_autocast_at_512_has_no_nan(name):
+    """Mean-normalised linear attention: no overflow with 16k tokens in stage 1 (narrow model)."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, depths=(1, 1, 1, 1), embed_dims=(32, 32, 32, 32), num_heads=(1, 1, 1, 1),
+                             mlp_ratios=(1, 1, 1, 1)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 512, 512) * 3)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
