@@ -23,6 +23,7 @@ OFFICIAL_PARAMS = {
     "agent_cswin_small": 32_814_100,
     "flatten_swin_tiny": 29_192_384,
     "flatten_pvt_tiny": 12_150_504,
+    "flatten_pvt_v2_b0": 3_594_824,
     "flatten_cswin_tiny": 21_201_768,
     "inline_swin_tiny": 29_223_544,
     "inline_pvt_tiny": 12_032_232,
@@ -55,7 +56,7 @@ def test_every_variant_registered_with_paper_numbers_and_url():
         "agent_pvt_tiny", "agent_pvt_small", "agent_pvt_medium", "agent_pvt_medium_256", "agent_pvt_large",
         "agent_deit_tiny", "agent_deit_small", "agent_deit_small_448", "agent_deit_base",
         "agent_cswin_tiny", "agent_cswin_small", "agent_cswin_base", "agent_cswin_base_384",
-        "flatten_pvt_tiny", "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "flatten_cswin_tiny",
+        "flatten_pvt_tiny", "flatten_pvt_v2_b0", "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "flatten_cswin_tiny",
         "inline_deit_tiny", "inline_pvt_tiny", "inline_pvt_small", "inline_pvt_medium", "inline_pvt_large",
         "inline_swin_tiny", "inline_swin_small", "inline_swin_base",
         "inline_cswin_tiny", "inline_cswin_small", "inline_cswin_base",
@@ -100,6 +101,9 @@ def test_official_key_layout_and_shapes():
     assert tuple(pvt["block1.0.attn.q.weight"].shape) == (64, 64) and tuple(pvt["block1.0.attn.kv.weight"].shape) == (128, 64)
     assert tuple(pvt["pos_embed1"].shape) == (1, 3136, 64) and "norm.weight" not in pvt  # no final norm
     assert "norm.weight" in _meta("flatten_pvt_tiny").state_dict()  # present but unused in FLatten-PVT
+    v2 = _meta("flatten_pvt_v2_b0").state_dict()
+    assert tuple(v2["block1.0.mlp.dwconv.dwconv.weight"].shape) == (256, 1, 3, 3) and "norm4.weight" in v2
+    assert tuple(v2["patch_embed1.proj.weight"].shape) == (32, 3, 7, 7) and "pos_embed1" not in v2
     cswin = _meta("agent_cswin_tiny").state_dict()
     assert tuple(cswin["stage1.0.attns.0.an_bias"].shape) == (2, 9, 7, 7)
     assert tuple(cswin["stage1.0.attns.0.ah_bias"].shape) == (1, 2, 9, 56, 1)
