@@ -151,6 +151,12 @@ def test_other_resolutions_and_features_only():
         for size in ((288, 288), (160, 224)):
             out = model(torch.randn(1, 3, *size))
             assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    for name, kw, size in (("agent_deit_tiny", dict(depth=2), (288, 224)),
+                           ("agent_cswin_tiny", dict(depths=(1, 1, 1, 1)), (256, 256)),
+                           ("flatten_cswin_tiny", dict(depths=(1, 1, 2, 1)), (256, 192))):
+        with torch.no_grad():
+            out = zoo.create_model(name, **kw).eval()(torch.randn(1, 3, *size))
+        assert out.shape == (1, 1000) and torch.isfinite(out).all(), name
     feats = zoo.create_model("agent_pvt_tiny", features_only=True).eval()
     with torch.no_grad():
         outs = feats(torch.randn(1, 3, 256, 192))
