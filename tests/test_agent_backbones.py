@@ -11,7 +11,7 @@ from zoo.weights import get_weights, load_checkpoint  # noqa: E402
 # Parameter counts of the official model definitions (LeapLabTHU/Agent-Attention@207ce3e,
 # FLatten-Transformer@abdb115, InLine@e463a6f) instantiated with the released configs; for these
 # and every other registered variant the official state_dict keys and shapes were checked equal
-# to ours (and, for the tiny ones, outputs equal after a strict load of the official weights).
+# to ours (and logits equal after a strict load: scripts/check_official_agent_linear.py).
 OFFICIAL_PARAMS = {
     "agent_swin_tiny": 28_902_964,
     "agent_swin_base": 88_095_096,
