@@ -1,12 +1,15 @@
 """Agent / FLatten / InLine backbones: official architecture (params, keys), FLOPs, placement,
 resolution handling, features_only, checkpoint loading. No downloads."""
+import sys
+import types
+
 import pytest
 import torch
 
 import zoo
 
 zoo.list_models()  # registers the models before zoo.weights is imported by name (import order)
-from zoo.weights import get_weights, load_checkpoint  # noqa: E402
+from zoo.weights import WeightsError, get_weights, load_checkpoint  # noqa: E402
 
 # Parameter counts of the official model definitions (LeapLabTHU/Agent-Attention@207ce3e,
 # FLatten-Transformer@abdb115, InLine@e463a6f) instantiated with the released configs; for these
@@ -133,15 +136,37 @@ def test_placement_per_block():
     assert isinstance(deit_b.blocks[3].attn, AgentAttention) and not isinstance(deit_b.blocks[4].attn, AgentAttention)
 
 
-def test_checkpoint_in_official_layout_loads_strictly(tmp_path):
+def _fake_module(monkeypatch, name: str):
+    """A class `name` importable while saving (e.g. yacs' CfgNode, absent here), gone when loading."""
+    module_name, cls_name = name.rsplit(".", 1)
+    module = types.ModuleType(module_name)
+    cls = type(cls_name, (dict,), {"__module__": module_name})
+    setattr(module, cls_name, cls)
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return cls
+
+
+def test_checkpoint_in_official_layout_loads_strictly(tmp_path, monkeypatch):
     model = zoo.create_model("agent_pvt_tiny")
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = tmp_path / "agent_pvt_tiny.pth"
-    torch.save({"model": state, "epoch": 299}, path)  # the official training script's container
+    # the official training scripts' container, with their pickled yacs config
+    config = _fake_module(monkeypatch, "yacs.config.CfgNode")({"MODEL": {"TYPE": "agent_pvt_tiny"}})
+    torch.save({"model": state, "config": config, "epoch": 299}, path)
+    monkeypatch.delitem(sys.modules, "yacs.config")
     fresh = zoo.create_model("agent_pvt_tiny")
     load_checkpoint(fresh, path)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path, monkeypatch):
+    evil = _fake_module(monkeypatch, "evil.Payload")
+    path = tmp_path / "bad.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "config": evil(a=1)}, path)
+    monkeypatch.delitem(sys.modules, "evil")
+    with pytest.raises(WeightsError, match="pickled objects other than tensors"):
+        zoo.weights.read_checkpoint(path)
 
 
 def test_other_resolutions_and_features_only():
