@@ -64,6 +64,9 @@ class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
+            registry = sys.modules.get("zoo._registry")
+            if registry is not None and not hasattr(registry, "register_model"):
+                return  # zoo._registry itself is importing timm: it registers the models once defined
             register_all_models()
 
         spec.loader.exec_module = exec_and_register

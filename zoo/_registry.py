@@ -104,3 +104,8 @@ def list_models(filter: str | list[str] = "", pretrained: bool = False, kind: st
 
 def list_pretrained(filter: str | list[str] = "") -> list[str]:
     return list_models(filter, pretrained=True)
+
+
+if "zoo" in sys.modules and not getattr(sys.modules["zoo"], "_registered", True):
+    # timm was first imported by this module (see zoo/__init__.py): register the models now
+    sys.modules["zoo"].register_all_models()
