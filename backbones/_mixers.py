@@ -196,7 +196,8 @@ class InLineCore(nn.Module):
     """InLine attention: injective linear attention on identity features plus a per-sample 3x3
     depthwise kernel on V predicted from the token mean of the attention input by
     `residual` = Conv1d(C, C, 1, groups=heads) -> GELU -> Conv1d(C, 9C, 1, groups=heads), no bias
-    in the dynamic conv."""
+    in the dynamic conv. Leading tokens beyond the H x W grid (DeiT's CLS) join the attention but
+    not the local conv."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -222,12 +223,11 @@ class InLineCore(nn.Module):
 
 class InLineAttention(InLineCore, QKV):
     def __init__(self, dim: int, num_heads: int, qkv_layout: str = "fused", qkv_bias: bool = True,
-                 cls_token: bool = False, proj_drop: float = 0.0):
+                 proj_drop: float = 0.0):
         super().__init__(dim, num_heads)
         self._init_qkv(dim, qkv_bias, qkv_layout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.cls_token = cls_token
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         q, k, v = self._project(x)
