@@ -113,7 +113,8 @@ class AgentCore(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
         """q, k, v `[B, (1+) H*W, C]` -> `[B, (1+) H*W, C]` (no projection, no local term)."""
         patches = q[:, 1:] if self.cls_token else q
-        agents = split_heads(pool_agents(patches, size, self.agent_shape), self.num_heads)
+        # under autocast pooling may run in float32: keep the projections' dtype
+        agents = split_heads(pool_agents(patches, size, self.agent_shape).to(q.dtype), self.num_heads)
         key_bias, query_bias = build_agent_biases(
             self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, size, size)
         if self.cls_token:
@@ -166,7 +167,7 @@ class FocusedCore(nn.Module):
         self.positional_encoding = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
-        k = k + resize_tokens(self.positional_encoding, self.grid, size, "bicubic")
+        k = (k + resize_tokens(self.positional_encoding, self.grid, size, "bicubic")).to(k.dtype)  # autocast: keep k's dtype
         q = focused_feature_map(q, self.scale, self.focusing_factor)
         k = focused_feature_map(k, self.scale, self.focusing_factor)
         vh = split_heads(v, self.num_heads)
@@ -195,7 +196,8 @@ class InLineCore(nn.Module):
     """InLine attention: injective linear attention on identity features plus a per-sample 3x3
     depthwise kernel on V predicted from the token mean of the attention input by
     `residual` = Conv1d(C, C, 1, groups=heads) -> GELU -> Conv1d(C, 9C, 1, groups=heads), no bias
-    in the dynamic conv."""
+    in the dynamic conv. Leading tokens beyond the H x W grid (DeiT's CLS) join the attention but
+    not the local conv."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -221,12 +223,11 @@ class InLineCore(nn.Module):
 
 class InLineAttention(InLineCore, QKV):
     def __init__(self, dim: int, num_heads: int, qkv_layout: str = "fused", qkv_bias: bool = True,
-                 cls_token: bool = False, proj_drop: float = 0.0):
+                 proj_drop: float = 0.0):
         super().__init__(dim, num_heads)
         self._init_qkv(dim, qkv_bias, qkv_layout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.cls_token = cls_token
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         q, k, v = self._project(x)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 
 from zoo._registry import register_model
@@ -271,44 +272,43 @@ def _cswin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> C
 @register_model(paper=_AGENT["paper_name"])
 def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-T: global agent branches in stages 1-2 (AABB)."""
-    return _cswin("agent_cswin_tiny", pretrained, "AABB", _T, drop_path_rate=0.2, **kwargs)
+    return _cswin("agent_cswin_tiny", pretrained, "AABB", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_cswin_small(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-S: C 64 with depths [3, 6, 29, 2] (the official `Agent_CSWin_64_36292_small_224`)."""
-    return _cswin("agent_cswin_small", pretrained, "AABB", _S, drop_path_rate=0.4, **kwargs)
+    return _cswin("agent_cswin_small", pretrained, "AABB", _S, **dict(dict(drop_path_rate=0.4), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_cswin_base(pretrained: bool = False, **kwargs) -> CSWinStyle:
-    return _cswin("agent_cswin_base", pretrained, "AABB", _B, drop_path_rate=0.5, **kwargs)
+    return _cswin("agent_cswin_base", pretrained, "AABB", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-B at 384 (stripe width 12 in stages 3-4)."""
-    return _cswin("agent_cswin_base_384", pretrained, "AABB", _B, img_size=384, split_size=(1, 2, 12, 12),
-                  drop_path_rate=0.7, **kwargs)
+    return _cswin("agent_cswin_base_384", pretrained, "AABB", _B, **dict(dict(img_size=384, split_size=(1, 2, 12, 12), drop_path_rate=0.7), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """FLatten-CSwin-T: focused linear attention in stages 1-2 (LLSS), with both DWC and LePE."""
-    return _cswin("flatten_cswin_tiny", pretrained, "LLSS", _T, drop_path_rate=0.2, **kwargs)
+    return _cswin("flatten_cswin_tiny", pretrained, "LLSS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """InLine-CSwin-T: InLine attention in stages 1-2 (IISS)."""
-    return _cswin("inline_cswin_tiny", pretrained, "IISS", _T, drop_path_rate=0.2, **kwargs)
+    return _cswin("inline_cswin_tiny", pretrained, "IISS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_cswin_small(pretrained: bool = False, **kwargs) -> CSWinStyle:
-    return _cswin("inline_cswin_small", pretrained, "IISS", _S, drop_path_rate=0.4, **kwargs)
+    return _cswin("inline_cswin_small", pretrained, "IISS", _S, **dict(dict(drop_path_rate=0.4), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_cswin_base(pretrained: bool = False, **kwargs) -> CSWinStyle:
-    return _cswin("inline_cswin_base", pretrained, "IISS", _B, drop_path_rate=0.5, **kwargs)
+    return _cswin("inline_cswin_base", pretrained, "IISS", _B, **dict(dict(drop_path_rate=0.5), **kwargs))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
@@ -44,7 +45,7 @@ class DeiTBlock(nn.Module):
             self.attn = AgentAttention(dim, num_heads, agent_num, grid, cls_token=True, attn_drop=attn_drop,
                                        proj_drop=drop)
         elif mixer == "inline":
-            self.attn = InLineAttention(dim, num_heads, cls_token=True, proj_drop=drop)
+            self.attn = InLineAttention(dim, num_heads, proj_drop=drop)
         elif mixer == "softmax":
             self.attn = SoftmaxAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
         else:

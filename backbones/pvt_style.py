@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
@@ -55,10 +56,48 @@ class PatchEmbed(nn.Module):
         return self.norm(from_grid(x)), (x.shape[2], x.shape[3])
 
 
+class OverlapPatchEmbed(nn.Module):
+    """PVTv2's overlapping patch embedding: conv (k 7 s 4 / k 3 s 2, padding k//2) + LayerNorm."""
+
+    def __init__(self, kernel: int, stride: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel, stride=stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Size]:
+        x = self.proj(x)
+        return self.norm(from_grid(x)), (x.shape[2], x.shape[3])
+
+
+class DWConv(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return from_grid(self.dwconv(to_grid(x, size)))
+
+
+class ConvMlp(nn.Module):
+    """PVTv2's MLP: fc1 -> 3x3 depthwise conv -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        x = self.drop(self.act(self.dwconv(self.fc1(x), size)))
+        return self.drop(self.fc2(x))
+
+
 class PVTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, grid: Size, mixer: str, agent_num: int, mlp_ratio: float,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, focusing_factor: float = 3.0,
-                 kernel_size: int = 5):
+                 kernel_size: int = 5, conv_mlp: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if mixer == "agent":
@@ -73,15 +112,22 @@ class PVTBlock(nn.Module):
             self.attn = SoftmaxAttention(dim, num_heads, qkv_layout="split", attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.conv_mlp = conv_mlp
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop) if conv_mlp else Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        y = self.norm2(x)
+        return x + self.drop_path(self.mlp(y, size) if self.conv_mlp else self.mlp(y))
 
 
 class PVTStyle(ClassifierMixin, nn.Module):
-    """PVTv1 macro with one mixer per block ("agent", "focused", "inline", "softmax" without SR)."""
+    """PVT macro with one mixer per block ("agent", "focused", "inline", "softmax" without SR).
+
+    `version=1`: PVTv1 (stride-p patch embeddings, learned `pos_embed{i}`, plain MLP);
+    `version=2`: PVTv2 (overlapping patch embeddings, no pos_embed, MLP with a 3x3 depthwise
+    conv, a LayerNorm `norm{i}` closing every stage).
+    """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dims: tuple[int, ...] = (64, 128, 320, 512),
@@ -89,8 +135,11 @@ class PVTStyle(ClassifierMixin, nn.Module):
                  depths: tuple[int, ...] = (2, 2, 2, 2), block_types=None, agent_num: tuple[int, ...] = (9, 16, 49, 49),
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  focusing_factor: float = 3.0, kernel_size: int = 5, unused_final_norm: bool = False,
-                 global_pool: str = "avg"):
+                 version: int = 1, global_pool: str = "avg"):
         super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f"version must be 1 (PVTv1) or 2 (PVTv2), got {version}")
+        self.version = version
         block_types = check_blocks(block_types or placement("AAAA", depths), depths)
         img_size = to_2tuple(img_size)
         self.num_classes = num_classes
@@ -104,16 +153,22 @@ class PVTStyle(ClassifierMixin, nn.Module):
             if i:
                 grid = (grid[0] // 2, grid[1] // 2)
             self.grids.append(grid)
-            setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size if i == 0 else 2,
-                                                            in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]))
-            pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims[i]))
-            init_trunc_normal(pos)
-            setattr(self, f"pos_embed{i + 1}", pos)
-            setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
+            in_dim = in_chans if i == 0 else embed_dims[i - 1]
+            if version == 1:
+                setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size if i == 0 else 2, in_dim, embed_dims[i]))
+                pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims[i]))
+                init_trunc_normal(pos)
+                setattr(self, f"pos_embed{i + 1}", pos)
+                setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
+            else:
+                setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(7 if i == 0 else 3, 4 if i == 0 else 2, in_dim,
+                                                                       embed_dims[i]))
             setattr(self, f"block{i + 1}", nn.ModuleList([
                 PVTBlock(embed_dims[i], num_heads[i], grid, mixer, agent_num[i], mlp_ratios[i], drop_rate,
-                         attn_drop_rate, dpr[sum(depths[:i]) + j], focusing_factor, kernel_size)
+                         attn_drop_rate, dpr[sum(depths[:i]) + j], focusing_factor, kernel_size, conv_mlp=version == 2)
                 for j, mixer in enumerate(block_types[i])]))
+            if version == 2:
+                setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"block{i + 1}"))
         if unused_final_norm:
             self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)  # in FLatten-PVT's checkpoints, never applied
@@ -123,7 +178,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {f"pos_embed{i + 1}" for i in range(self.num_stages)}
+        return {f"pos_embed{i + 1}" for i in range(self.num_stages)} if self.version == 1 else set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -133,13 +188,16 @@ class PVTStyle(ClassifierMixin, nn.Module):
     def _stages(self, x: torch.Tensor, stop: int | None = None):
         for i in range(self.num_stages):
             x, size = getattr(self, f"patch_embed{i + 1}")(x)
-            pos = resize_tokens(getattr(self, f"pos_embed{i + 1}"), self.grids[i], size, "bilinear")
-            x = getattr(self, f"pos_drop{i + 1}")(x + pos)
+            if self.version == 1:
+                pos = resize_tokens(getattr(self, f"pos_embed{i + 1}"), self.grids[i], size, "bilinear")
+                x = getattr(self, f"pos_drop{i + 1}")(x + pos)
             for blk in getattr(self, f"block{i + 1}"):
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
                 else:
                     x = blk(x, size)
+            if self.version == 2:
+                x = getattr(self, f"norm{i + 1}")(x)
             x = to_grid(x, size)
             yield i, x
             if stop is not None and i >= stop:
@@ -172,6 +230,7 @@ default_cfgs = generate_default_cfgs({
     "agent_pvt_large.in1k": _c("040cfe0cfbbe4762ad09", 83.7, 48.7, 10.4, _AGENT),
     # FLatten's README has no params/FLOPs: fvcore counts of the official code
     "flatten_pvt_tiny.in1k": _c("3ab1d773f19d45648690", 77.8, 12.15, 2.05, _FLATTEN),
+    "flatten_pvt_v2_b0.in1k": _c("5d1f01532b104da28e7b", 71.1, 3.59, 0.59, _FLATTEN),
     "inline_pvt_tiny.in1k": _c("90ac52b1555b401eb5e6", 78.2, 12.0, 2.0, _INLINE),
     "inline_pvt_small.in1k": _c("1ab953b2479d433080a3", 82.0, 21.6, 3.9, _INLINE),
     "inline_pvt_medium.in1k": _c("a72aec31e6084bc0a280", 83.2, 37.6, 6.9, _INLINE),
@@ -183,7 +242,8 @@ _DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3),
 
 
 def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTStyle:
-    args = dict(dict(depths=_DEPTHS[size]), **kwargs)
+    base = dict(depths=_DEPTHS[size], num_heads=_INLINE_HEADS if code == "IIII" else (1, 2, 5, 8))
+    args = dict(base, **kwargs)
     args.setdefault("block_types", placement(code, args["depths"]))
     return build_classifier(PVTStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
                             **args)
@@ -202,42 +262,50 @@ def agent_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_medium", pretrained, "AAAA", "medium", drop_path_rate=0.3, **kwargs)
+    return _pvt("agent_pvt_medium", pretrained, "AAAA", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> PVTStyle:
     """Agent-PVT-M trained at 256 (pos_embeds and biases sized for 64x64 ... 8x8 grids)."""
-    return _pvt("agent_pvt_medium_256", pretrained, "AAAA", "medium", img_size=256, drop_path_rate=0.3, **kwargs)
+    return _pvt("agent_pvt_medium_256", pretrained, "AAAA", "medium", **dict(dict(img_size=256, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_large", pretrained, "AAAA", "large", drop_path_rate=0.3, **kwargs)
+    return _pvt("agent_pvt_large", pretrained, "AAAA", "large", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """FLatten-PVT-T: focused linear attention in every block (LLLL), no SR."""
-    return _pvt("flatten_pvt_tiny", pretrained, "LLLL", "tiny", unused_final_norm=True, **kwargs)
+    return _pvt("flatten_pvt_tiny", pretrained, "LLLL", "tiny", **dict(dict(unused_final_norm=True), **kwargs))
+
+
+@register_model(paper=_FLATTEN["paper_name"])
+def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PVTStyle:
+    """FLatten-PVTv2-B0: PVTv2-b0 (C 32-64-160-256) with focused linear attention everywhere, no SR."""
+    args = dict(version=2, embed_dims=(32, 64, 160, 256), block_types=placement("LLLL", (2, 2, 2, 2)))
+    return build_classifier(PVTStyle, "flatten_pvt_v2_b0", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+                            **dict(args, **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """InLine-PVT-T: injective linear attention in every block (IIII), heads 2-4-10-16, no SR."""
-    return _pvt("inline_pvt_tiny", pretrained, "IIII", "tiny", num_heads=_INLINE_HEADS, **kwargs)
+    return _pvt("inline_pvt_tiny", pretrained, "IIII", "tiny", **kwargs)
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_small", pretrained, "IIII", "small", num_heads=_INLINE_HEADS, **kwargs)
+    return _pvt("inline_pvt_small", pretrained, "IIII", "small", **kwargs)
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_medium", pretrained, "IIII", "medium", num_heads=_INLINE_HEADS, drop_path_rate=0.3, **kwargs)
+    return _pvt("inline_pvt_medium", pretrained, "IIII", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_large", pretrained, "IIII", "large", num_heads=_INLINE_HEADS, drop_path_rate=0.3, **kwargs)
+    return _pvt("inline_pvt_large", pretrained, "IIII", "large", **dict(dict(drop_path_rate=0.3), **kwargs))

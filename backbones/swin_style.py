@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
@@ -326,69 +327,66 @@ def _swin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> Sw
 @register_model(paper=_AGENT["paper_name"])
 def agent_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-T: agent attention in stages 1-3 (AAAB), 9-16-49-49 agents."""
-    return _swin("agent_swin_tiny", pretrained, "AAAB", _T, drop_path_rate=0.2, **kwargs)
+    return _swin("agent_swin_tiny", pretrained, "AAAB", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-S (AABB)."""
-    return _swin("agent_swin_small", pretrained, "AABB", _S, drop_path_rate=0.3, **kwargs)
+    return _swin("agent_swin_small", pretrained, "AABB", _S, **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_swin_small_288(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-S at 288 (agent window 72, softmax window 72 // 8 = 9)."""
-    return _swin("agent_swin_small_288", pretrained, "AABB", _S, img_size=288, window_size=72, drop_path_rate=0.3,
-                 **kwargs)
+    return _swin("agent_swin_small_288", pretrained, "AABB", _S, **dict(dict(img_size=288, window_size=72, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-B (AAMB2: the first 2 blocks of stage 3 are agent blocks)."""
-    return _swin("agent_swin_base", pretrained, "AAMB2", _B, drop_path_rate=0.5, **kwargs)
+    return _swin("agent_swin_base", pretrained, "AAMB2", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=_AGENT["paper_name"])
 def agent_swin_base_384(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-B at 384 (agent window 96, softmax window 12)."""
-    return _swin("agent_swin_base_384", pretrained, "AAMB2", _B, img_size=384, window_size=96, drop_path_rate=0.5,
-                 **kwargs)
+    return _swin("agent_swin_base_384", pretrained, "AAMB2", _B, **dict(dict(img_size=384, window_size=96, drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """FLatten-Swin-T: focused linear attention in stages 1-2 (LLSS), focusing factor 3, 5x5 DWC."""
-    return _swin("flatten_swin_tiny", pretrained, "LLSS", _T, softmax_window=7, drop_path_rate=0.2, **kwargs)
+    return _swin("flatten_swin_tiny", pretrained, "LLSS", _T, **dict(dict(softmax_window=7, drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("flatten_swin_small", pretrained, "LLSS", _S, softmax_window=7, drop_path_rate=0.3, **kwargs)
+    return _swin("flatten_swin_small", pretrained, "LLSS", _S, **dict(dict(softmax_window=7, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("flatten_swin_base", pretrained, "LLSS", _B, softmax_window=7, drop_path_rate=0.5, **kwargs)
+    return _swin("flatten_swin_base", pretrained, "LLSS", _B, **dict(dict(softmax_window=7, drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=_FLATTEN["paper_name"])
 def flatten_swin_base_384(pretrained: bool = False, **kwargs) -> SwinStyle:
     """FLatten-Swin-B at 384 (linear window 96, softmax window 12)."""
-    return _swin("flatten_swin_base_384", pretrained, "LLSS", _B, img_size=384, window_size=96, softmax_window=12,
-                 drop_path_rate=0.5, **kwargs)
+    return _swin("flatten_swin_base_384", pretrained, "LLSS", _B, **dict(dict(img_size=384, window_size=96, softmax_window=12, drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """InLine-Swin-T: injective linear attention in stages 1-3 (IIIS)."""
-    return _swin("inline_swin_tiny", pretrained, "IIIS", _T, drop_path_rate=0.2, **kwargs)
+    return _swin("inline_swin_tiny", pretrained, "IIIS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("inline_swin_small", pretrained, "IISS", _S, drop_path_rate=0.3, **kwargs)
+    return _swin("inline_swin_small", pretrained, "IISS", _S, **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=_INLINE["paper_name"])
 def inline_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("inline_swin_base", pretrained, "IIMS2", _B, drop_path_rate=0.5, **kwargs)
+    return _swin("inline_swin_base", pretrained, "IIMS2", _B, **dict(dict(drop_path_rate=0.5), **kwargs))

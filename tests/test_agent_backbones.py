@@ -1,17 +1,20 @@
 """Agent / FLatten / InLine backbones: official architecture (params, keys), FLOPs, placement,
 resolution handling, features_only, checkpoint loading. No downloads."""
+import sys
+import types
+
 import pytest
 import torch
 
 import zoo
 
 zoo.list_models()  # registers the models before zoo.weights is imported by name (import order)
-from zoo.weights import get_weights, load_checkpoint  # noqa: E402
+from zoo.weights import WeightsError, get_weights, load_checkpoint  # noqa: E402
 
 # Parameter counts of the official model definitions (LeapLabTHU/Agent-Attention@207ce3e,
 # FLatten-Transformer@abdb115, InLine@e463a6f) instantiated with the released configs; for these
 # and every other registered variant the official state_dict keys and shapes were checked equal
-# to ours (and, for the tiny ones, outputs equal after a strict load of the official weights).
+# to ours (and logits equal after a strict load: scripts/check_official_agent_linear.py).
 OFFICIAL_PARAMS = {
     "agent_swin_tiny": 28_902_964,
     "agent_swin_base": 88_095_096,
@@ -23,6 +26,7 @@ OFFICIAL_PARAMS = {
     "agent_cswin_small": 32_814_100,
     "flatten_swin_tiny": 29_192_384,
     "flatten_pvt_tiny": 12_150_504,
+    "flatten_pvt_v2_b0": 3_594_824,
     "flatten_cswin_tiny": 21_201_768,
     "inline_swin_tiny": 29_223_544,
     "inline_pvt_tiny": 12_032_232,
@@ -55,7 +59,7 @@ def test_every_variant_registered_with_paper_numbers_and_url():
         "agent_pvt_tiny", "agent_pvt_small", "agent_pvt_medium", "agent_pvt_medium_256", "agent_pvt_large",
         "agent_deit_tiny", "agent_deit_small", "agent_deit_small_448", "agent_deit_base",
         "agent_cswin_tiny", "agent_cswin_small", "agent_cswin_base", "agent_cswin_base_384",
-        "flatten_pvt_tiny", "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "flatten_cswin_tiny",
+        "flatten_pvt_tiny", "flatten_pvt_v2_b0", "flatten_swin_tiny", "flatten_swin_small", "flatten_swin_base", "flatten_cswin_tiny",
         "inline_deit_tiny", "inline_pvt_tiny", "inline_pvt_small", "inline_pvt_medium", "inline_pvt_large",
         "inline_swin_tiny", "inline_swin_small", "inline_swin_base",
         "inline_cswin_tiny", "inline_cswin_small", "inline_cswin_base",
@@ -69,7 +73,7 @@ def test_every_variant_registered_with_paper_numbers_and_url():
         assert "paper_params" in w.cfg and "paper_flops" in w.cfg
 
 
-@pytest.mark.parametrize("name", ["agent_swin_tiny", "agent_pvt_tiny", "agent_deit_tiny", "inline_pvt_tiny"])
+@pytest.mark.parametrize("name", ["agent_swin_tiny", "agent_pvt_tiny", "agent_deit_tiny", "flatten_pvt_v2_b0"])
 def test_flops_within_2_percent_of_paper(name):
     model = zoo.create_model(name)
     flops = zoo.flops(model) / 1e9
@@ -100,6 +104,9 @@ def test_official_key_layout_and_shapes():
     assert tuple(pvt["block1.0.attn.q.weight"].shape) == (64, 64) and tuple(pvt["block1.0.attn.kv.weight"].shape) == (128, 64)
     assert tuple(pvt["pos_embed1"].shape) == (1, 3136, 64) and "norm.weight" not in pvt  # no final norm
     assert "norm.weight" in _meta("flatten_pvt_tiny").state_dict()  # present but unused in FLatten-PVT
+    v2 = _meta("flatten_pvt_v2_b0").state_dict()
+    assert tuple(v2["block1.0.mlp.dwconv.dwconv.weight"].shape) == (256, 1, 3, 3) and "norm4.weight" in v2
+    assert tuple(v2["patch_embed1.proj.weight"].shape) == (32, 3, 7, 7) and "pos_embed1" not in v2
     cswin = _meta("agent_cswin_tiny").state_dict()
     assert tuple(cswin["stage1.0.attns.0.an_bias"].shape) == (2, 9, 7, 7)
     assert tuple(cswin["stage1.0.attns.0.ah_bias"].shape) == (1, 2, 9, 56, 1)
@@ -129,24 +136,50 @@ def test_placement_per_block():
     assert isinstance(deit_b.blocks[3].attn, AgentAttention) and not isinstance(deit_b.blocks[4].attn, AgentAttention)
 
 
-def test_checkpoint_in_official_layout_loads_strictly(tmp_path):
+def _fake_module(monkeypatch, name: str):
+    """A class `name` importable while saving (e.g. yacs' CfgNode, absent here), gone when loading."""
+    module_name, cls_name = name.rsplit(".", 1)
+    module = types.ModuleType(module_name)
+    cls = type(cls_name, (dict,), {"__module__": module_name})
+    setattr(module, cls_name, cls)
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return cls
+
+
+def test_checkpoint_in_official_layout_loads_strictly(tmp_path, monkeypatch):
     model = zoo.create_model("agent_pvt_tiny")
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = tmp_path / "agent_pvt_tiny.pth"
-    torch.save({"model": state, "epoch": 299}, path)  # the official training script's container
+    # the official training scripts' container, with their pickled yacs config
+    config = _fake_module(monkeypatch, "yacs.config.CfgNode")({"MODEL": {"TYPE": "agent_pvt_tiny"}})
+    torch.save({"model": state, "config": config, "epoch": 299}, path)
+    monkeypatch.delitem(sys.modules, "yacs.config")
     fresh = zoo.create_model("agent_pvt_tiny")
     load_checkpoint(fresh, path)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, state[k]), k
 
 
+def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path, monkeypatch):
+    evil = _fake_module(monkeypatch, "evil.Payload")
+    path = tmp_path / "bad.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "config": evil(a=1)}, path)
+    monkeypatch.delitem(sys.modules, "evil")
+    with pytest.raises(WeightsError, match="pickled objects other than tensors"):
+        zoo.weights.read_checkpoint(path)
+
+
 def test_other_resolutions_and_features_only():
     torch.manual_seed(0)
-    model = zoo.create_model("agent_swin_tiny").eval()
-    with torch.no_grad():
-        for size in ((288, 288), (160, 224)):
-            out = model(torch.randn(1, 3, *size))
-            assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    """The 224 models at other (also non-square) sizes: bias / pos-embed resizing, window padding."""
+    for name, kw, size in (("agent_swin_tiny", {}, (288, 288)),
+                           ("inline_swin_tiny", dict(depths=(1, 1, 2, 2)), (160, 224)),
+                           ("agent_deit_tiny", dict(depth=2), (288, 224)),
+                           ("agent_cswin_tiny", dict(depths=(1, 1, 1, 1)), (256, 256)),
+                           ("flatten_cswin_tiny", dict(depths=(1, 1, 2, 1)), (256, 192))):
+        with torch.no_grad():
+            out = zoo.create_model(name, **kw).eval()(torch.randn(1, 3, *size))
+        assert out.shape == (1, 1000) and torch.isfinite(out).all(), name
     feats = zoo.create_model("agent_pvt_tiny", features_only=True).eval()
     with torch.no_grad():
         outs = feats(torch.randn(1, 3, 256, 192))
@@ -191,3 +224,14 @@ def test_forward_backward_small(name):
     out.sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert out.shape == (2, 10) and not missing, missing
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_tiny", "flatten_pvt_tiny", "inline_pvt_tiny"])
+def test_bfloat16_autocast_at_512_has_no_nan(name):
+    """Mean-normalised linear attention: no overflow with 16k tokens in stage 1 (narrow model)."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, depths=(1, 1, 1, 1), embed_dims=(32, 32, 32, 32), num_heads=(1, 1, 1, 1),
+                             mlp_ratios=(1, 1, 1, 1)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 512, 512) * 3)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

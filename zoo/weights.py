@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -258,10 +260,40 @@ def _torch_load(path: Path):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception:
-                raise WeightsError(
+                pass
+        try:
+            # the Swin-codebase checkpoints (Agent / FLatten / InLine ...) pickle their yacs config
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_config_pickle)
+        except Exception:
+            raise WeightsError(
                     f"{path}: contains pickled objects other than tensors; it was not loaded "
                     "(convert it to safetensors, or load a trusted file with torch.load and pass the state dict)"
                 ) from e
+
+
+class _ConfigNode(dict):
+    """Stand-in for a pickled yacs `CfgNode` (a dict subclass); only its items are kept."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _ConfigUnpickler(pickle.Unpickler):
+    """An allow-list unpickler: tensors and storages, plain containers, argparse / yacs configs."""
+
+    _ALLOWED = {("collections", "OrderedDict"), ("argparse", "Namespace"), ("torch", "Size"), ("torch", "device")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("yacs.config", "CfgNode"):
+            return _ConfigNode
+        torch_ok = module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
+        rebuild_ok = module in ("torch._utils", "torch._tensor") and name.startswith("_rebuild")
+        if (module, name) in self._ALLOWED or torch_ok or rebuild_ok:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+_config_pickle = types.SimpleNamespace(Unpickler=_ConfigUnpickler, load=pickle.load, __name__="zoo_config_pickle")
 
 
 def check_state_dict(model: torch.nn.Module, state: StateDict, source: str, ignore: tuple[str, ...] = ()) -> None:
