@@ -126,10 +126,10 @@ def test_documented_small_shapes():
 def test_official_checkpoint_loads_through_the_registry(tiny, tmp_path):
     """An official-layout file (weights under "model", argparse args beside) at the registered file name."""
     state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in tiny.state_dict().items()}
-    cache = zoo.weights.cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cached = zoo.weights.cache_path("biformer_tiny.in1k")
+    cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "args": argparse.Namespace(model="biformer_tiny"), "epoch": 299},
-               cache / "biformer_tiny_in1k.pth")
+               cached)
     loaded = zoo.create_model("biformer_tiny", pretrained=True).eval()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, state[k]), k

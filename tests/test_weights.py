@@ -97,6 +97,7 @@ def test_offline_url_source_says_where_to_place_the_file(tmp_path, monkeypatch):
     with pytest.raises(WeightsError) as err:
         weights.load_pretrained(_model(), "zootest_toynet.remote")
     expected = tmp_path / "cache" / "zootest_toynet.remote" / "toy_remote.pth"
+    assert weights.cache_path("zootest_toynet.remote") == expected
     assert str(expected) in str(err.value) and entry.url in str(err.value)
     source = _model()
     expected.parent.mkdir(parents=True, exist_ok=True)

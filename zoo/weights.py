@@ -151,6 +151,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def cache_path(name: str) -> Path:
+    """Where the file of the registered weights `name` (arch.tag) is cached: one folder per entry,
+    since hub files often share a name (e.g. `pytorch_model.bin`)."""
+    weights = get_weights(name)
+    return cache_dir() / weights.name / weights.filename
+
+
 def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "ZOO_OFFLINE"))
 
@@ -167,7 +174,7 @@ def fetch(weights: Weights, progress: bool = True) -> Path:
         if not path.is_file():
             raise WeightsError(f"{weights.name}: local file {path} does not exist")
         return path
-    target = cache_dir() / weights.name / weights.filename  # per entry: hub files often share a name
+    target = cache_path(weights.name)
     if target.is_file():
         return target
     where = weights.url or f"https://huggingface.co/{weights.hf_hub_id}/resolve/main/{weights.hf_filename}"
