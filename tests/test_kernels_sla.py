@@ -15,9 +15,9 @@ import sys
 
 import pytest
 import torch
+from zoo.ops import sla_block_map, sparse_linear_attention
 
 import zoo  # noqa: F401  (the subprocess imports the same package)
-from zoo.ops import sla_block_map, sparse_linear_attention
 
 # (n_q, n_k, head_dim, block_q, block_k, feature_map, linear_on, negligible, topk)
 CASES = [

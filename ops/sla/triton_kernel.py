@@ -29,16 +29,19 @@ import triton.language as tl
 FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
 LOG2E = 1.4426950408889634
 REDUCE_BLOCKS = 8  # row tiles per program of the S / z reductions
-# (num_warps, num_stages) per kernel and head_dim; scripts/benchmark_sla.py sweeps these
+# (num_warps, num_stages) per kernel and (head_dim, block_q); scripts/benchmark_sla.py --sweep times
+# the alternatives (H100 numbers for head_dim 128 are in the benchmark report)
 LAUNCH = {
-    "fwd": {32: (4, 2), 64: (4, 2), 128: (8, 2)},
-    "bwd_q": {32: (4, 2), 64: (4, 2), 128: (8, 2)},
-    "bwd_kv": {32: (4, 2), 64: (4, 2), 128: (8, 2)},
+    kind: {(d, bq): (4 if d * bq <= 64 * 64 else 8, 2) for d in (32, 64, 128) for bq in (16, 32, 64, 128)}
+    for kind in ("fwd", "bwd_q", "bwd_kv")
 }
+LAUNCH["fwd"][(128, 64)] = (8, 3)
+LAUNCH["bwd_q"][(128, 64)] = (4, 3)
+LAUNCH["bwd_kv"][(128, 64)] = (8, 2)
 
 
-def _launch(kind: str, d: int) -> dict:
-    warps, stages = LAUNCH[kind][d]
+def _launch(kind: str, d: int, block_q: int) -> dict:
+    warps, stages = LAUNCH[kind][(d, block_q)]
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -366,7 +369,7 @@ class _SLAFused(torch.autograd.Function):
         _fwd[(n_qb, bh)](
             q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den,
             scale * LOG2E, eps, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("fwd", d),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("fwd", d, block_q),
         )
         ctx.save_for_backward(q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den)
         ctx.cfg = (batch, heads, scale, feature, correct, block_q, block_k)
@@ -386,7 +389,7 @@ class _SLAFused(torch.autograd.Function):
         _bwd_q[(n_qb, bh)](
             q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, do3, dol3, lse, den,
             dq, fq, g, c, delta, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_q", d),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_q", d, block_q),
         )
         ds_all, dz_all, _ = _reduce(fq, g, block_q, feature, apply_phi=False, w=c)
         lut_t, n_crit_t, n_neg_t = _block_lists(block_map.transpose(-1, -2))
@@ -394,7 +397,7 @@ class _SLAFused(torch.autograd.Function):
         _bwd_kv[(n_kb, bh)](
             q3, k3, v3, fq, g, c, do3, lse, delta, ds_all, dz_all, lut_t, n_crit_t, n_neg_t,
             dk, dv, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_kv", d),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_kv", d, block_q),
         )
         shape_q, shape_k = (batch, heads, n_q, d), (batch, heads, n_k, d)
         return dq.view(shape_q), dk.view(shape_k), dv.view(shape_k), None, None, None, None, None, None, None
