@@ -69,6 +69,19 @@ def _phi_bwd(x, f, df, FEATURE: tl.constexpr):
 
 
 @triton.jit
+def _dot_split(a, M, scale, D: tl.constexpr, TRANS: tl.constexpr):
+    """a @ (scale * (hi + lo)) for a float32 D x D matrix stored as a hi/lo pair in a's dtype
+    (`_split`): two tile matmuls with float32-like accuracy and little shared memory."""
+    offs = tl.arange(0, D)
+    if TRANS:
+        ptr = offs[None, :] * D + offs[:, None]
+    else:
+        ptr = offs[:, None] * D + offs[None, :]
+    acc = tl.dot(a, tl.load(M + ptr))
+    return tl.dot(a, tl.load(M + D * D + ptr), acc) * scale
+
+
+@triton.jit
 def _outer_sum(X, B, W, A_OUT, S_PART, Z_PART, N, n_chunks,
                FEATURE: tl.constexpr, APPLY_PHI: tl.constexpr, HAS_W: tl.constexpr,
                D: tl.constexpr, BR: tl.constexpr, CHUNK: tl.constexpr):
@@ -104,7 +117,7 @@ def _outer_sum(X, B, W, A_OUT, S_PART, Z_PART, N, n_chunks,
 
 
 @triton.jit
-def _fwd(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
+def _fwd(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
          qk_scale, eps, N_Q, N_K, NQB, NKB,
          FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
          BQ: tl.constexpr, BK: tl.constexpr):
@@ -164,11 +177,9 @@ def _fwd(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(LSE + bh * N_Q + offs_m, lse, mask=m_valid)
 
-    s_all = tl.load(S_ALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
     z_all = tl.load(Z_ALL + bh * D + offs_d)
-    fq32 = fq.to(tl.float32)
-    num = tl.dot(fq32, s_all, input_precision="tf32x3") - c_num
-    den = eps + tl.sum(fq32 * z_all[None, :], 1) - c_den
+    num = _dot_split(fq, S_SPLIT + bh * 2 * D * D, tl.load(S_SCALE + bh), D, False) - c_num
+    den = eps + tl.sum(fq.to(tl.float32) * z_all[None, :], 1) - c_den
     if CORRECT:
         has_linear = (NKB - n_crit - n_neg) > 0
     else:
@@ -181,7 +192,7 @@ def _fwd(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
 
 
 @triton.jit
-def _bwd_q(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DEN,
+def _bwd_q(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DEN,
            DQ, FQ, G, C, DELTA, sm_scale, qk_scale, N_Q, N_K, NQB, NKB,
            FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
            BQ: tl.constexpr, BK: tl.constexpr):
@@ -246,15 +257,14 @@ def _bwd_q(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DE
             fk = tl.load(FK + kv_ptr, mask=k_valid[:, None], other=0.0)
             da = -(tl.dot(g_lo, tl.trans(v)) + c[:, None])
             dfq += tl.dot(da.to(fk.dtype), fk)
-    s_all_t = tl.load(S_ALL + bh * D * D + offs_d[None, :] * D + offs_d[:, None])
     z_all = tl.load(Z_ALL + bh * D + offs_d)
-    dfq += tl.dot(g, s_all_t, input_precision="tf32x3") + c[:, None] * z_all[None, :]
+    dfq += _dot_split(g_lo, S_SPLIT + bh * 2 * D * D, tl.load(S_SCALE + bh), D, True) + c[:, None] * z_all[None, :]
     dq = dq * sm_scale + _phi_bwd(x, fq32, dfq, FEATURE)
     tl.store(DQ + q_ptr, dq.to(q.dtype), mask=m_valid[:, None])
 
 
 @triton.jit
-def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_ALL, DZ_ALL, LUT, NCRIT, NNEG,
+def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, NCRIT, NNEG,
             DK, DV, sm_scale, qk_scale, N_Q, N_K, NQB, NKB,
             FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
             BQ: tl.constexpr, BK: tl.constexpr):
@@ -316,11 +326,10 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_ALL, DZ_ALL, LUT, NCRIT, NNEG,
             dat = -(tl.dot(v, tl.trans(g)) + c[None, :])
             dfk += tl.dot(dat.to(fq.dtype), fq)
             dv -= tl.dot(at.to(g.dtype), g)
-    ds_all = tl.load(DS_ALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-    ds_all_t = tl.load(DS_ALL + bh * D * D + offs_d[None, :] * D + offs_d[:, None])
+    ds_scale = tl.load(DS_SCALE + bh)
     dz_all = tl.load(DZ_ALL + bh * D + offs_d)
-    dv += tl.dot(fk.to(tl.float32), ds_all, input_precision="tf32x3")
-    dfk += tl.dot(v.to(tl.float32), ds_all_t, input_precision="tf32x3") + dz_all[None, :]
+    dv += _dot_split(fk, DS_SPLIT + bh * 2 * D * D, ds_scale, D, False)
+    dfk += _dot_split(v, DS_SPLIT + bh * 2 * D * D, ds_scale, D, True) + dz_all[None, :]
     dk = dk * sm_scale + _phi_bwd(x, fk32, dfk, FEATURE)
     tl.store(DK + kv_ptr, dk.to(k.dtype), mask=k_valid[:, None])
     tl.store(DV + kv_ptr, dv.to(v.dtype), mask=k_valid[:, None])
@@ -334,6 +343,15 @@ def _block_lists(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     n_crit = (block_map == 1).sum(-1, dtype=torch.int32).flatten()
     n_neg = (block_map == -1).sum(-1, dtype=torch.int32).flatten()
     return order, n_crit, n_neg
+
+
+def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [BH, D, D] -> (hi/lo pair [BH, 2, D, D] in dtype, scale [BH]) with x ~ scale * (hi + lo);
+    the scale (max |x| per slice) keeps fp16 in range at any sequence length."""
+    scale = x.abs().amax((1, 2)).clamp_min(1e-30)
+    y = x / scale[:, None, None]
+    hi = y.to(dtype)
+    return torch.stack((hi, (y - hi.float()).to(dtype)), 1).contiguous(), scale
 
 
 def _reduce(x: torch.Tensor, b: torch.Tensor, block: int, feature: int, apply_phi: bool,
@@ -363,21 +381,22 @@ class _SLAFused(torch.autograd.Function):
         n_qb, n_kb = block_map.shape[-2:]
         lut, n_crit, n_neg = _block_lists(block_map)
         s_all, z_all, fk = _reduce(k3, v3, block_k, feature, apply_phi=True)
+        s_split, s_scale = _split(s_all, q.dtype)
         o_s, o_l = torch.empty_like(q3), torch.empty_like(q3)
         lse = torch.empty(bh, n_q, device=q.device, dtype=torch.float32)
         den = torch.empty_like(lse)
         _fwd[(n_qb, bh)](
-            q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den,
+            q3, k3, v3, fk, s_split, s_scale, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den,
             scale * LOG2E, eps, n_q, n_k, n_qb, n_kb,
             FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("fwd", d, block_q),
         )
-        ctx.save_for_backward(q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den)
+        ctx.save_for_backward(q3, k3, v3, fk, s_split, s_scale, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den)
         ctx.cfg = (batch, heads, scale, feature, correct, block_q, block_k)
         return o_s.view(batch, heads, n_q, d), o_l.view(batch, heads, n_q, d)
 
     @staticmethod
     def backward(ctx, do_s, do_l):
-        q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den = ctx.saved_tensors
+        q3, k3, v3, fk, s_split, s_scale, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den = ctx.saved_tensors
         batch, heads, scale, feature, correct, block_q, block_k = ctx.cfg
         bh, n_q, d = q3.shape
         n_k = k3.shape[1]
@@ -387,15 +406,16 @@ class _SLAFused(torch.autograd.Function):
         dq, fq, g = torch.empty_like(q3), torch.empty_like(q3), torch.empty_like(q3)
         c, delta = torch.empty_like(lse), torch.empty_like(lse)
         _bwd_q[(n_qb, bh)](
-            q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, do3, dol3, lse, den,
+            q3, k3, v3, fk, s_split, s_scale, z_all, lut, n_crit, n_neg, o_s, o_l, do3, dol3, lse, den,
             dq, fq, g, c, delta, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
             FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_q", d, block_q),
         )
         ds_all, dz_all, _ = _reduce(fq, g, block_q, feature, apply_phi=False, w=c)
+        ds_split, ds_scale = _split(ds_all, q3.dtype)
         lut_t, n_crit_t, n_neg_t = _block_lists(block_map.transpose(-1, -2))
         dk, dv = torch.empty_like(k3), torch.empty_like(v3)
         _bwd_kv[(n_kb, bh)](
-            q3, k3, v3, fq, g, c, do3, lse, delta, ds_all, dz_all, lut_t, n_crit_t, n_neg_t,
+            q3, k3, v3, fq, g, c, do3, lse, delta, ds_split, ds_scale, dz_all, lut_t, n_crit_t, n_neg_t,
             dk, dv, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
             FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_kv", d, block_q),
         )
