@@ -52,7 +52,7 @@ def check_slice(q, k, v, w, b, bm, block) -> list[str]:
                                     block_size=block, block_map=bm[sl].contiguous())
         go = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(0))
         (o.float() * go).sum().backward()
-        res.append([o] + [t.grad for t in x] + [wt.grad])
+        res.append([o.detach()] + [t.grad for t in x] + [wt.grad])
     errs = {n: rel(a, r) for n, a, r in zip(("out", "dq", "dk", "dv", "dW"), *res)}
     ok = all(e < 2e-2 for e in errs.values()) and all(bool(torch.isfinite(t).all()) for t in res[0])
     line = f"block {block}: correctness vs float32 reference (b0 h0, full length): " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items())
@@ -88,6 +88,7 @@ def breakdown(q, k, v, w, bm, block) -> dict[str, float]:
     lut, n_crit, n_neg = tk._block_lists(bm)
     feature = tk.FEATURE_IDS[args.feature_map]
     s_all, z_all, fk = tk._reduce(k3, v3, block[1], feature, apply_phi=True)
+    s_split, s_scale = tk._split(s_all, q.dtype)
     o_s, o_l = torch.empty_like(q3), torch.empty_like(q3)
     lse = torch.empty(B * H, N, device=q.device)
     den = torch.empty_like(lse)
@@ -95,7 +96,7 @@ def breakdown(q, k, v, w, bm, block) -> dict[str, float]:
 
     def kernel():
         tk._fwd[(n_qb, B * H)](
-            q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den, D**-0.5 * tk.LOG2E, 1e-5,
+            q3, k3, v3, fk, s_split, s_scale, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den, D**-0.5 * tk.LOG2E, 1e-5,
             N, N, n_qb, n_kb, FEATURE=feature, CORRECT=args.linear_on == "marginal", D=D, BQ=block[0], BK=block[1],
             **tk._launch("fwd", D, block[0]),
         )
@@ -153,14 +154,14 @@ def main() -> None:
             return sparse_linear_attention(q, k, v, w, b, linear_on=args.linear_on, feature_map=args.feature_map,
                                            block_size=block, block_map=bm)
 
-        key = (D, block[0])
+        key, bwd_key = (D, block[0]), (D, min(block[0], triton_kernel.BWD_Q_TILE))
         if args.sweep:
             cfgs = [(4, 2), (8, 1), (8, 2), (8, 3)]
             with torch.no_grad():
                 sweep("fwd", key, sla_fwd, cfgs)
             bwd = backward_of(sla_fwd, go)
-            sweep("bwd_q", key, bwd, cfgs)
-            sweep("bwd_kv", key, bwd, cfgs)
+            sweep("bwd_q", bwd_key, bwd, cfgs)
+            sweep("bwd_kv", bwd_key, bwd, cfgs)
             del bwd
         notes += check_slice(q, k, v, w, b, bm, block)  # after the sweep: it may rule out configs
         with torch.no_grad():
@@ -178,8 +179,8 @@ def main() -> None:
         kernel_ratio = t["fwd_flash"] / parts["kernel"]
         notes.append(
             f"block {block}: critical density {density:.4f}; launch (warps, stages) "
-            f"fwd {triton_kernel.LAUNCH['fwd'][key]}, bwd_q {triton_kernel.LAUNCH['bwd_q'][key]}, "
-            f"bwd_kv {triton_kernel.LAUNCH['bwd_kv'][key]}; forward pieces (ms): "
+            f"fwd {triton_kernel.LAUNCH['fwd'][key]}, bwd_q {triton_kernel.LAUNCH['bwd_q'][bwd_key]}, "
+            f"bwd_kv {triton_kernel.LAUNCH['bwd_kv'][bwd_key]}; forward pieces (ms): "
             + ", ".join(f"{n} {val:.3f}" for n, val in parts.items())
             + f" (fused kernel alone: {kernel_ratio:.2f}x SDPA flash, {t['fwd_cudnn'] / parts['kernel']:.2f}x cuDNN); "
             f"sla_block_map (not in the SLA times) {t_map:.3f} ms"

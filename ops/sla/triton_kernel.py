@@ -29,6 +29,9 @@ import triton.language as tl
 FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
 LOG2E = 1.4426950408889634
 REDUCE_BLOCKS = 8  # row tiles per program of the S / z reductions
+# query rows per tile in the backward kernels: 128-row blocks run as two 64-row tiles (128 x 128
+# tiles of q, dO, phi(q), g exceed the H100's shared memory in both backward kernels)
+BWD_Q_TILE = 64
 # (num_warps, num_stages) per kernel and (head_dim, block_q); scripts/benchmark_sla.py --sweep times
 # the alternatives (H100 numbers for head_dim 128 are in the benchmark report)
 LAUNCH = {
@@ -36,6 +39,7 @@ LAUNCH = {
     for kind in ("fwd", "bwd_q", "bwd_kv")
 }
 LAUNCH["fwd"][(128, 64)] = (8, 3)
+LAUNCH["fwd"][(128, 128)] = (8, 3)
 LAUNCH["bwd_q"][(128, 64)] = (4, 3)
 LAUNCH["bwd_kv"][(128, 64)] = (8, 2)
 
@@ -195,11 +199,12 @@ def _fwd(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DE
 def _bwd_q(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DEN,
            DQ, FQ, G, C, DELTA, sm_scale, qk_scale, N_Q, N_K, NQB, NKB,
            FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
-           BQ: tl.constexpr, BK: tl.constexpr):
-    """dq, plus the per-row quantities `_bwd_kv` needs: phi(q), g = dO_l / den, c, delta."""
-    i = tl.program_id(0)
+           BQ: tl.constexpr, BK: tl.constexpr, QT: tl.constexpr):
+    """dq, plus the per-row quantities `_bwd_kv` needs: phi(q), g = dO_l / den, c, delta.
+    One program per QT-row tile (QT divides BQ) of the query block it lies in."""
+    tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    offs_m = i * BQ + tl.arange(0, BQ)
+    offs_m = tile * QT + tl.arange(0, QT)
     offs_n = tl.arange(0, BK)
     offs_d = tl.arange(0, D)
     m_valid = offs_m < N_Q
@@ -224,13 +229,13 @@ def _bwd_q(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, D
     tl.store(C + row_ptr, c, mask=m_valid)
     lse = tl.load(LSE + row_ptr, mask=m_valid, other=float("inf"))
 
-    row = bh * NQB + i
+    row = bh * NQB + tile * QT // BQ
     n_crit = tl.load(NCRIT + row)
     n_neg = tl.load(NNEG + row)
     lut = LUT + row * NKB
     kv_base = bh * N_K * D
-    dq = tl.zeros([BQ, D], dtype=tl.float32)
-    dfq = tl.zeros([BQ, D], dtype=tl.float32)
+    dq = tl.zeros([QT, D], dtype=tl.float32)
+    dfq = tl.zeros([QT, D], dtype=tl.float32)
     for t in range(n_crit):
         j = tl.load(lut + t)
         offs_k = j * BK + offs_n
@@ -267,12 +272,14 @@ def _bwd_q(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, D
 def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, NCRIT, NNEG,
             DK, DV, sm_scale, qk_scale, N_Q, N_K, NQB, NKB,
             FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
-            BQ: tl.constexpr, BK: tl.constexpr):
-    """dk, dv of one key block over the query blocks that list it (LUT is the transposed map)."""
+            BQ: tl.constexpr, BK: tl.constexpr, QT: tl.constexpr):
+    """dk, dv of one key block over the query blocks that list it (LUT is the transposed map),
+    each visited in BQ // QT tiles of QT rows."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_k = j * BK + tl.arange(0, BK)
-    offs_m0 = tl.arange(0, BQ)
+    offs_m0 = tl.arange(0, QT)
+    SUB: tl.constexpr = BQ // QT
     offs_d = tl.arange(0, D)
     k_valid = offs_k < N_K
     kv_ptr = bh * N_K * D + offs_k[:, None] * D + offs_d[None, :]
@@ -290,9 +297,9 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, 
     dk = tl.zeros([BK, D], dtype=tl.float32)
     dv = tl.zeros([BK, D], dtype=tl.float32)
     dfk = tl.zeros([BK, D], dtype=tl.float32)
-    for t in range(n_crit):
-        i = tl.load(lut + t)
-        offs_m = i * BQ + offs_m0
+    for t in range(n_crit * SUB):
+        i = tl.load(lut + t // SUB)
+        offs_m = i * BQ + (t % SUB) * QT + offs_m0
         m_valid = offs_m < N_Q
         q_ptr = q_base + offs_m[:, None] * D + offs_d[None, :]
         q = tl.load(Q + q_ptr, mask=m_valid[:, None], other=0.0)
@@ -314,9 +321,9 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, 
             dfk += tl.dot(dat.to(fq.dtype), fq)
             dv -= tl.dot(at.to(g.dtype), g)
     if CORRECT:
-        for t in range(n_crit, n_crit + n_neg):
-            i = tl.load(lut + t)
-            offs_m = i * BQ + offs_m0
+        for t in range(n_crit * SUB, (n_crit + n_neg) * SUB):
+            i = tl.load(lut + t // SUB)
+            offs_m = i * BQ + (t % SUB) * QT + offs_m0
             m_valid = offs_m < N_Q
             q_ptr = q_base + offs_m[:, None] * D + offs_d[None, :]
             fq = tl.load(FQ + q_ptr, mask=m_valid[:, None], other=0.0)
@@ -405,10 +412,11 @@ class _SLAFused(torch.autograd.Function):
         dol3 = do_l.reshape(bh, n_q, d).contiguous()
         dq, fq, g = torch.empty_like(q3), torch.empty_like(q3), torch.empty_like(q3)
         c, delta = torch.empty_like(lse), torch.empty_like(lse)
-        _bwd_q[(n_qb, bh)](
+        tile = min(block_q, BWD_Q_TILE)
+        _bwd_q[(triton.cdiv(n_q, tile), bh)](
             q3, k3, v3, fk, s_split, s_scale, z_all, lut, n_crit, n_neg, o_s, o_l, do3, dol3, lse, den,
             dq, fq, g, c, delta, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_q", d, block_q),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, QT=tile, **_launch("bwd_q", d, tile),
         )
         ds_all, dz_all, _ = _reduce(fq, g, block_q, feature, apply_phi=False, w=c)
         ds_split, ds_scale = _split(ds_all, q3.dtype)
@@ -417,7 +425,7 @@ class _SLAFused(torch.autograd.Function):
         _bwd_kv[(n_kb, bh)](
             q3, k3, v3, fq, g, c, do3, lse, delta, ds_split, ds_scale, dz_all, lut_t, n_crit_t, n_neg_t,
             dk, dv, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_kv", d, block_q),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, QT=tile, **_launch("bwd_kv", d, tile),
         )
         shape_q, shape_k = (batch, heads, n_q, d), (batch, heads, n_k, d)
         return dq.view(shape_q), dk.view(shape_k), dv.view(shape_k), None, None, None, None, None, None, None
