@@ -15,10 +15,13 @@ The correction is computed from the key/value tiles the softmax branch has alrea
 phi(K) is rounded to the input dtype once and the same rounded values feed S, z and the
 corrections, so the subtraction cancels exactly what was added (up to float32 summation).
 
-Backward: kernel `_bwd_q` (per query block) gives dq, kernel `_bwd_kv` (per key block, over
-the transposed block lists) gives dk, dv; the gradient of S and z is one more reduction.
-Rows with no marginal block get O_l = 0 and no gradient (their denominator is stored as inf).
-Layout `[B, H, N, D]` contiguous; fp16/bf16; head_dim 32/64/128 (q, k, v alike); any N.
+Backward: kernel `_bwd_q` (per query tile) gives dq, kernel `_bwd_kv` (per key block, over
+the transposed block lists) gives dk, dv, both with the same excluded-block corrections; the
+gradient of S and z is one more reduction. Rows with no marginal block get O_l = 0 and no
+gradient (their denominator is stored as inf). The whole-sequence products phi(Q) S, g S^T,
+phi(K) dS, V dS^T use S as a scaled hi/lo pair in the input dtype (`_split`, `_dot_split`).
+Layout `[B, H, N, D]` (made contiguous); fp16/bf16; head_dim 32/64/128 (q, k, v alike); any N;
+blocks 16..128. Launch configs: `LAUNCH`, swept on an H100 by scripts/benchmark_sla.py.
 """
 from __future__ import annotations
 
