@@ -282,7 +282,6 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, 
     bh = tl.program_id(1).to(tl.int64)
     offs_k = j * BK + tl.arange(0, BK)
     offs_m0 = tl.arange(0, QT)
-    SUB: tl.constexpr = BQ // QT
     offs_d = tl.arange(0, D)
     k_valid = offs_k < N_K
     kv_ptr = bh * N_K * D + offs_k[:, None] * D + offs_d[None, :]
@@ -300,9 +299,9 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, 
     dk = tl.zeros([BK, D], dtype=tl.float32)
     dv = tl.zeros([BK, D], dtype=tl.float32)
     dfk = tl.zeros([BK, D], dtype=tl.float32)
-    for t in range(n_crit * SUB):
-        i = tl.load(lut + t // SUB)
-        offs_m = i * BQ + (t % SUB) * QT + offs_m0
+    for t in range(n_crit * (BQ // QT)):
+        i = tl.load(lut + t // (BQ // QT))
+        offs_m = i * BQ + (t % (BQ // QT)) * QT + offs_m0
         m_valid = offs_m < N_Q
         q_ptr = q_base + offs_m[:, None] * D + offs_d[None, :]
         q = tl.load(Q + q_ptr, mask=m_valid[:, None], other=0.0)
@@ -324,9 +323,9 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, 
             dfk += tl.dot(dat.to(fq.dtype), fq)
             dv -= tl.dot(at.to(g.dtype), g)
     if CORRECT:
-        for t in range(n_crit * SUB, (n_crit + n_neg) * SUB):
-            i = tl.load(lut + t // SUB)
-            offs_m = i * BQ + (t % SUB) * QT + offs_m0
+        for t in range(n_crit * (BQ // QT), (n_crit + n_neg) * (BQ // QT)):
+            i = tl.load(lut + t // (BQ // QT))
+            offs_m = i * BQ + (t % (BQ // QT)) * QT + offs_m0
             m_valid = offs_m < N_Q
             q_ptr = q_base + offs_m[:, None] * D + offs_d[None, :]
             fq = tl.load(FQ + q_ptr, mask=m_valid[:, None], other=0.0)
