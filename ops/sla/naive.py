@@ -30,6 +30,11 @@ Faithful details (thu-ml/SLA `get_block_map`, `SparseLinearAttention`):
 - eps = 1e-5 in the denominator (main; SLA-1 has none and returns O_l = 0 when a row has no
   linear block, as here, where an empty row gives 0 for any eps);
 - proj: Linear(head_dim_v, head_dim_v), zero-initialised (SLA starts as pure top-k sparse attention).
+On CUDA fp16/bf16 tensors with head_dim 32/64/128 (q, k, v alike) and power-of-two blocks of
+16..128 the call runs the fused Triton kernel of `triton_kernel.py` (both branches in one pass,
+forward and backward, every variant above); elsewhere this reference. The kernel keeps phi(q),
+phi(k) in the input dtype for its tile products (float32 accumulation), like the official one.
+
 Deviation: the official module casts q, k, v to bf16/fp16 and runs the linear branch in that
 precision; here the linear branch accumulates in float32 (float64 for float64 inputs) and only
 the output is cast back, which is what keeps fp16/bf16 finite at 64k tokens.

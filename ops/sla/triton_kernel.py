@@ -15,10 +15,13 @@ The correction is computed from the key/value tiles the softmax branch has alrea
 phi(K) is rounded to the input dtype once and the same rounded values feed S, z and the
 corrections, so the subtraction cancels exactly what was added (up to float32 summation).
 
-Backward: kernel `_bwd_q` (per query block) gives dq, kernel `_bwd_kv` (per key block, over
-the transposed block lists) gives dk, dv; the gradient of S and z is one more reduction.
-Rows with no marginal block get O_l = 0 and no gradient (their denominator is stored as inf).
-Layout `[B, H, N, D]` contiguous; fp16/bf16; head_dim 32/64/128 (q, k, v alike); any N.
+Backward: kernel `_bwd_q` (per query tile) gives dq, kernel `_bwd_kv` (per key block, over
+the transposed block lists) gives dk, dv, both with the same excluded-block corrections; the
+gradient of S and z is one more reduction. Rows with no marginal block get O_l = 0 and no
+gradient (their denominator is stored as inf). The whole-sequence products phi(Q) S, g S^T,
+phi(K) dS, V dS^T use S as a scaled hi/lo pair in the input dtype (`_split`, `_dot_split`).
+Layout `[B, H, N, D]` (made contiguous); fp16/bf16; head_dim 32/64/128 (q, k, v alike); any N;
+blocks 16..128. Launch configs: `LAUNCH`, swept on an H100 by scripts/benchmark_sla.py.
 """
 from __future__ import annotations
 
@@ -29,16 +32,23 @@ import triton.language as tl
 FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
 LOG2E = 1.4426950408889634
 REDUCE_BLOCKS = 8  # row tiles per program of the S / z reductions
-# (num_warps, num_stages) per kernel and head_dim; scripts/benchmark_sla.py sweeps these
+# query rows per tile in the backward kernels: 128-row blocks run as two 64-row tiles (128 x 128
+# tiles of q, dO, phi(q), g exceed the H100's shared memory in both backward kernels)
+BWD_Q_TILE = 64
+# (num_warps, num_stages) per kernel and (head_dim, block_q); scripts/benchmark_sla.py --sweep times
+# the alternatives (H100 numbers for head_dim 128 are in the benchmark report)
 LAUNCH = {
-    "fwd": {32: (4, 2), 64: (4, 2), 128: (8, 2)},
-    "bwd_q": {32: (4, 2), 64: (4, 2), 128: (8, 2)},
-    "bwd_kv": {32: (4, 2), 64: (4, 2), 128: (8, 2)},
+    kind: {(d, bq): (4 if d * bq <= 64 * 64 else 8, 2) for d in (32, 64, 128) for bq in (16, 32, 64, 128)}
+    for kind in ("fwd", "bwd_q", "bwd_kv")
 }
+LAUNCH["fwd"][(128, 64)] = (8, 3)
+LAUNCH["fwd"][(128, 128)] = (8, 3)
+LAUNCH["bwd_q"][(128, 64)] = (4, 3)
+LAUNCH["bwd_kv"][(128, 64)] = (8, 2)
 
 
-def _launch(kind: str, d: int) -> dict:
-    warps, stages = LAUNCH[kind][d]
+def _launch(kind: str, d: int, block_q: int) -> dict:
+    warps, stages = LAUNCH[kind][(d, block_q)]
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -63,6 +73,19 @@ def _phi_bwd(x, f, df, FEATURE: tl.constexpr):
         return tl.where(x > 0, df, df * f)
     else:
         return tl.where(x > 0, df, 0.0)
+
+
+@triton.jit
+def _dot_split(a, M, scale, D: tl.constexpr, TRANS: tl.constexpr):
+    """a @ (scale * (hi + lo)) for a float32 D x D matrix stored as a hi/lo pair in a's dtype
+    (`_split`): two tile matmuls with float32-like accuracy and little shared memory."""
+    offs = tl.arange(0, D)
+    if TRANS:
+        ptr = offs[None, :] * D + offs[:, None]
+    else:
+        ptr = offs[:, None] * D + offs[None, :]
+    acc = tl.dot(a, tl.load(M + ptr))
+    return tl.dot(a, tl.load(M + D * D + ptr), acc) * scale
 
 
 @triton.jit
@@ -101,7 +124,7 @@ def _outer_sum(X, B, W, A_OUT, S_PART, Z_PART, N, n_chunks,
 
 
 @triton.jit
-def _fwd(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
+def _fwd(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
          qk_scale, eps, N_Q, N_K, NQB, NKB,
          FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
          BQ: tl.constexpr, BK: tl.constexpr):
@@ -161,11 +184,9 @@ def _fwd(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(LSE + bh * N_Q + offs_m, lse, mask=m_valid)
 
-    s_all = tl.load(S_ALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
     z_all = tl.load(Z_ALL + bh * D + offs_d)
-    fq32 = fq.to(tl.float32)
-    num = tl.dot(fq32, s_all, input_precision="tf32x3") - c_num
-    den = eps + tl.sum(fq32 * z_all[None, :], 1) - c_den
+    num = _dot_split(fq, S_SPLIT + bh * 2 * D * D, tl.load(S_SCALE + bh), D, False) - c_num
+    den = eps + tl.sum(fq.to(tl.float32) * z_all[None, :], 1) - c_den
     if CORRECT:
         has_linear = (NKB - n_crit - n_neg) > 0
     else:
@@ -178,14 +199,15 @@ def _fwd(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, LSE, DEN,
 
 
 @triton.jit
-def _bwd_q(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DEN,
+def _bwd_q(Q, K, V, FK, S_SPLIT, S_SCALE, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DEN,
            DQ, FQ, G, C, DELTA, sm_scale, qk_scale, N_Q, N_K, NQB, NKB,
            FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
-           BQ: tl.constexpr, BK: tl.constexpr):
-    """dq, plus the per-row quantities `_bwd_kv` needs: phi(q), g = dO_l / den, c, delta."""
-    i = tl.program_id(0)
+           BQ: tl.constexpr, BK: tl.constexpr, QT: tl.constexpr):
+    """dq, plus the per-row quantities `_bwd_kv` needs: phi(q), g = dO_l / den, c, delta.
+    One program per QT-row tile (QT divides BQ) of the query block it lies in."""
+    tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    offs_m = i * BQ + tl.arange(0, BQ)
+    offs_m = tile * QT + tl.arange(0, QT)
     offs_n = tl.arange(0, BK)
     offs_d = tl.arange(0, D)
     m_valid = offs_m < N_Q
@@ -210,13 +232,13 @@ def _bwd_q(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DE
     tl.store(C + row_ptr, c, mask=m_valid)
     lse = tl.load(LSE + row_ptr, mask=m_valid, other=float("inf"))
 
-    row = bh * NQB + i
+    row = bh * NQB + tile * QT // BQ
     n_crit = tl.load(NCRIT + row)
     n_neg = tl.load(NNEG + row)
     lut = LUT + row * NKB
     kv_base = bh * N_K * D
-    dq = tl.zeros([BQ, D], dtype=tl.float32)
-    dfq = tl.zeros([BQ, D], dtype=tl.float32)
+    dq = tl.zeros([QT, D], dtype=tl.float32)
+    dfq = tl.zeros([QT, D], dtype=tl.float32)
     for t in range(n_crit):
         j = tl.load(lut + t)
         offs_k = j * BK + offs_n
@@ -243,23 +265,23 @@ def _bwd_q(Q, K, V, FK, S_ALL, Z_ALL, LUT, NCRIT, NNEG, OS, OL, DO, DOL, LSE, DE
             fk = tl.load(FK + kv_ptr, mask=k_valid[:, None], other=0.0)
             da = -(tl.dot(g_lo, tl.trans(v)) + c[:, None])
             dfq += tl.dot(da.to(fk.dtype), fk)
-    s_all_t = tl.load(S_ALL + bh * D * D + offs_d[None, :] * D + offs_d[:, None])
     z_all = tl.load(Z_ALL + bh * D + offs_d)
-    dfq += tl.dot(g, s_all_t, input_precision="tf32x3") + c[:, None] * z_all[None, :]
+    dfq += _dot_split(g_lo, S_SPLIT + bh * 2 * D * D, tl.load(S_SCALE + bh), D, True) + c[:, None] * z_all[None, :]
     dq = dq * sm_scale + _phi_bwd(x, fq32, dfq, FEATURE)
     tl.store(DQ + q_ptr, dq.to(q.dtype), mask=m_valid[:, None])
 
 
 @triton.jit
-def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_ALL, DZ_ALL, LUT, NCRIT, NNEG,
+def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_SPLIT, DS_SCALE, DZ_ALL, LUT, NCRIT, NNEG,
             DK, DV, sm_scale, qk_scale, N_Q, N_K, NQB, NKB,
             FEATURE: tl.constexpr, CORRECT: tl.constexpr, D: tl.constexpr,
-            BQ: tl.constexpr, BK: tl.constexpr):
-    """dk, dv of one key block over the query blocks that list it (LUT is the transposed map)."""
+            BQ: tl.constexpr, BK: tl.constexpr, QT: tl.constexpr):
+    """dk, dv of one key block over the query blocks that list it (LUT is the transposed map),
+    each visited in BQ // QT tiles of QT rows."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_k = j * BK + tl.arange(0, BK)
-    offs_m0 = tl.arange(0, BQ)
+    offs_m0 = tl.arange(0, QT)
     offs_d = tl.arange(0, D)
     k_valid = offs_k < N_K
     kv_ptr = bh * N_K * D + offs_k[:, None] * D + offs_d[None, :]
@@ -277,9 +299,9 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_ALL, DZ_ALL, LUT, NCRIT, NNEG,
     dk = tl.zeros([BK, D], dtype=tl.float32)
     dv = tl.zeros([BK, D], dtype=tl.float32)
     dfk = tl.zeros([BK, D], dtype=tl.float32)
-    for t in range(n_crit):
-        i = tl.load(lut + t)
-        offs_m = i * BQ + offs_m0
+    for t in range(n_crit * (BQ // QT)):
+        i = tl.load(lut + t // (BQ // QT))
+        offs_m = i * BQ + (t % (BQ // QT)) * QT + offs_m0
         m_valid = offs_m < N_Q
         q_ptr = q_base + offs_m[:, None] * D + offs_d[None, :]
         q = tl.load(Q + q_ptr, mask=m_valid[:, None], other=0.0)
@@ -301,9 +323,9 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_ALL, DZ_ALL, LUT, NCRIT, NNEG,
             dfk += tl.dot(dat.to(fq.dtype), fq)
             dv -= tl.dot(at.to(g.dtype), g)
     if CORRECT:
-        for t in range(n_crit, n_crit + n_neg):
-            i = tl.load(lut + t)
-            offs_m = i * BQ + offs_m0
+        for t in range(n_crit * (BQ // QT), (n_crit + n_neg) * (BQ // QT)):
+            i = tl.load(lut + t // (BQ // QT))
+            offs_m = i * BQ + (t % (BQ // QT)) * QT + offs_m0
             m_valid = offs_m < N_Q
             q_ptr = q_base + offs_m[:, None] * D + offs_d[None, :]
             fq = tl.load(FQ + q_ptr, mask=m_valid[:, None], other=0.0)
@@ -313,11 +335,10 @@ def _bwd_kv(Q, K, V, FQ, G, C, DO, LSE, DELTA, DS_ALL, DZ_ALL, LUT, NCRIT, NNEG,
             dat = -(tl.dot(v, tl.trans(g)) + c[None, :])
             dfk += tl.dot(dat.to(fq.dtype), fq)
             dv -= tl.dot(at.to(g.dtype), g)
-    ds_all = tl.load(DS_ALL + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-    ds_all_t = tl.load(DS_ALL + bh * D * D + offs_d[None, :] * D + offs_d[:, None])
+    ds_scale = tl.load(DS_SCALE + bh)
     dz_all = tl.load(DZ_ALL + bh * D + offs_d)
-    dv += tl.dot(fk.to(tl.float32), ds_all, input_precision="tf32x3")
-    dfk += tl.dot(v.to(tl.float32), ds_all_t, input_precision="tf32x3") + dz_all[None, :]
+    dv += _dot_split(fk, DS_SPLIT + bh * 2 * D * D, ds_scale, D, False)
+    dfk += _dot_split(v, DS_SPLIT + bh * 2 * D * D, ds_scale, D, True) + dz_all[None, :]
     dk = dk * sm_scale + _phi_bwd(x, fk32, dfk, FEATURE)
     tl.store(DK + kv_ptr, dk.to(k.dtype), mask=k_valid[:, None])
     tl.store(DV + kv_ptr, dv.to(v.dtype), mask=k_valid[:, None])
@@ -331,6 +352,15 @@ def _block_lists(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     n_crit = (block_map == 1).sum(-1, dtype=torch.int32).flatten()
     n_neg = (block_map == -1).sum(-1, dtype=torch.int32).flatten()
     return order, n_crit, n_neg
+
+
+def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [BH, D, D] -> (hi/lo pair [BH, 2, D, D] in dtype, scale [BH]) with x ~ scale * (hi + lo);
+    the scale (max |x| per slice) keeps fp16 in range at any sequence length."""
+    scale = x.abs().amax((1, 2)).clamp_min(1e-30)
+    y = x / scale[:, None, None]
+    hi = y.to(dtype)
+    return torch.stack((hi, (y - hi.float()).to(dtype)), 1).contiguous(), scale
 
 
 def _reduce(x: torch.Tensor, b: torch.Tensor, block: int, feature: int, apply_phi: bool,
@@ -360,21 +390,22 @@ class _SLAFused(torch.autograd.Function):
         n_qb, n_kb = block_map.shape[-2:]
         lut, n_crit, n_neg = _block_lists(block_map)
         s_all, z_all, fk = _reduce(k3, v3, block_k, feature, apply_phi=True)
+        s_split, s_scale = _split(s_all, q.dtype)
         o_s, o_l = torch.empty_like(q3), torch.empty_like(q3)
         lse = torch.empty(bh, n_q, device=q.device, dtype=torch.float32)
         den = torch.empty_like(lse)
         _fwd[(n_qb, bh)](
-            q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den,
+            q3, k3, v3, fk, s_split, s_scale, z_all, lut, n_crit, n_neg, o_s, o_l, lse, den,
             scale * LOG2E, eps, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("fwd", d),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("fwd", d, block_q),
         )
-        ctx.save_for_backward(q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den)
+        ctx.save_for_backward(q3, k3, v3, fk, s_split, s_scale, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den)
         ctx.cfg = (batch, heads, scale, feature, correct, block_q, block_k)
         return o_s.view(batch, heads, n_q, d), o_l.view(batch, heads, n_q, d)
 
     @staticmethod
     def backward(ctx, do_s, do_l):
-        q3, k3, v3, fk, s_all, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den = ctx.saved_tensors
+        q3, k3, v3, fk, s_split, s_scale, z_all, block_map, lut, n_crit, n_neg, o_s, o_l, lse, den = ctx.saved_tensors
         batch, heads, scale, feature, correct, block_q, block_k = ctx.cfg
         bh, n_q, d = q3.shape
         n_k = k3.shape[1]
@@ -383,18 +414,20 @@ class _SLAFused(torch.autograd.Function):
         dol3 = do_l.reshape(bh, n_q, d).contiguous()
         dq, fq, g = torch.empty_like(q3), torch.empty_like(q3), torch.empty_like(q3)
         c, delta = torch.empty_like(lse), torch.empty_like(lse)
-        _bwd_q[(n_qb, bh)](
-            q3, k3, v3, fk, s_all, z_all, lut, n_crit, n_neg, o_s, o_l, do3, dol3, lse, den,
+        tile = min(block_q, BWD_Q_TILE)
+        _bwd_q[(triton.cdiv(n_q, tile), bh)](
+            q3, k3, v3, fk, s_split, s_scale, z_all, lut, n_crit, n_neg, o_s, o_l, do3, dol3, lse, den,
             dq, fq, g, c, delta, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_q", d),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, QT=tile, **_launch("bwd_q", d, tile),
         )
         ds_all, dz_all, _ = _reduce(fq, g, block_q, feature, apply_phi=False, w=c)
+        ds_split, ds_scale = _split(ds_all, q3.dtype)
         lut_t, n_crit_t, n_neg_t = _block_lists(block_map.transpose(-1, -2))
         dk, dv = torch.empty_like(k3), torch.empty_like(v3)
         _bwd_kv[(n_kb, bh)](
-            q3, k3, v3, fq, g, c, do3, lse, delta, ds_all, dz_all, lut_t, n_crit_t, n_neg_t,
+            q3, k3, v3, fq, g, c, do3, lse, delta, ds_split, ds_scale, dz_all, lut_t, n_crit_t, n_neg_t,
             dk, dv, scale, scale * LOG2E, n_q, n_k, n_qb, n_kb,
-            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, **_launch("bwd_kv", d),
+            FEATURE=feature, CORRECT=correct, D=d, BQ=block_q, BK=block_k, QT=tile, **_launch("bwd_kv", d, tile),
         )
         shape_q, shape_k = (batch, heads, n_q, d), (batch, heads, n_k, d)
         return dq.view(shape_q), dk.view(shape_k), dv.view(shape_k), None, None, None, None, None, None, None
