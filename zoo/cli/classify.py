@@ -87,6 +87,9 @@ def preprocess(model, paths: list[str]):
 def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise CliError(f"{missing[0]}: no such image" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     device = device_of(args)
     name, model, source = load_classifier(args)
     info(args, f"{name}: {source}")
