@@ -7,7 +7,7 @@ from pathlib import Path
 from . import CliError
 from ._common import HelpFormatter, add_common, add_model_source, check_model_name, device_of, info, no_weights_message, registered_weights
 
-DEFAULT_CLASSIFIER = "nat_mnist"
+DEFAULT_CLASSIFIER = "biformer_mnist"
 
 EXAMPLES = """examples:
   zoo classify digit.png                              # the embedded MNIST classifier (white digit on black)
