@@ -176,7 +176,7 @@ def test_generate_default_digits_are_recognised(capsys, tmp_path):
     for name in (DEFAULT_IMAGE_MODEL, DEFAULT_CLASSIFIER):
         if not shipped(name):
             pytest.skip(f"{name} has no shipped weights yet: its training run did not reach the bar (see TRAINING.md)")
-    code, _, err = run(capsys, "generate", "--classes", "3", "7", "1", "--num-per-class", "2", "--steps", "20",
+    code, _, err = run(capsys, "generate", "--classes", "3", "7", "1", "--num-per-class", "2", "--steps", "10",
                        "--seed", "0", "--quiet", "--out-dir", str(tmp_path))
     assert code == 0, err
     from PIL import Image

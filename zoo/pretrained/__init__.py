@@ -42,6 +42,7 @@ VIDEO_DIT_ARGS = dict(in_channels=1, num_classes=10, input_size=(16, 32, 32), de
 
 # file name -> sha256 of the shipped weights (filled in when the trained files are added)
 SHIPPED: dict[str, str] = {
+    "dit_s_2_mnist.safetensors": "3d55bdea69ec93105bb58a1a09f6c91153112e88459ddb1a42d5a5d758f50b42",
     "biformer_mnist.safetensors": "0ddcec9c59d9170cfa483de0d583ce9348497f16e6103c54e1672e2ce3943c55",
 }
 
