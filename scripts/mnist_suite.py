@@ -110,7 +110,7 @@ def stage_dit(args, root: Path, summary: dict, classifier) -> None:
         start = time.perf_counter()
         x = dit.sample(model, labels.tolist(), num_steps=args.sample_steps, guidance_scale=guidance, scheduler="ddim",
                        generator=g, progress=False, guidance_channels="all").float().cpu()
-        acc = digits.image_accuracy(classifier, x, labels)
+        acc = digits.image_accuracy(classifier, x, labels) if classifier is not None else float('nan')
         out[f"accuracy_guidance_{guidance}"] = acc
         out[f"sample_seconds_guidance_{guidance}"] = time.perf_counter() - start
         log(f"dit: {len(labels)} samples, guidance {guidance}: {acc:.3f} classified as requested")
@@ -133,13 +133,15 @@ def stage_video(args, root: Path, summary: dict, classifier) -> None:
     dm.setup("validate")
     real = torch.stack([dm.val_set[i][0] for i in range(args.real_videos)])
     real_y = torch.stack([dm.val_set[i][1] for i in range(args.real_videos)])
-    summary["video"] = {"real_frame_accuracy": digits.frame_accuracy(classifier, real, real_y, cfg.data.digit_size)}
+    summary["video"] = {"real_frame_accuracy": digits.frame_accuracy(classifier, real, real_y, cfg.data.digit_size)
+                        if classifier is not None else float("nan")}
     log(f"video: per-frame accuracy of real Moving-MNIST videos (metric ceiling) {summary['video']['real_frame_accuracy']:.3f}")
     runs = [("dense", [f"output_dir={root / 'video_dense'}"])]
     dense_export = None
     for attention, ft in (("radial", args.radial), ("sla", args.sla)):
         runs.append((attention, [f"output_dir={root / ('video_' + attention)}", f"model.kwargs.attention={attention}",
-                                 f"trainer.max_steps={args.finetune_steps}", "optim.warmup_steps=20", *ft]))
+                                 f"trainer.max_steps={args.finetune_steps}", "optim.warmup_steps=20",
+                                 "diffusion.ema_decay=0.99", *ft]))
     for attention, extra in runs:
         overrides = base + extra + ([f"model.checkpoint_path={dense_export}"] if dense_export else [])
         if attention == "dense":
@@ -160,12 +162,24 @@ def stage_video(args, root: Path, summary: dict, classifier) -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         v = v.float().cpu()
-        acc = digits.frame_accuracy(classifier, v, labels, cfg.data.digit_size)
+        acc = digits.frame_accuracy(classifier, v, labels, cfg.data.digit_size) if classifier is not None else float('nan')
         summary["video"][attention] = {"frame_accuracy": acc, "steps": res["global_step"], "train_seconds": res["seconds"],
                                        "sample_seconds": seconds, "videos": len(labels)}
         log(f"video {attention}: per-frame digit accuracy {acc:.3f} over {len(labels)} videos; sampling {seconds:.1f} s")
         media.save_video(media.video_grid(v[:: args.videos_per_class], nrow=10), args.out / f"video_{attention}.gif")
         pack(res["export"], args.out, f"video_dit_s_2_mmnist_{attention}")
+
+
+def guarded(stage: str, summary: dict, fn, *args):
+    """Run a stage; a failure is logged and recorded, and the next stage still runs."""
+    import traceback
+
+    try:
+        return fn(*args)
+    except Exception as e:  # one broken stage must not cost the others' device time
+        traceback.print_exc()
+        summary.setdefault("errors", {})[stage] = f"{type(e).__name__}: {e}"
+        return None
 
 
 def main() -> None:
@@ -186,26 +200,29 @@ def main() -> None:
     p.add_argument("--radial", nargs="*", default=[], help="extra overrides for the radial fine-tune")
     p.add_argument("--sla", nargs="*", default=[], help="extra overrides for the SLA fine-tune")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every run")
+    p.add_argument("--set-classify", nargs="*", default=[], help="overrides for the classifier runs")
+    p.add_argument("--set-dit", nargs="*", default=[], help="overrides for the DiT run")
+    p.add_argument("--set-video", nargs="*", default=[], help="overrides for the video runs")
     p.add_argument("--quick", action="store_true", help="tiny settings for a CPU smoke test")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     for stage in QUICK:
-        setattr(args, f"quick_{stage}", (QUICK[stage] if args.quick else []) + args.set)
+        setattr(args, f"quick_{stage}", (QUICK[stage] if args.quick else []) + args.set + getattr(args, f"set_{stage}"))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "classify": {}}
     start = time.perf_counter()
     try:
+        classifier = None
         if "classify" in args.stages:
-            classifier = stage_classify(args, args.work, summary)
-        else:
+            classifier = guarded("classify", summary, stage_classify, args, args.work, summary)
+        if args.classifier_export:
             import zoo
 
             meta = json.loads(Path(args.classifier_export).with_suffix(".json").read_text())
             classifier = zoo.create_model(meta["architecture"], checkpoint_path=args.classifier_export).to(args.device).eval()
-        if "dit" in args.stages:
-            stage_dit(args, args.work, summary, classifier)
-        if "video" in args.stages:
-            stage_video(args, args.work, summary, classifier)
+        for stage, fn in (("dit", stage_dit), ("video", stage_video)):
+            if stage in args.stages:
+                guarded(stage, summary, fn, args, args.work, summary, classifier)
     finally:
         summary["total_seconds"] = time.perf_counter() - start
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

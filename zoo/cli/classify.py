@@ -7,7 +7,7 @@ from pathlib import Path
 from . import CliError
 from ._common import HelpFormatter, add_common, add_model_source, check_model_name, device_of, info, no_weights_message, registered_weights
 
-DEFAULT_CLASSIFIER = "nat_mnist"
+DEFAULT_CLASSIFIER = "biformer_mnist"
 
 EXAMPLES = """examples:
   zoo classify digit.png                              # the embedded MNIST classifier (white digit on black)
@@ -32,12 +32,15 @@ def class_names(model) -> list[str]:
 
 
 def load_classifier(args: argparse.Namespace):
+    import timm
+
     import zoo
 
     name = args.model or DEFAULT_CLASSIFIER
-    import timm
-
-    if timm.is_model(name) and not zoo.list_models(name.partition(".")[0]):  # a timm model: timm loads its weights
+    timm_only = timm.is_model(name) and not zoo.list_models(name.partition(".")[0])
+    entry = None if timm_only else check_model_name(name, kind="classifier")
+    _check_images(args.images)
+    if timm_only:  # a timm model: timm loads its weights
         pretrained = not (args.random_init or args.checkpoint)
         if args.checkpoint and not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint {args.checkpoint}: no such file")
@@ -47,7 +50,6 @@ def load_classifier(args: argparse.Namespace):
             raise CliError(f"timm could not load {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "pass --checkpoint PATH or --random-init") from None
         return name, model, f"timm {'pretrained' if pretrained else args.checkpoint or 'random init'}"
-    entry = check_model_name(name, kind="classifier")
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint {args.checkpoint}: no such file")
@@ -61,6 +63,12 @@ def load_classifier(args: argparse.Namespace):
         return name, zoo.create_model(w.name, pretrained=True), f"{w.name} ({w.describe()})"
     except zoo.weights.WeightsError as e:
         raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
+
+
+def _check_images(paths: list[str]) -> None:
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise CliError(f"{missing[0]}: no such image" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def preprocess(model, paths: list[str]):

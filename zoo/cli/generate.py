@@ -37,6 +37,14 @@ def _model_args(pairs: list[str]) -> dict:
     return out
 
 
+def _exported_args(args: argparse.Namespace, name: str) -> dict:
+    """The model arguments `zoo.weights.export` recorded next to --checkpoint (same architecture only)."""
+    from zoo import weights
+
+    meta = weights.read_export_config(args.checkpoint) if args.checkpoint else None
+    return dict(meta.get("model_args", {})) if meta and meta.get("architecture") == name.partition(".")[0] else {}
+
+
 def _labels(args: argparse.Namespace, num_classes: int) -> list[int]:
     bad = [c for c in args.classes if not 0 <= c < num_classes]
     if bad:
@@ -51,7 +59,7 @@ def _build(args: argparse.Namespace, default: str, **kwargs):
 
     name = args.model or default
     entry = check_model_name(name, kind="generator")
-    kwargs = {**_model_args(getattr(args, "model_arg", None)), **kwargs}
+    kwargs = {**_exported_args(args, name), **_model_args(getattr(args, "model_arg", None)), **kwargs}
     try:
         model = zoo.create_model(name.partition(".")[0], **kwargs)
     except (TypeError, ValueError) as e:
@@ -74,8 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"{name} is a video model: use `zoo generate-video --model {name}`")
     source = load_generator_weights(args, model, name, entry)
     labels = _labels(args, model.num_classes)
-    vae = args.vae if args.vae != "none" else None
-    if vae is None and model.in_channels == 4:
+    vae = None if args.vae in ("none", "auto") else args.vae
+    if args.vae == "auto" and model.in_channels == 4:
         vae = "ema"  # the official latent DiTs decode through the SD VAE
     info(args, f"{name}: {source}; {len(labels)} samples, {args.steps} {args.scheduler} steps, guidance {args.guidance}, {device}")
     model.to(device).eval()
@@ -149,7 +157,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     entry = check_model_name(name, kind="generator")
     if args.attention not in dit.ATTENTION_BACKENDS:
         raise CliError(f"--attention {args.attention!r}: {name} supports {', '.join(dit.ATTENTION_BACKENDS)}")
-    kwargs = dict(_model_args(args.model_arg), attention=args.attention)
+    kwargs = dict(_exported_args(args, name), **_model_args(args.model_arg), attention=args.attention)
     if args.attention == "na":
         kwargs["attention_kwargs"] = {"kernel_size": args.na_kernel}
     model = _create_video(name, kwargs, args)

@@ -29,6 +29,8 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
     if split_name(name)[0] in _MODELS or not timm.is_model(name):
         model = zoo.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path,
                                  num_classes=num_classes, in_chans=in_chans, **kwargs)
+        # what an export must record to rebuild it: the caller's arguments, not those the entrypoint adds itself
+        model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     else:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                   checkpoint_path=checkpoint_path or "", **kwargs)

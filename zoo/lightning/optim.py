@@ -53,8 +53,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 def configure_adamw(module, model: nn.Module, lr: float, weight_decay: float, betas, warmup_steps: int,
                     min_lr_ratio: float, patterns: Iterable[str]) -> dict:
     """`configure_optimizers` result for a LightningModule (`module.trainer` gives the step count)."""
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    opt = torch.optim.AdamW(param_groups(model, weight_decay, patterns), lr=lr, betas=tuple(betas), **fused)
+    # not fused: Lightning cannot clip gradients of a fused AdamW under mixed precision
+    opt = torch.optim.AdamW(param_groups(model, weight_decay, patterns), lr=lr, betas=tuple(betas))
     total = int(module.trainer.estimated_stepping_batches)
     sched = warmup_cosine(opt, warmup_steps, total, min_lr_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

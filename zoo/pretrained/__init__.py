@@ -41,7 +41,10 @@ DIT_ARGS = dict(input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
 VIDEO_DIT_ARGS = dict(in_channels=1, num_classes=10, input_size=(16, 32, 32), depth=6, hidden_size=128, num_heads=2, class_dropout_prob=0.1)
 
 # file name -> sha256 of the shipped weights (filled in when the trained files are added)
-SHIPPED: dict[str, str] = {}
+SHIPPED: dict[str, str] = {
+    "dit_s_2_mnist.safetensors": "3d55bdea69ec93105bb58a1a09f6c91153112e88459ddb1a42d5a5d758f50b42",
+    "biformer_mnist.safetensors": "0ddcec9c59d9170cfa483de0d583ce9348497f16e6103c54e1672e2ce3943c55",
+}
 
 
 def _source(file: str) -> dict:
@@ -74,10 +77,11 @@ def _classifier(name: str, pretrained: bool, kwargs: dict):
     from zoo import weights
     from zoo._registry import get_entry
 
-    cfg = kwargs.pop("pretrained_cfg", None)  # timm passes the resolved cfg of `name.tag`
-    kwargs.pop("pretrained_cfg_overlay", None)
+    from timm.models._builder import resolve_pretrained_cfg
+
+    # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
+    cfg = resolve_pretrained_cfg(name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
     kwargs.pop("cache_dir", None)
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or default_cfgs[name].default.to_dict())
     base, args = CLASSIFIER_ARGS[name]
     model = get_entry(base).fn(pretrained=False, **{"num_classes": 10, "in_chans": 1, **args, **kwargs})
     model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}

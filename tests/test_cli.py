@@ -1,0 +1,200 @@
+"""The `zoo` CLI: generate, generate-video, classify, train, bench (CPU, in-process)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.cli import main
+
+DIGITS = sorted((Path(__file__).parent / "data" / "digits").glob("*.png"))
+TINY_DIT = ["--model", "dit_s_2", "--random-init", "--model-arg", "input_size=16", "--model-arg", "in_channels=1",
+            "--model-arg", "num_classes=10", "--model-arg", "depth=1", "--model-arg", "hidden_size=32",
+            "--model-arg", "num_heads=2", "--model-arg", "learn_sigma=false", "--steps", "2", "--quiet"]
+TINY_VIDEO = ["--model", "video_dit_tiny", "--random-init", "--model-arg", "in_channels=1", "--steps", "2", "--quiet"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def shipped(name: str) -> bool:
+    zoo.register_all_models()
+    return any(zoo.weights.has_weights(f"{name}.{t}") for t in zoo._registry.get_entry(name).tags)
+
+
+# ---------------------------------------------------------------- help and errors
+
+@pytest.mark.parametrize("command", ["generate", "generate-video", "classify", "train", "bench"])
+def test_help_has_examples(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["generate", "--model", "dit_s_3", "--out", "{tmp}/a.png"], r"unknown model 'dit_s_3'; did you mean .*dit_s_2"),
+    (["generate", "--model", "dit_s_2", "--out", "{tmp}/a.png"], r"no pretrained weights registered: pass --checkpoint PATH .* or --random-init"),
+    (["generate", "--model", "dit_s_2", "--checkpoint", "{tmp}/missing.safetensors", "--out", "{tmp}/a.png"], r"--checkpoint .*no such file"),
+    (["generate", *TINY_DIT, "--out", "{tmp}/a.jpg"], r"must end in \.png"),
+    (["generate", *TINY_DIT, "--out", "{tmp}/file.txt/a.png"], r"cannot create the folder"),
+    (["generate", *TINY_DIT, "--classes", "12", "--out", "{tmp}/a.png"], r"--classes \[12\]: this model knows classes 0..9"),
+    (["generate", "--model", "dit_s_2", "--random-init", "--model-arg", "input_size=15", "--out", "{tmp}/a.png"], r"not divisible by patch_size"),
+    (["generate", "--model", "video_dit_tiny", "--random-init", "--out", "{tmp}/a.png"], r"video model: use `zoo generate-video"),
+    (["generate-video", *TINY_VIDEO, "--attention", "flash", "--out", "{tmp}/v.gif"], r"--attention 'flash': .* dense, radial, sla, na"),
+    (["generate-video", *TINY_VIDEO, "--frames", "0", "--out", "{tmp}/v.gif"], r"--frames 0: .*positive multiple"),
+    (["generate-video", *TINY_VIDEO, "--out", "{tmp}/v.avi"], r"must end in \.mp4 or \.gif"),
+    (["generate-video", "--model", "dit_s_2", "--random-init", "--out", "{tmp}/v.gif"], r"image model: use `zoo generate"),
+    (["classify", "--model", "nat_tinyy", "x.png"], r"unknown model 'nat_tinyy'; did you mean .*nat_tiny"),
+    (["classify", "--model", "nat_tiny", "--random-init", "{tmp}/none.png"], r"none.png: no such image"),
+    (["classify", "--model", "dit_s_2", "x.png"], r"dit_s_2 is a generator, not a classifier"),
+    (["train", "--config", "classify/vit_mnist.yaml", "trainer.devicez=2"], r"trainer.devicez.*Did you mean: 'devices'"),
+])
+def test_one_line_errors(capsys, tmp_path, argv, pattern):
+    (tmp_path / "file.txt").write_text("")
+    code, out, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code in (1, 2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+# ---------------------------------------------------------------- generate
+
+def test_generate_grid_files_and_determinism(capsys, tmp_path):
+    from PIL import Image
+
+    args = [*TINY_DIT, "--classes", "3", "7", "1", "--num-per-class", "2", "--seed", "0"]
+    assert run(capsys, "generate", *args, "--out", str(tmp_path / "a.png"), "--out-dir", str(tmp_path / "each"))[0] == 0
+    assert run(capsys, "generate", *args, "--out", str(tmp_path / "b.png"))[0] == 0
+    assert run(capsys, "generate", *args[:-1], "1", "--out", str(tmp_path / "c.png"))[0] == 0
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == (2 * 18 + 2, 3 * 18 + 2)  # 2 per row (16 px + 2 px padding), one row per class
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # same seed, same image
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+    files = sorted(p.name for p in (tmp_path / "each").iterdir())
+    assert files == ["000_class3.png", "001_class3.png", "002_class7.png", "003_class7.png", "004_class1.png", "005_class1.png"]
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_generate_video_frames_and_report(capsys, tmp_path, suffix):
+    from zoo.media import count_frames
+
+    out = tmp_path / f"v{suffix}"
+    code, _, err = run(capsys, "generate-video", *TINY_VIDEO[:-1], "--classes", "1", "2", "--frames", "6", "--out", str(out))
+    assert code == 0, err
+    assert count_frames(out) == 6
+    assert "attention dense: 0.0% of attention skipped" in err and re.search(r"sampling took [0-9.]+ s", err)
+
+
+def test_generate_from_exported_checkpoint(capsys, tmp_path):
+    torch.manual_seed(0)
+    model = zoo.create_model("dit_s_2", input_size=8, in_channels=1, num_classes=3, depth=1, hidden_size=32, num_heads=2, learn_sigma=False)
+    path = zoo.weights.export(model, tmp_path / "tiny.safetensors")
+    code, _, err = run(capsys, "generate", "--model", "dit_s_2", "--checkpoint", str(path), "--classes", "0", "2",
+                       "--steps", "2", "--out", str(tmp_path / "g.png"))
+    assert code == 0, err
+    assert "tiny.safetensors" in err
+
+
+# ---------------------------------------------------------------- classify
+
+def test_classify_exported_checkpoint_prints_top5(capsys, tmp_path):
+    from zoo.lightning.train import export_model
+    from zoo.lightning.config import load_config
+
+    model = zoo.create_model("nat_mini", num_classes=10, in_chans=1, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                             kernel_size=3, legacy_pad=True)
+
+    class Module:  # what export_model reads from a LightningModule
+        pass
+
+    Module.model = model
+    path = export_model(load_config("classify/nat_mnist.yaml"), Module, tmp_path / "nat.safetensors")
+    code, out, err = run(capsys, "classify", "--model", "nat_mini", "--checkpoint", str(path), *map(str, DIGITS[:2]))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].endswith(DIGITS[0].name) and len(lines) == 2 * (1 + 5)
+    assert all(re.match(r"^\s+[0-9.]+%\s+\d+\s+\d$", line) for line in lines[1:6])
+
+
+# ---------------------------------------------------------------- train
+
+def test_train_print_config(capsys):
+    code, out, _ = run(capsys, "train", "--config", "classify/vit_mnist.yaml", "--print-config", "trainer.max_steps=7")
+    assert code == 0 and "max_steps: 7" in out
+
+
+# ---------------------------------------------------------------- embedded defaults
+
+def test_pretrained_args_match_training_configs():
+    from zoo.lightning.config import load_config
+    from zoo.pretrained import CLASSIFIER_ARGS, DIT_ARGS, VIDEO_DIT_ARGS
+
+    for name, (base, args) in CLASSIFIER_ARGS.items():
+        cfg = load_config(f"classify/{name}.yaml")
+        assert cfg.model.name == base and dict(cfg.model.kwargs) == args, name
+    dit_cfg = load_config("diffusion/dit_s_2_mnist.yaml")
+    assert {**dit_cfg.model.kwargs} == DIT_ARGS
+    video_cfg = load_config("diffusion/video_dit_s_2_mmnist.yaml")
+    kwargs = {k: v for k, v in video_cfg.model.kwargs.items() if k != "attention"}
+    assert {**kwargs, "input_size": tuple(kwargs["input_size"])} == VIDEO_DIT_ARGS
+
+
+def test_embedded_shipped_files_match_sha256():
+    from zoo.pretrained import SHIPPED, shipped_files
+
+    for path in shipped_files():
+        assert zoo.weights.sha256_of(path) == SHIPPED[path.name]
+
+
+@pytest.mark.skipif(not DIGITS, reason="tests/data/digits missing")
+def test_classify_default_reads_real_digits(capsys):
+    from zoo.cli.classify import DEFAULT_CLASSIFIER
+
+    if not shipped(DEFAULT_CLASSIFIER):
+        pytest.skip(f"{DEFAULT_CLASSIFIER} has no shipped weights yet (see TRAINING.md)")
+    code, out, err = run(capsys, "classify", "--quiet", *map(str, DIGITS))
+    assert code == 0, err
+    blocks = out.strip().split("\n")
+    predicted = [int(blocks[i + 1].split()[1]) for i in range(0, len(blocks), 6)]
+    truth = [int(p.name[0]) for p in DIGITS]
+    assert sum(p == t for p, t in zip(predicted, truth)) >= 9, (predicted, truth)
+
+
+def test_generate_default_digits_are_recognised(capsys, tmp_path):
+    from zoo import digits
+    from zoo.cli.classify import DEFAULT_CLASSIFIER
+    from zoo.cli.generate import DEFAULT_IMAGE_MODEL
+
+    for name in (DEFAULT_IMAGE_MODEL, DEFAULT_CLASSIFIER):
+        if not shipped(name):
+            pytest.skip(f"{name} has no shipped weights yet: its training run did not reach the bar (see TRAINING.md)")
+    code, _, err = run(capsys, "generate", "--classes", "3", "7", "1", "--num-per-class", "2", "--steps", "10",
+                       "--seed", "0", "--quiet", "--out-dir", str(tmp_path))
+    assert code == 0, err
+    from PIL import Image
+    import numpy as np
+
+    files = sorted(tmp_path.glob("*.png"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f))).float()[None] / 127.5 - 1 for f in files])
+    assert images.shape[-2:] == (32, 32)
+    labels = torch.tensor([3, 3, 7, 7, 1, 1])
+    assert digits.image_accuracy(zoo.create_model(DEFAULT_CLASSIFIER, pretrained=True).eval(), images, labels) >= 5 / 6
+
+
+def test_generate_video_default(capsys, tmp_path):
+    from zoo.cli.generate import DEFAULT_VIDEO_MODEL
+    from zoo.media import count_frames
+
+    if not shipped(DEFAULT_VIDEO_MODEL):
+        pytest.skip(f"{DEFAULT_VIDEO_MODEL} has no shipped weights: its training run did not reach the bar (see TRAINING.md)")
+    code, _, err = run(capsys, "generate-video", "--classes", "3", "--steps", "4", "--quiet", "--out", str(tmp_path / "v.gif"))
+    assert code == 0, err
+    assert count_frames(tmp_path / "v.gif") == 16
