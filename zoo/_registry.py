@@ -30,6 +30,7 @@ _MODELS: dict[str, ModelEntry] = {}
 @functools.cache
 def timm_own_names() -> frozenset[str]:
     """timm's model names before any zoo registration (taken at the first registration)."""
+    import timm  # local: the module-level `import timm` below may still be running (its hook registers models)
 
     return frozenset(timm.list_models())
 
