@@ -328,7 +328,7 @@ class BiFormer(nn.Module):
                     nn.BatchNorm2d(embed_dims[i]), nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, 2)))
 
         # 2. stages (`stages.{i}.{j}` for T/S/B, `stages.{i}.blocks.{j}` for STL)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: builds on the meta device too
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
