@@ -36,10 +36,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
+from zoo.ops import bi_level_routing_attention
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
-from zoo.ops import bi_level_routing_attention
 from zoo.weights import generate_default_cfgs
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "NCHWBiLevelRoutingAttention", "AttentionLePE", "NCHWAttentionLePE"]

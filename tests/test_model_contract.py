@@ -20,10 +20,10 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 from torch import nn
 
-import timm
 import zoo
 from zoo import weights
 from zoo._registry import get_entry, timm_own_names
@@ -34,8 +34,8 @@ _CFG_FIELDS = ("input_size", "mean", "std", "crop_pct", "interpolation", "first_
 
 # Known contract gaps in files whose authors were still at work: (check, model) -> reason.
 # Each is a strict xfail: when the model is fixed the test XPASSes (fails) and the entry must go.
-_POOLED = ("backbones/_common.py ClassifierMixin.forward_features returns pooled (B, C) features, not the unpooled map/tokens timm's contract asks for "
-           "(pooling belongs in forward_head)")
+_POOLED = ("backbones/_common.py ClassifierMixin.forward_features returns pooled (B, C) features, not the "
+           "unpooled map/tokens timm's contract asks for (pooling belongs in forward_head)")
 _NHWC = ("forward_features returns NHWC (B, H, W, C) but the model does not declare output_fmt='NHWC' "
          "(timm reads the channel dim from it; set `self.output_fmt = 'NHWC'` or return NCHW)")
 KNOWN_GAPS: dict[tuple[str, str], str] = {
@@ -45,6 +45,11 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("forward_features", "cswin_style.CSWinStyle"): _POOLED,
     ("forward_features", "nat.NAT"): _NHWC,
     ("forward_features", "nat.NATIsotropic"): _NHWC,
+    **{("unpooled", fam): "reset_classifier(0, '') is ignored: forward still returns pooled (B, C) features "
+       "(backbones/_common.py ClassifierMixin pools in forward_features and has no global_pool='' path)"
+       for fam in ("swin_style.SwinStyle", "pvt_style.PVTStyle", "deit_style.DeiTStyle", "cswin_style.CSWinStyle")},
+    ("unpooled", "nat.NAT"): _NHWC,
+    ("unpooled", "nat.NATIsotropic"): _NHWC,
     ("group_matcher", "pvt_style.PVTStyle"): (
         "group_matcher's blocks regex r'^patch_embed(\\d+)|^pos_embed(\\d+)' has two groups; for pos_embed* the "
         "first is None and timm.models.group_parameters raises TypeError (float(None))"),
@@ -105,10 +110,19 @@ SMALLEST = _smallest_per_family()
 # ---------------------------------------------------------------- cheap checks, every variant
 
 
-@pytest.mark.parametrize("name", _param("cfg", CLASSIFIERS))
+def _tagged(arch: str) -> list[str]:
+    return [f"{arch}.{t}" for t in get_entry(arch).tags] or [arch]
+
+
+@pytest.mark.parametrize("name", _param("cfg", [n for arch in CLASSIFIERS for n in _tagged(arch)]))
 def test_pretrained_cfg(name):
-    model = _meta(name)
-    cfg = model.pretrained_cfg
+    """Each `arch.tag` cfg (what `create_model('arch.tag')` gets) is complete and names real modules."""
+    from timm.models import get_pretrained_cfg
+
+    arch = name.partition(".")[0]
+    cfg = get_pretrained_cfg(name).to_dict()
+    # the model the tag builds: tags with `model_args` (e.g. other dilations at 384) change the architecture
+    model = _meta(name if "model_args" in weights.cfg_extras(name) else arch)
     missing = [k for k in _CFG_FIELDS if cfg.get(k) in (None, "", ())]
     assert not missing, f"{name}: pretrained_cfg lacks {missing}"
     channels = cfg["input_size"][0]
@@ -274,6 +288,20 @@ def test_reset_classifier(name):
         assert model(x).shape == (1, 5)
     head = model.get_classifier()
     assert getattr(head, "out_features", getattr(head, "out_channels", 5)) == 5
+
+
+@pytest.mark.parametrize("name", _param("unpooled", SMALLEST))
+def test_reset_classifier_unpooled(name):
+    """`reset_classifier(0, '')` makes forward return the unpooled map, of the cfg's pool_size."""
+    model = copy.deepcopy(_model(name))
+    model.reset_classifier(0, "")
+    with torch.no_grad():
+        out = model(_input(name))
+    assert out.ndim in (3, 4), f"{name}: reset_classifier(0, '') still pools: {tuple(out.shape)}"
+    pool = model.pretrained_cfg.get("pool_size")
+    if out.ndim == 4 and pool:
+        spatial = tuple(out.shape[1:3] if getattr(model, "output_fmt", "NCHW") == "NHWC" else out.shape[2:])
+        assert spatial == tuple(pool), f"{name}: unpooled {tuple(out.shape)}, cfg pool_size {pool}"
 
 
 @pytest.mark.parametrize("name", _param("feature_info", SMALLEST))

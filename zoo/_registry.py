@@ -30,9 +30,10 @@ _MODELS: dict[str, ModelEntry] = {}
 @functools.cache
 def timm_own_names() -> frozenset[str]:
     """timm's model names before any zoo registration (taken at the first registration)."""
-    import timm  # local: the module-level `import timm` below may still be running (its hook registers models)
+    # imported here: the module-level `import timm` below may still be running (its hook registers models)
+    from timm import list_models as timm_list_models
 
-    return frozenset(timm.list_models())
+    return frozenset(timm_list_models())
 
 
 def register_model(fn: Callable | None = None, *, kind: str = "classifier", paper: str = ""):
