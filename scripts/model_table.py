@@ -66,7 +66,8 @@ def measure(name: str) -> dict:
     paper_flops, f_units = _as_count(extras.get("paper_flops"), 1e9)
     row = dict(name=name, kind=entry.kind, params=zoo.count_params(meta), input_size=list(input_size or ()),
                paper_params=paper_params, paper_flops=paper_flops, units_scaled=p_units or f_units,
-               top1=extras.get("top1"), paper=entry.paper)
+               top1=extras.get("top1"), paper=entry.paper,
+               official_params=extras.get("official_params"), official_flops=extras.get("official_flops"))
     return row
 
 
@@ -78,6 +79,11 @@ def flags(r: dict) -> list[str]:
         out.append(f"FLOPs Δ>{100 * FLOPS_TOL:g}%")
     if r["paper_params"] is None and r["paper_flops"] is None:
         out.append("no paper numbers")
+    # `official_params` / `official_flops`: the official code's own count, where it differs from the paper's table
+    for key, ours in (("params", r["params"]), ("flops", r.get("flops"))):
+        official = r.get(f"official_{key}")
+        if official is not None and ours is not None:
+            out.append(f"{'params' if key == 'params' else 'FLOPs'} {'=' if ours == official else '≠'} official code's")
     if r["units_scaled"]:
         out.append("cfg gives M/G units")
     return out
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     papers: dict[str, list[dict]] = {}
     for r in rows:
         papers.setdefault(r["paper"] or "-", []).append(r)
-    flagged = [r for r in rows if any(f.startswith(("params", "FLOPs")) for f in flags(r))]
+    flagged = [r for r in rows if any(f.startswith(("params Δ", "FLOPs Δ")) for f in flags(r))]
     text = [
         "# Params and FLOPs: ours vs the papers",
         "",
