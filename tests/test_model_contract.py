@@ -335,12 +335,15 @@ def test_forward_intermediates(name):
         final, inter = model.forward_intermediates(x)
         only = model.forward_intermediates(x, intermediates_only=True)
         last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
     torch.testing.assert_close(final, _features(name), msg=f"{name}: final != forward_features")
     assert len(inter) == len(model.feature_info)
     for o, i in zip(inter, model.feature_info):
         assert o.shape[1] == i["num_chs"] and x.shape[-1] / o.shape[-1] == i["reduction"], (tuple(o.shape), i)
     assert len(only) == len(inter) and len(last) == 1
     torch.testing.assert_close(last[0], inter[-1])
+    assert len(first) == 1
+    torch.testing.assert_close(first[0], inter[0], msg=f"{name}: stop_early changed the first intermediate")
 
 
 def _saved_tensors(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:
