@@ -36,10 +36,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
+from zoo.ops import bi_level_routing_attention
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
-from zoo.ops import bi_level_routing_attention
 from zoo.weights import generate_default_cfgs
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "NCHWBiLevelRoutingAttention", "AttentionLePE", "NCHWAttentionLePE"]
@@ -328,7 +328,7 @@ class BiFormer(nn.Module):
                     nn.BatchNorm2d(embed_dims[i]), nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, 2)))
 
         # 2. stages (`stages.{i}.{j}` for T/S/B, `stages.{i}.blocks.{j}` for STL)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: builds on the meta device too
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i, (depth, dim) in enumerate(zip(depths, embed_dims)):

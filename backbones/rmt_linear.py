@@ -234,6 +234,12 @@ def _stage_kinds(attn_kinds, depths: Sequence[int]) -> list[tuple[str, ...]]:
     return out
 
 
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' (the official head) or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
 class RMTLinear(nn.Module):
     """The MAViT / RAVLT classifier (timm model API).
 
@@ -261,8 +267,7 @@ class RMTLinear(nn.Module):
         global_pool: str = "avg",
     ):
         super().__init__()
-        if global_pool != "avg":
-            raise ValueError(f"global_pool must be 'avg' (the official head), got {global_pool!r}")
+        _check_pool(global_pool)
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError(f"embed_dims, depths, num_heads need one entry per stage, got {embed_dims}, {depths}, {num_heads}")
         kinds = _stage_kinds(attn_kinds, depths)
@@ -321,8 +326,8 @@ class RMTLinear(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool must be 'avg' (the official head), got {global_pool!r}")
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
 
@@ -341,11 +346,16 @@ class RMTLinear(nn.Module):
         return self._run_stages(self.patch_embed(x))[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """1x1 conv to `projection`, BN, Swish, average pool, then the 1x1-conv classifier."""
+        """1x1 conv to `projection`, BN, Swish, average pool, then the 1x1-conv classifier.
+
+        With `global_pool=''` nothing is pooled: `[B, projection | num_classes, H, W]` maps (timm's convention).
+        """
         x = F.silu(self.norm(self.proj(x)))
-        x = F.adaptive_avg_pool2d(x, 1)
+        if self.global_pool:
+            x = F.adaptive_avg_pool2d(x, 1)
         x = F.dropout(x, self.drop_rate, self.training)
-        return x.flatten(1) if pre_logits else self.head(x).flatten(1)
+        x = x if pre_logits else self.head(x)
+        return x.flatten(1) if self.global_pool else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

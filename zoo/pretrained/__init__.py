@@ -60,8 +60,12 @@ def _cfg(file: str, **kw) -> dict:
 
 
 def _classifier_cfg(name: str) -> dict:
+    """Digit preprocessing; stem and head module names are those of the family the model is built from."""
+    from timm.models import get_pretrained_cfg
+
+    base = get_pretrained_cfg(CLASSIFIER_ARGS[name][0])
     return _cfg(f"{name}.safetensors", input_size=(1, 32, 32), mean=MNIST_MEAN, std=MNIST_STD, crop_pct=1.0,
-                interpolation="bilinear", label_names=DIGITS, first_conv="patch_embed.proj", classifier="head")
+                interpolation="bilinear", label_names=DIGITS, first_conv=base.first_conv, classifier=base.classifier)
 
 
 default_cfgs = generate_default_cfgs({
