@@ -111,8 +111,8 @@ def test_generate_from_exported_checkpoint(capsys, tmp_path):
 # ---------------------------------------------------------------- classify
 
 def test_classify_exported_checkpoint_prints_top5(capsys, tmp_path):
-    from zoo.lightning.train import export_model
     from zoo.lightning.config import load_config
+    from zoo.lightning.train import export_model
 
     model = zoo.create_model("nat_mini", num_classes=10, in_chans=1, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
                              kernel_size=3, legacy_pad=True)
@@ -184,8 +184,8 @@ def test_generate_default_digits_are_recognised(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--classes", "3", "7", "1", "--num-per-class", "2", "--steps", "10",
                        "--seed", "0", "--quiet", "--out-dir", str(tmp_path))
     assert code == 0, err
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     files = sorted(tmp_path.glob("*.png"))
     images = torch.stack([torch.from_numpy(np.array(Image.open(f))).float()[None] / 127.5 - 1 for f in files])

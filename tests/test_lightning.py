@@ -145,9 +145,8 @@ def test_npz_datamodule(tmp_path):
 # ---------------------------------------------------------------- classification
 
 def test_classification_fit_loss_decreases_and_export_roundtrip(tmp_path):
-    from zoo.lightning.train import run
-
     import zoo
+    from zoo.lightning.train import run
 
     cfg = tiny_classify(tmp_path, "trainer.max_steps=40", "checkpoint.every_n_train_steps=20",
                         f"export={tmp_path / 'export' / 'vit.safetensors'}", "classify.mixup=0.2", "classify.cutmix=0.2")
@@ -338,3 +337,28 @@ def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
 
     exported = load_file(result["export"])
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
+
+
+def test_fsdp_wraps_blocks_and_refuses_ema():
+    import zoo
+    from zoo.lightning.train import block_classes, build_callbacks, build_strategy
+
+    model = zoo.create_model("dit_s_2", input_size=8, in_channels=1, num_classes=4, depth=2, hidden_size=32, num_heads=2)
+
+    class Module:
+        pass
+
+    Module.model = model
+    cfg = zcfg.load_config(None, ["task=diffusion", "model.name=dit_s_2", "trainer.strategy=fsdp", "diffusion.ema_decay=0"])
+    strategy = build_strategy(cfg, Module)
+    assert type(strategy).__name__ == "FSDPStrategy"
+    assert {c.__name__ for c in block_classes(model, [])} == {"DiTBlock"}
+    with pytest.raises(zcfg.ConfigError, match="fsdp_wrap"):
+        block_classes(model, ["NoSuchBlock"])
+    with pytest.raises(zcfg.ConfigError, match="EMA does not support sharded"):
+        build_callbacks(zcfg.load_config(None, ["task=diffusion", "model.name=x", "trainer.strategy=fsdp"]))
+
+
+def test_import_zoo_does_not_import_lightning():
+    code = "import sys, zoo; zoo.register_all_models(); zoo.list_models(); assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

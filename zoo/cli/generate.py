@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from . import CliError
-from ._common import (HelpFormatter, add_common, add_model_source, autocast, check_model_name, device_of, info,
-                      load_generator_weights, writable_dir)
+from ._common import (
+    HelpFormatter,
+    add_common,
+    add_model_source,
+    autocast,
+    check_model_name,
+    device_of,
+    info,
+    load_generator_weights,
+    writable_dir,
+)
 
 DEFAULT_IMAGE_MODEL = "dit_s_2_mnist"
 DEFAULT_VIDEO_MODEL = "video_dit_s_2_mmnist"

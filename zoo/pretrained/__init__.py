@@ -74,10 +74,10 @@ default_cfgs = generate_default_cfgs({
 
 def _classifier(name: str, pretrained: bool, kwargs: dict):
     """The family's entrypoint with the digit arguments, carrying this name's pretrained cfg."""
+    from timm.models._builder import resolve_pretrained_cfg
+
     from zoo import weights
     from zoo._registry import get_entry
-
-    from timm.models._builder import resolve_pretrained_cfg
 
     # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
     cfg = resolve_pretrained_cfg(name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
