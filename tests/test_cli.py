@@ -203,3 +203,11 @@ def test_generate_video_default(capsys, tmp_path):
     code, _, err = run(capsys, "generate-video", "--classes", "3", "--steps", "4", "--quiet", "--out", str(tmp_path / "v.gif"))
     assert code == 0, err
     assert count_frames(tmp_path / "v.gif") == 16
+
+
+def test_bench_model_prints_ratios(capsys):
+    code, out, err = run(capsys, "bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "sla", "--repeats", "2",
+                         "--device", "cpu")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "x vs dense" in line]
+    assert len(rows) == 2 and rows[0].split()[0] == "dense" and "1.00x" in rows[0]
