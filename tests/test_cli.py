@@ -50,6 +50,8 @@ def test_help_has_examples(capsys, command):
     (["generate-video", *TINY_VIDEO, "--attention", "flash", "--out", "{tmp}/v.gif"], r"--attention 'flash': .* dense, radial, sla, na"),
     (["generate-video", *TINY_VIDEO, "--frames", "0", "--out", "{tmp}/v.gif"], r"--frames 0: .*positive multiple"),
     (["generate-video", *TINY_VIDEO, "--out", "{tmp}/v.avi"], r"must end in \.mp4 or \.gif"),
+    (["generate-video", *TINY_VIDEO, "--attention", "na", "--out", "{tmp}/v.gif"], r"--na-kernel 3 7 7 exceeds the token grid \[4, 4, 4\]"),
+    (["generate-video", "--out", "{tmp}/v.gif"], r"video_dit_s_2_mmnist has no pretrained weights registered: pass --checkpoint PATH"),
     (["generate-video", "--model", "dit_s_2", "--random-init", "--out", "{tmp}/v.gif"], r"image model: use `zoo generate"),
     (["classify", "--model", "nat_tinyy", "x.png"], r"unknown model 'nat_tinyy'; did you mean .*nat_tiny"),
     (["classify", "--model", "nat_tiny", "--random-init", "{tmp}/none.png"], r"none.png: no such image"),
@@ -82,15 +84,18 @@ def test_generate_grid_files_and_determinism(capsys, tmp_path):
     assert files == ["000_class3.png", "001_class3.png", "002_class7.png", "003_class7.png", "004_class1.png", "005_class1.png"]
 
 
-@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
-def test_generate_video_frames_and_report(capsys, tmp_path, suffix):
+@pytest.mark.parametrize("suffix, attention, skipped", [(".gif", "dense", "0.0"), (".mp4", "dense", "0.0"), (".gif", "sla", "80.0"),
+                                                       (".gif", "na", "71.9")])  # 1 - 27 / (6 * 4 * 4)
+def test_generate_video_frames_and_report(capsys, tmp_path, suffix, attention, skipped):
     from zoo.media import count_frames
 
     out = tmp_path / f"v{suffix}"
-    code, _, err = run(capsys, "generate-video", *TINY_VIDEO[:-1], "--classes", "1", "2", "--frames", "6", "--out", str(out))
+    na = ["--na-kernel", "3", "3", "3"] if attention == "na" else []
+    code, _, err = run(capsys, "generate-video", *TINY_VIDEO[:-1], "--classes", "1", "2", "--frames", "6", "--attention", attention,
+                       *na, "--out", str(out))
     assert code == 0, err
     assert count_frames(out) == 6
-    assert "attention dense: 0.0% of attention skipped" in err and re.search(r"sampling took [0-9.]+ s", err)
+    assert f"attention {attention}: {skipped}% of attention skipped" in err and re.search(r"sampling took [0-9.]+ s", err)
 
 
 def test_generate_from_exported_checkpoint(capsys, tmp_path):
@@ -106,8 +111,8 @@ def test_generate_from_exported_checkpoint(capsys, tmp_path):
 # ---------------------------------------------------------------- classify
 
 def test_classify_exported_checkpoint_prints_top5(capsys, tmp_path):
-    from zoo.lightning.train import export_model
     from zoo.lightning.config import load_config
+    from zoo.lightning.train import export_model
 
     model = zoo.create_model("nat_mini", num_classes=10, in_chans=1, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
                              kernel_size=3, legacy_pad=True)
@@ -179,8 +184,8 @@ def test_generate_default_digits_are_recognised(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--classes", "3", "7", "1", "--num-per-class", "2", "--steps", "10",
                        "--seed", "0", "--quiet", "--out-dir", str(tmp_path))
     assert code == 0, err
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     files = sorted(tmp_path.glob("*.png"))
     images = torch.stack([torch.from_numpy(np.array(Image.open(f))).float()[None] / 127.5 - 1 for f in files])
@@ -198,3 +203,11 @@ def test_generate_video_default(capsys, tmp_path):
     code, _, err = run(capsys, "generate-video", "--classes", "3", "--steps", "4", "--quiet", "--out", str(tmp_path / "v.gif"))
     assert code == 0, err
     assert count_frames(tmp_path / "v.gif") == 16
+
+
+def test_bench_model_prints_ratios(capsys):
+    code, out, err = run(capsys, "bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "sla", "--repeats", "2",
+                         "--device", "cpu")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "x vs dense" in line]
+    assert len(rows) == 2 and rows[0].split()[0] == "dense" and "1.00x" in rows[0]

@@ -1,9 +1,10 @@
-"""`zoo bench op|model ...`: the kernel/model benchmark table (scripts/benchmark.py) from the `zoo` command."""
+"""`zoo bench op ...` (the kernel table of scripts/benchmark.py) and `zoo bench model ...` (attention backends in a model)."""
 from __future__ import annotations
 
 import argparse
 import runpy
 import sys
+import time
 from pathlib import Path
 
 from . import CliError
@@ -15,35 +16,84 @@ def benchmark_script() -> Path:
 
     path = Path(zoo.__file__).resolve().parents[1] / "scripts" / "benchmark.py"
     if not path.is_file():
-        raise CliError(f"zoo bench needs scripts/benchmark.py from a source checkout (looked at {path}); "
+        raise CliError(f"zoo bench op needs scripts/benchmark.py from a source checkout (looked at {path}); "
                        "install attnzoo from its git repository with `pip install -e .`")
     return path
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench_op(rest: list[str]) -> int:
     script = benchmark_script()
     argv = sys.argv
-    sys.argv = [str(script), args.what, *args.rest]
+    sys.argv = [str(script), *rest]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = argv
     return 0
 
 
+def bench_model(rest: list[str]) -> int:
+    """Median forward time of one generator with each attention backend, and the ratio to dense."""
+    import torch
+
+    import zoo
+
+    from ._common import check_model_name
+
+    p = argparse.ArgumentParser(prog="zoo bench model", description=bench_model.__doc__)
+    p.add_argument("--model", default="video_dit_s_2", help="a generator (video_dit_* for radial)")
+    p.add_argument("--attention", nargs="+", default=["dense", "radial", "sla"], help="backends; the first is the baseline")
+    p.add_argument("--input-size", type=int, nargs="+", default=None, help="model input_size, e.g. 16 32 32")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(rest)
+    check_model_name(args.model, kind="generator")
+    device = torch.device(args.device)
+    kwargs = {"input_size": tuple(args.input_size)} if args.input_size else {}
+    base = None
+    print(f"{args.model} batch {args.batch_size} on {device} (median of {args.repeats}, bf16 autocast on CUDA)")
+    for attention in args.attention:
+        try:
+            model = zoo.create_model(args.model, attention=attention, **kwargs).to(device).eval()
+        except (ImportError, ValueError, TypeError) as e:
+            raise CliError(f"--attention {attention}: {e}") from None
+        inputs = tuple(t.to(device) if t is not None else None for t in model.example_inputs(args.batch_size))
+        times = []
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for i in range(args.repeats + 2):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(*inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 2:  # warm-up
+                    times.append(time.perf_counter() - start)
+        median = sorted(times)[len(times) // 2]
+        base = base or median
+        print(f"  {attention:8s} {median * 1e3:9.2f} ms   {base / median:5.2f}x vs {args.attention[0]}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return bench_op(args.rest) if args.what == "op" else bench_model(args.rest)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ._common import HelpFormatter
 
-    p = sub.add_parser("bench", help="benchmark ops or models on GPU (ratios against baselines)",
-                       description="Run the benchmark table of scripts/benchmark.py: `op` times the attention kernels "
-                       "against SDPA / FlexAttention, `model` times whole models. Arguments after op/model go to the script "
-                       "(`zoo bench op --help` lists them).",
+    p = sub.add_parser("bench", help="benchmark kernels or models on GPU (ratios against baselines)",
+                       description="`op` runs scripts/benchmark.py (the block-sparse kernel against SDPA and FlexAttention; "
+                       "its flags follow). `model` times a generator's forward with each attention backend and prints the "
+                       "ratio to the first one.",
                        epilog="""examples:
+  zoo bench op --mask radial --mask dense --out results.json
   zoo bench op --help
-  zoo bench op
-  zoo bench model""", formatter_class=HelpFormatter)
+  zoo bench model --model video_dit_s_2 --attention dense radial sla --input-size 16 32 32
+  zoo bench model --help""", formatter_class=HelpFormatter)
     p.add_argument("what", choices=["op", "model"], help="what to benchmark")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for scripts/benchmark.py")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench)

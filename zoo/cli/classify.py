@@ -5,7 +5,16 @@ import argparse
 from pathlib import Path
 
 from . import CliError
-from ._common import HelpFormatter, add_common, add_model_source, check_model_name, device_of, info, no_weights_message, registered_weights
+from ._common import (
+    HelpFormatter,
+    add_common,
+    add_model_source,
+    check_model_name,
+    device_of,
+    info,
+    no_weights_message,
+    registered_weights,
+)
 
 DEFAULT_CLASSIFIER = "biformer_mnist"
 

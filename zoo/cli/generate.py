@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from . import CliError
-from ._common import (HelpFormatter, add_common, add_model_source, autocast, check_model_name, device_of, info,
-                      load_generator_weights, writable_dir)
+from ._common import (
+    HelpFormatter,
+    add_common,
+    add_model_source,
+    autocast,
+    check_model_name,
+    device_of,
+    info,
+    load_generator_weights,
+    writable_dir,
+)
 
 DEFAULT_IMAGE_MODEL = "dit_s_2_mnist"
 DEFAULT_VIDEO_MODEL = "video_dit_s_2_mmnist"
@@ -167,6 +175,11 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
             raise CliError(f"--frames {args.frames}: {name} needs a positive multiple of its temporal patch size {pf}")
         model = _create_video(name, dict(kwargs, input_size=(args.frames, *model.input_size[1:])), args)
     frames = model.input_size[0]
+    if args.attention == "na":
+        grid = [s // p for s, p in zip(model.input_size, model.patch_size)]
+        if any(k > g for k, g in zip(args.na_kernel, grid)):
+            raise CliError(f"--na-kernel {' '.join(map(str, args.na_kernel))} exceeds the token grid {grid} (frames, height, width) "
+                           f"of {name}: use a kernel no larger than the grid on each axis")
     source = load_generator_weights(args, model, name, entry, prefer=args.attention)
     labels = _labels(args, model.num_classes)
     info(args, f"{name}: {source}; attention {args.attention}: {attention_sparsity(model)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,16 +26,16 @@ class ConfigError(ValueError):
 class ModelCfg:
     name: str = MISSING  # a zoo or timm model name
     pretrained: bool = False
-    checkpoint_path: Optional[str] = None
+    checkpoint_path: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_model (drop_path_rate, depth, ...)
 
 
 @dataclass
 class DataCfg:
     kind: str = "npz"  # npz | imagefolder | moving_mnist | synthetic
-    path: Optional[str] = None  # .npz file (npz, moving_mnist)
-    train_dir: Optional[str] = None  # imagefolder
-    val_dir: Optional[str] = None
+    path: str | None = None  # .npz file (npz, moving_mnist)
+    train_dir: str | None = None  # imagefolder
+    val_dir: str | None = None
     image_size: int = 32
     channels: int = 1
     num_classes: int = 10
@@ -87,19 +87,19 @@ class DiffusionCfg:
 @dataclass
 class TrainerCfg:
     max_steps: int = 1000
-    max_epochs: Optional[int] = None
-    max_time: Optional[str] = None  # "DD:HH:MM:SS": stop (and checkpoint) after this long
+    max_epochs: int | None = None
+    max_time: str | None = None  # "DD:HH:MM:SS": stop (and checkpoint) after this long
     precision: str = "bf16-mixed"
     accelerator: str = "auto"
     devices: Any = "auto"  # int, list or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp | any Lightning strategy name
     fsdp_wrap: list[str] = field(default_factory=list)  # block class names; empty: every *Block class
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 20
-    val_check_interval: Optional[int] = None  # in steps; None: once per epoch
-    limit_val_batches: Optional[float] = None
+    val_check_interval: int | None = None  # in steps; None: once per epoch
+    limit_val_batches: float | None = None
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False
@@ -107,9 +107,9 @@ class TrainerCfg:
 
 @dataclass
 class CheckpointCfg:
-    every_n_train_steps: Optional[int] = 500
+    every_n_train_steps: int | None = 500
     save_top_k: int = 1
-    monitor: Optional[str] = None
+    monitor: str | None = None
     mode: str = "max"
 
 
@@ -119,7 +119,7 @@ class TrainConfig:
     output_dir: str = "outputs/${task}_${model.name}"
     seed: int = 0
     resume: bool = True  # continue from output_dir/checkpoints/last.ckpt when it exists
-    export: Optional[str] = None  # write the final weights here through zoo.weights.export
+    export: str | None = None  # write the final weights here through zoo.weights.export
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
