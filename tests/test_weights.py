@@ -161,3 +161,13 @@ def test_unknown_weights_name():
         weights.get_weights("zootest_toynet.nope")
     with pytest.raises(WeightsError, match="has no pretrained weights"):
         zoo.create_model("zootest_toynet", pretrained=True)
+
+
+def test_export_records_only_the_callers_arguments(tmp_path):
+    """Entrypoints fill in their variant's arguments; re-creating from the export must not pass them twice."""
+    for name in ("nat_mini", "mavit_tiny", "agent_deit_tiny"):
+        source = zoo.create_model(name, num_classes=3)
+        path = weights.export(source, tmp_path / name)
+        assert json.loads(path.with_suffix(".json").read_text())["model_args"] == {"num_classes": 3}
+        again = zoo.create_model(name, checkpoint_path=path)
+        assert again.num_classes == 3

@@ -31,7 +31,6 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     kwargs = {**(defaults or {}), **extras.pop("model_args", {}), **kwargs}
     model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
     model.pretrained_cfg = {**model.pretrained_cfg, **extras}
-    model.zoo_model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     if pretrained:
         tag = model.pretrained_cfg.get("tag")
         name = f"{variant}.{tag}" if tag else variant
@@ -89,7 +88,9 @@ def create_model(
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     else:
         model = entry.fn(pretrained=pretrained, pretrained_tag=tag or None, **kwargs)
-        model.zoo_model_args = dict(kwargs)
+    # what the caller asked for, not what the entrypoint filled in: `export` records it, and a
+    # re-creation passes it back to the same entrypoint
+    model.zoo_model_args = dict(kwargs)
     if not hasattr(model, "zoo_architecture"):
         model.zoo_architecture = arch
     if exported and hasattr(model, "pretrained_cfg"):

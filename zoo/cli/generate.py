@@ -119,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def attention_sparsity(model) -> str:
     """The share of query-key pairs the backend skips, averaged over layers (dense layers count 0).
 
-    radial: empty blocks of its mask; sla: 1 - topk (the rest goes through the linear branch);
+    radial: empty blocks of its mask; sla: key blocks outside the top-k critical ones (int(topk * blocks),
+    as the op counts them; the rest goes through the linear branch);
     na: tokens outside the kernel window (interior tokens; borders see the same count).
     """
     import math
@@ -132,7 +133,11 @@ def attention_sparsity(model) -> str:
             dense = backend.policy.is_dense(backend.layer_index, None)
             fractions.append(0.0 if dense else 1.0 - backend.block_mask("cpu").float().mean().item())
         elif hasattr(backend, "sla"):
-            fractions.append(1.0 - float(backend.sla.topk))
+            from zoo.ops.sla.naive import _block_counts
+
+            key_blocks = math.ceil(math.prod(grid) / backend.sla.block_size[1])
+            critical, _ = _block_counts(key_blocks, backend.sla.topk, backend.sla.negligible)
+            fractions.append(1.0 - critical / key_blocks)
         elif hasattr(backend, "kernel_size"):
             fractions.append(1.0 - math.prod(min(k, g) for k, g in zip(backend.kernel_size, grid)) / math.prod(grid))
         else:
