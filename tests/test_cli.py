@@ -161,12 +161,13 @@ def test_embedded_shipped_files_match_sha256():
 
 
 @pytest.mark.skipif(not DIGITS, reason="tests/data/digits missing")
-def test_classify_default_reads_real_digits(capsys):
+@pytest.mark.parametrize("model", [None, "nat_mnist", "mavit_mnist"])  # None: the default (biformer_mnist)
+def test_shipped_classifiers_read_real_digits(capsys, model):
     from zoo.cli.classify import DEFAULT_CLASSIFIER
 
-    if not shipped(DEFAULT_CLASSIFIER):
-        pytest.skip(f"{DEFAULT_CLASSIFIER} has no shipped weights yet (see TRAINING.md)")
-    code, out, err = run(capsys, "classify", "--quiet", *map(str, DIGITS))
+    if not shipped(model or DEFAULT_CLASSIFIER):
+        pytest.skip(f"{model or DEFAULT_CLASSIFIER} has no shipped weights yet (see TRAINING.md)")
+    code, out, err = run(capsys, "classify", "--quiet", *(["--model", model] if model else []), *map(str, DIGITS))
     assert code == 0, err
     blocks = out.strip().split("\n")
     predicted = [int(blocks[i + 1].split()[1]) for i in range(0, len(blocks), 6)]
