@@ -493,5 +493,5 @@ def test_model_table_reads_paper_numbers_from_the_cfgs():
     rows = [r for r in table.rows_for(["nat_*", "dinat_*", "vit_rpb_*"]) if not r.endswith("_mnist")]  # zoo.pretrained's
     assert len(rows) == len(ALL) + 3  # HF mirrors carry no paper numbers
     row = dict(name="x.y", params=20.1e6, input_size=(3, 224, 224), paper_params=20e6, paper_flops=2.7e9,
-               flops=2.727e9, top1=81.8, paper="p")
+               flops=2.727e9, top1=81.8, paper="p", units_scaled=False)
     assert "| `x.y` | 224 | 20.10 | 20 | +0.5% | 2.73 | 2.7 | +1.0% | 81.8 |" in table.markdown([row])
