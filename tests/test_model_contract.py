@@ -207,6 +207,28 @@ def test_variant_states_paper_numbers(name):
     assert any(weights.cfg_extras(f"{name}.{t}").get("paper_params") is not None for t in tags), name
 
 
+def _generator_paper_names() -> list[str]:
+    names = []
+    for arch in zoo.list_models(kind="generator"):
+        for tag in get_entry(arch).tags:
+            name = f"{arch}.{tag}" if tag else arch
+            if weights.cfg_extras(name).get("paper_params") is not None:
+                names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", _param("generator_paper", _generator_paper_names()))
+def test_generator_paper_numbers(name):
+    """Generators' paper numbers are counts too, and their trainable params match within the printed precision
+    (frozen Parameters such as DiT's fixed sin-cos pos_embed are not in the papers' counts)."""
+    extras = weights.cfg_extras(name)
+    assert extras["paper_params"] > 1e5 and extras.get("paper_flops", 1e9) > 1e7, extras
+    trainable = sum(p.numel() for p in _meta(name).parameters() if p.requires_grad)
+    paper = extras["paper_params"]
+    assert abs(trainable - paper) <= _published_tolerance(paper), (
+        f"{name}: {trainable / 1e6:.2f}M trainable params vs paper {paper / 1e6:g}M")
+
+
 def test_registry_imports_in_any_order():
     """`from zoo._registry import ...` first (timm not yet imported) registers every model."""
     code = "from zoo._registry import list_models; import sys; print(len(list_models(kind='classifier')))"
