@@ -62,7 +62,7 @@ class NeighborhoodAttention2D(nn.Module):
         if any(pad):
             x = F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        x = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb.to(q.dtype), scale=self.scale)
+        x = na2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale)
         x = self.proj_drop(self.proj(x.flatten(-2)))
         return x[:, :height, :width] if any(pad) else x
 
@@ -247,6 +247,7 @@ class NAT(nn.Module):
         if layout == "swin" and layer_scale is not None:
             raise ValueError("layer_scale is not supported by DiNAT_s (layout='swin') blocks, as in the official code")
         self.num_classes, self.global_pool, self.layout = num_classes, global_pool, layout
+        self.output_fmt = "NHWC"  # forward_features' layout (timm's attribute; intermediates default to NCHW)
         self.drop_rate = drop_rate
         num_stages = len(depths)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
@@ -311,6 +312,7 @@ class NAT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New head; `global_pool=''` makes `forward` return the unpooled NHWC map (with num_classes=0)."""
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -390,6 +392,7 @@ class NATIsotropic(nn.Module):
         if attention == "global":
             kernel_size = img_size // patch_size
         self.num_classes, self.global_pool = num_classes, global_pool
+        self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = embed_dim
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -573,7 +576,10 @@ default_cfgs = generate_default_cfgs({
         paper_flops=89.7e9, model_args=dict(dilations=_DILATIONS_384), paper_name=_DINAT_PAPER, **_CFG_384),
     "dinat_large.in22k_ft_in1k_384_11x11": _cfg(
         url=f"{_DINAT_CKPT}imagenet1k/dinat_large_in22k_in1k_384_11x11.pth", top1=87.5, paper_params=200e6,
-        paper_flops=92.4e9, model_args=dict(kernel_size=11), paper_name=_DINAT_PAPER, **_CFG_384),
+        paper_flops=92.4e9, model_args=dict(kernel_size=11), paper_name=_DINAT_PAPER, **_CFG_384,
+        # the paper prints 200M as for the 7x7 model; the 21x21 rpb tables add 200,736. Our module names and
+        # shapes equal the official code's (the checkpoint loads strictly), so this count is the official one.
+        official_params=201_144_250),
     "dinat_large.hf_in22k_ft_in1k": _cfg(
         hf_hub_id="shi-labs/dinat-large-in22k-in1k-224", hf_filename="pytorch_model.bin", converter=convert_hf_nat,
         top1=86.6, paper_name=_DINAT_PAPER),
@@ -599,7 +605,11 @@ default_cfgs = generate_default_cfgs({
     **{
         f"{ours}.in1k": _cfg(
             url=f"{_DINAT_CKPT}isotropic/{official}_in1k_224.pth", top1=top1, paper_params=params, paper_flops=flops,
-            first_conv="patch_embed.proj", pool_size=(14, 14), paper_name=_DINAT_PAPER)
+            first_conv="patch_embed.proj", pool_size=(14, 14), paper_name=_DINAT_PAPER,
+            **({"official_params": 86_627_080} if ours == "vit_rpb_base" else {}))
+        # ViT-rpb-B: the paper prints 86M as for the NA models, but its 24 heads x [27, 27] rpb tables per layer
+        # add 0.21M (86.63M, +0.7%). Our module names and shapes equal the official classification/isotropic.py
+        # (the checkpoint loads strictly), so this count is the official code's.
         for ours, official, params, flops, top1 in (
             ("nat_iso_small", "nat_isotropic_small", 22e6, 4.3e9, 80.0),
             ("dinat_iso_small", "dinat_isotropic_small", 22e6, 4.3e9, 80.8),

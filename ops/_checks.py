@@ -14,11 +14,11 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int | tuple[int, ...], layout
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
-    """Same dtype and device for all tensors."""
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dtype: bool = True) -> None:
+    """Same device (and, with `dtype`, same dtype) for all tensors."""
     first_name, first = names[0], tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
-        if t.dtype != first.dtype:
+        if dtype and t.dtype != first.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}: cast them to one dtype")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: move them to one device")

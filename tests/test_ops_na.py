@@ -205,6 +205,27 @@ def test_low_precision_matches_float32():
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_float32_rpb_and_extra_tokens_with_bf16_qkv_under_autocast():
+    """Autocast gives bf16 q/k/v from the projections while rpb and other parameters stay float32:
+    they are cast, the computation runs in float32 (not re-cast to bf16 by autocast), the output is bf16,
+    and float64 inputs still give the float64 oracle exactly."""
+    q, k, v, rpb, ek, ev = _inputs((7, 8), kernel=(3, 3), extra=2)
+    kw = dict(dilation=2, rpb=rpb.float(), additional_keys=ek.float(), additional_values=ev.float())
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = na2d(*low, 3, **kw)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in low)
+    ref, _ = oracle(*(t.detach().bfloat16().double() for t in (q, k, v)), (3, 3), (2, 2), (1, 1), (False, False),
+                    rpb.detach().float().double(), None, ek.detach().float().double(), ev.detach().float().double())
+    # float32 compute of bf16 inputs: the only bf16 rounding left is the output's (rel. 2^-9)
+    torch.testing.assert_close(out.double(), ref, atol=0, rtol=2 ** -8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = na2d(q, k, v, 3, dilation=2, rpb=rpb, additional_keys=ek, additional_values=ev)
+    assert exact.dtype == torch.float64
+    torch.testing.assert_close(exact, oracle(q, k, v, (3, 3), (2, 2), (1, 1), (False, False), rpb, None, ek, ev)[0])
+
+
 def test_flop_count_is_density_aware():
     q = torch.randn(2, 6, 7, 3, 4)
     v = torch.randn(2, 6, 7, 3, 5)

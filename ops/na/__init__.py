@@ -38,7 +38,8 @@ def _na(na_dim: int):
         kernel_size, dilation, stride: int or one int per axis; kernel_size * dilation must not
             exceed the axis, stride <= kernel_size (stride = kernel_size is blocked attention).
         is_causal: bool or one per axis.
-        rpb: optional NAT/DiNAT relative position bias `[heads, 2k-1, ...]`, added after scaling.
+        rpb: optional NAT/DiNAT relative position bias `[heads, 2k-1, ...]`, added after scaling
+            (any float dtype: it is cast to the computation dtype, float32 or float64).
         scale: logit scale, default head_dim ** -0.5.
         additional_keys, additional_values: optional `[batch, num_extra, heads_kv, head_dim(_v)]`
             tokens every query attends to, in the same softmax.

@@ -15,6 +15,11 @@ N-d neighbourhood is the Cartesian product of the per-axis windows:
   the key-query offset in group coordinates plus k - 1;
 * additional keys/values are seen by every query, in the same softmax.
 
+Precision: the computation runs in float32 (float64 for float64 q) with autocast off, whatever
+the dtypes of rpb and the additional keys/values (they are cast), and the output has q's dtype.
+Under bf16/fp16 autocast q/k/v come from the projections in low precision while parameters such
+as rpb stay float32; mixing them is allowed.
+
 Memory: no N x N matrix. Each query's k^d neighbour indices are computed from small per-axis
 tables; queries are processed in chunks whose gathered K/V stay under `chunk_elements`, and
 under autograd each chunk is recomputed in backward (activation checkpointing). Peak extra
@@ -24,6 +29,7 @@ activations are the output and, with `return_lse`, the logsumexp.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -186,13 +192,14 @@ def neighborhood_attention(
         if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expected:
             got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
             raise ValueError(f"rpb must have shape [heads, 2k-1, ...] = {expected} for kernel_size {kernel}, got {got}")
-        check_same(("q", "rpb"), (q, rpb))
+        check_tensor("rpb", rpb, na_dim + 1, "[heads, 2k-1, ...]")
+        check_same(("q", "rpb"), (q, rpb), dtype=False)
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("pass both additional_keys and additional_values, or neither")
     if additional_keys is not None:
         for name, t, d in (("additional_keys", additional_keys, dim), ("additional_values", additional_values, dim_v)):
             check_tensor(name, t, 4, "[batch, num_extra, heads_kv, head_dim]")
-            check_same(("q", name), (q, t))
+            check_same(("q", name), (q, t), dtype=False)
             if t.shape[0] != batch or t.shape[2] != heads_kv or t.shape[3] != d:
                 raise ValueError(f"{name} must have shape [{batch}, num_extra, {heads_kv}, {d}], got {tuple(t.shape)}")
         if additional_keys.shape[1] != additional_values.shape[1]:
@@ -231,18 +238,22 @@ def neighborhood_attention(
         t is not None and t.requires_grad for t in (q, k, v, rpb, additional_keys, additional_values)
     )
     outs, lses = [], []
-    for start in range(0, n_tokens, chunk):
-        stop = min(start + chunk, n_tokens)
-        ids = torch.arange(start, stop, device=device)
-        coords = [(ids // token_strides[a]) % spatial[a] for a in range(na_dim)]
-        key_idx = _combine([t[0] for t in tables], coords, token_strides, "sum")
-        rel_idx = _combine([t[1] for t in tables], coords, rpb_strides, "sum")
-        key_valid = _combine([t[2] for t in tables], coords, token_strides, "and")
-        args = (qh[:, :, start:stop], kh, vh, key_idx, key_valid, rel_idx, rpb_flat, extra_k, extra_v, scale,
-                return_lse)
-        out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if needs_grad else _attend_chunk(*args)
-        outs.append(out)
-        lses.append(lse)
+    # autocast would run the matmuls in bf16/fp16 again (float64 it leaves alone)
+    no_autocast = (torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type)
+                   else contextlib.nullcontext())
+    with no_autocast:
+        for start in range(0, n_tokens, chunk):
+            stop = min(start + chunk, n_tokens)
+            ids = torch.arange(start, stop, device=device)
+            coords = [(ids // token_strides[a]) % spatial[a] for a in range(na_dim)]
+            key_idx = _combine([t[0] for t in tables], coords, token_strides, "sum")
+            rel_idx = _combine([t[1] for t in tables], coords, rpb_strides, "sum")
+            key_valid = _combine([t[2] for t in tables], coords, token_strides, "and")
+            args = (qh[:, :, start:stop], kh, vh, key_idx, key_valid, rel_idx, rpb_flat, extra_k, extra_v, scale,
+                    return_lse)
+            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False) if needs_grad else _attend_chunk(*args)
+            outs.append(out)
+            lses.append(lse)
     out = torch.cat(outs, 2).transpose(1, 2).reshape(batch, *spatial, heads, dim_v).to(q.dtype)
     if return_lse:
         return out, torch.cat(lses, 2).transpose(1, 2).reshape(batch, *spatial, heads)
