@@ -45,7 +45,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("unpooled", "nat.NAT"): _NHWC,
     ("unpooled", "nat.NATIsotropic"): _NHWC,
     ("paper_numbers", "flatten_swin_base_384"): (
-        "FLatten publishes no params/FLOPs for it (paper_params=None); the cfg records official_params=91,433,928"),
+        "FLatten publishes no params/FLOPs for it (paper_params=None); the cfg records official_params / official_flops"),
     ("paper_params", "dinat_large.in22k_ft_in1k_384_11x11"): (
         "201.14M params vs the cfg's 200M (+0.57%): the 11x11 rpb tables add ~0.2M over the 7x7 model (200.94M); "
         "likely the paper prints 200M for both: record the official code's count as official_params"),
