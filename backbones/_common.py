@@ -53,36 +53,73 @@ def cfg(**kwargs) -> dict:
 
 
 class ClassifierMixin:
-    """timm's classifier API on top of a model that defines `head`, `num_features` and
-    `_stages(x) -> iterator of (stage_index, NCHW feature)` plus `_pool(last) -> [B, C]`."""
+    """timm's classifier API for a model that defines `head`, `head_drop`, `num_features`,
+    `global_pool` (set with `_check_pool`), and
+
+    - `_stages(x, stop=None)`: yields `(stage_index, x, size)` after each stage, in the model's
+      own layout (tokens [B, N, C] or an NCHW map), stopping after stage `stop`;
+    - `_to_map(x, size)`: that stage output as an NCHW map (the intermediates);
+    - `_final(x, size)`: `forward_features`' output from the last stage (after the final norm).
+
+    `output_fmt` says how `forward_features` lays out a 4-D map ('NCHW' or 'NHWC', as timm reads
+    it); token outputs are [B, N, C] with `num_prefix_tokens` class tokens in front.
+    """
 
     grad_checkpointing = False
+    output_fmt = "NCHW"
+    num_prefix_tokens = 0
+    pool_types: tuple[str, ...] = ("avg",)
+
+    def _check_pool(self, global_pool: str, num_classes: int) -> str:
+        if global_pool not in ("", *self.pool_types):
+            raise ValueError(f"global_pool must be one of {('', *self.pool_types)} ('' = no pooling), got {global_pool!r}")
+        if global_pool == "" and num_classes > 0 and self.output_fmt == "NCHW":
+            raise ValueError(f"global_pool='' leaves NCHW maps, which a Linear head cannot classify: use num_classes=0 "
+                             f"with it (got num_classes={num_classes})")
+        return global_pool
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "", "avg", "token"):
-            raise ValueError(f"global_pool must be 'avg' (the only pooling of these models), got {global_pool!r}")
+        """A new head for `num_classes` (0: none); `global_pool` '' makes forward return unpooled features."""
+        if global_pool is not None:
+            self.global_pool = self._check_pool(global_pool, num_classes)
+        else:
+            self._check_pool(self.global_pool, num_classes)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.head.weight if isinstance(self.head, nn.Linear) else next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "token":
+            return x[:, 0]
+        if x.ndim == 3:
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x.flatten(1, 2).mean(dim=1) if self.output_fmt == "NHWC" else x.flatten(2).mean(dim=2)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool:
+            x = self._pool(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        _, last = deque(self._stages(x), maxlen=1)[0]
-        return self._pool(last)
+        _, last, size = deque(self._stages(x), maxlen=1)[0]
+        return self._final(last, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs (NCHW, or NHWC with `output_fmt`) and, unless `intermediates_only`, the
+        `forward_features` output of the last stage run. `norm` is accepted for timm's signature:
+        these models have no per-stage output norms beyond those inside the stages."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         n = len(self.feature_info)
@@ -93,13 +130,14 @@ class ClassifierMixin:
         else:
             wanted = [i % n for i in indices]
         intermediates, last = [], None
-        for i, feat in self._stages(x, stop=max(wanted) if stop_early or intermediates_only else None):
-            last = feat
+        for i, feat, size in self._stages(x, stop=max(wanted) if stop_early or intermediates_only else None):
+            last = feat, size
             if i in wanted:
-                intermediates.append(feat if output_fmt == "NCHW" else feat.permute(0, 2, 3, 1))
+                grid = self._to_map(feat, size)
+                intermediates.append(grid if output_fmt == "NCHW" else grid.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
-        return self._pool(last), intermediates
+        return self._final(*last), intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         if prune_head:

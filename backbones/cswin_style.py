@@ -167,9 +167,14 @@ class MergeBlock(nn.Module):
 class CSWinStyle(ClassifierMixin, nn.Module):
     """CSWin macro with one mixer per block.
 
+    `forward_features` gives the normed last stage as NHWC (`output_fmt`, as timm's Swin);
+    `global_pool` 'avg' (default) or '' (forward returns that map).
+
     Args:
         split_size: stripe width of the softmax blocks per stage (official [1, 2, 7, 7]; 12 at 384).
     """
+
+    output_fmt = "NHWC"
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 64,
                  depths: tuple[int, ...] = (2, 4, 18, 1), num_heads: tuple[int, ...] = (2, 4, 8, 16), block_types=None,
@@ -180,6 +185,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         super().__init__()
         block_types = check_blocks(block_types or placement("BBBB", depths), depths)
         self.num_classes = num_classes
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 4, 2), Tokens(), nn.LayerNorm(embed_dim))
         dpr = drop_path_rates(drop_path_rate, sum(depths))
         dim, res = embed_dim, img_size // 4
@@ -222,12 +228,16 @@ class CSWinStyle(ClassifierMixin, nn.Module):
                     x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
                 else:
                     x = blk(x, size)
-            yield i, to_grid(x, size)
+            yield i, x, size
             if stop is not None and i >= stop:
                 return
 
-    def _pool(self, last: torch.Tensor) -> torch.Tensor:
-        return self.norm(from_grid(last)).mean(dim=1)
+    def _to_map(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return to_grid(x, size)
+
+    def _final(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """The normed last stage, NHWC (token-major like Swin, so timm's Swin layout)."""
+        return self.norm(x).reshape(x.shape[0], *size, x.shape[2])
 
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
@@ -239,22 +249,28 @@ _INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear
                origin_url="https://github.com/LeapLabTHU/InLine")
 
 
-def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224) -> dict:
+def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224, **kw) -> dict:
+    """A cfg with the README's top-1, params and FLOPs (counts) and the stride-32 output grid."""
     extra = dict(input_size=(3, size, size), crop_pct=1.0) if size != 224 else {}
     return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops,
-               first_conv="stage1_conv_embed.0", **family, **extra)
+               first_conv="stage1_conv_embed.0", pool_size=(size // 32, size // 32), **family, **extra, **kw)
 
 
+# paper_params / paper_flops: the READMEs' tables, as counts. `official_params`: the official code's
+# exact count where the README differs. It is our model's count, whose keys and shapes equal the
+# official definitions (scripts/check_official_agent_linear.py: Agent-CSwin-T 20,458,672 and
+# InLine-CSwin-T 20,604,520 were counted on the official classes; InLine-CSwin-S/B are the same
+# official class with its `inline_cswin_small` / `inline_cswin_base` arguments, counted here).
 default_cfgs = generate_default_cfgs({
-    "agent_cswin_tiny.in1k": _c("8c562a74441e46d5902b", 83.1, 21.0, 4.3, _AGENT),
-    "agent_cswin_small.in1k": _c("30eb8af675bc4b7a8747", 83.9, 33.0, 6.8, _AGENT),
-    "agent_cswin_base.in1k": _c("c8035b0839b2410c8c9f", 84.7, 73.0, 14.9, _AGENT),
-    "agent_cswin_base_384.in1k": _c("1239be0df44b47719432", 85.8, 73.0, 46.3, _AGENT, size=384),
+    "agent_cswin_tiny.in1k": _c("8c562a74441e46d5902b", 83.1, 21.0e6, 4.3e9, _AGENT, official_params=20_458_672),
+    "agent_cswin_small.in1k": _c("30eb8af675bc4b7a8747", 83.9, 33.0e6, 6.8e9, _AGENT),
+    "agent_cswin_base.in1k": _c("c8035b0839b2410c8c9f", 84.7, 73.0e6, 14.9e9, _AGENT),
+    "agent_cswin_base_384.in1k": _c("1239be0df44b47719432", 85.8, 73.0e6, 46.3e9, _AGENT, size=384),
     # FLatten's README has no params/FLOPs: fvcore counts of the official code
-    "flatten_cswin_tiny.in1k": _c("48ba765ba8b0451d9d5a", 83.1, 21.20, 4.34, _FLATTEN),
-    "inline_cswin_tiny.in1k": _c("49fa2ecc543647c4b970", 83.2, 25.0, 4.3, _INLINE),
-    "inline_cswin_small.in1k": _c("59f4e65f776f4052b93c", 83.8, 43.0, 6.8, _INLINE),
-    "inline_cswin_base.in1k": _c("91e17121df284ae38521", 84.5, 96.0, 14.9, _INLINE),
+    "flatten_cswin_tiny.in1k": _c("48ba765ba8b0451d9d5a", 83.1, 21.20e6, 4.34e9, _FLATTEN),
+    "inline_cswin_tiny.in1k": _c("49fa2ecc543647c4b970", 83.2, 25.0e6, 4.3e9, _INLINE, official_params=20_604_520),
+    "inline_cswin_small.in1k": _c("59f4e65f776f4052b93c", 83.8, 43.0e6, 6.8e9, _INLINE, official_params=33_032_872),
+    "inline_cswin_base.in1k": _c("91e17121df284ae38521", 84.5, 96.0e6, 14.9e9, _INLINE, official_params=73_413_640),
 })
 
 _T = dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16))

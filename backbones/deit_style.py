@@ -60,7 +60,15 @@ class DeiTBlock(nn.Module):
 
 
 class DeiTStyle(ClassifierMixin, nn.Module):
-    """DeiT macro; `block_types` is one tuple of mixer names (one per block)."""
+    """DeiT macro; `block_types` is one tuple of mixer names (one per block).
+
+    `forward_features` gives the normed tokens [B, 1 + h*w, C]; `global_pool` 'token' (the CLS
+    token, default and official), 'avg' (mean of the patch tokens) or '' (forward returns tokens).
+    """
+
+    output_fmt = "NLC"
+    num_prefix_tokens = 1
+    pool_types = ("token", "avg")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
@@ -72,6 +80,7 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
@@ -105,14 +114,16 @@ class DeiTStyle(ClassifierMixin, nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
             else:
                 x = blk(x, size)
-            self._tokens = x
-            yield i, to_grid(x[:, 1:], size)
+            yield i, x, size
             if stop is not None and i >= stop:
                 return
 
-    def _pool(self, last: torch.Tensor) -> torch.Tensor:
-        tokens, self._tokens = self._tokens, None
-        return self.norm(tokens)[:, 0]
+    def _to_map(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return to_grid(x[:, self.num_prefix_tokens:], size)
+
+    def _final(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """All tokens (CLS first), normed: [B, 1 + h*w, C] (timm's ViT)."""
+        return self.norm(x)
 
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
@@ -122,19 +133,20 @@ _INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear
                origin_url="https://github.com/LeapLabTHU/InLine")
 
 
-def _c(file_id: str, top1: float, params: float, flops: float, family: dict, size: int = 224) -> dict:
+def _c(file_id: str, top1: float, params: float, flops: float, family: dict, size: int = 224, **kw) -> dict:
+    """A cfg with the README's top-1, params and FLOPs (counts)."""
     extra = dict(input_size=(3, size, size), crop_pct=1.0) if size != 224 else {}
-    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, **family, **extra)
+    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, **family, **extra, **kw)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_tiny.in1k": _c("57e0904221824ee7b7af", 74.9, 6.0, 1.2, _AGENT),
-    "agent_deit_small.in1k": _c("fdd43304372541db8ea7", 80.5, 22.7, 4.4, _AGENT),
-    "agent_deit_small_448.in1k": _c("a228f86241c445f1969b", 83.1, 23.1, 17.7, _AGENT, size=448),
-    "agent_deit_base.in1k": _c("5115f15fdd7e4ab58fbc", 82.0, 87.2, 17.6, _AGENT),
-    "inline_deit_tiny.in1k": _c("1d6b8191ad6d4114b291", 74.5, 6.5, 1.1, _INLINE),
-    "inline_deit_small.in1k": _c("2f3898b07e9247f3beb3", 80.2, 16.7, 5.0, _INLINE, size=288),
-    "inline_deit_base.in1k": _c("10bdd726d4b0435eb34e", 82.3, 23.8, 17.2, _INLINE, size=448),
+    "agent_deit_tiny.in1k": _c("57e0904221824ee7b7af", 74.9, 6.0e6, 1.2e9, _AGENT),
+    "agent_deit_small.in1k": _c("fdd43304372541db8ea7", 80.5, 22.7e6, 4.4e9, _AGENT),
+    "agent_deit_small_448.in1k": _c("a228f86241c445f1969b", 83.1, 23.1e6, 17.7e9, _AGENT, size=448),
+    "agent_deit_base.in1k": _c("5115f15fdd7e4ab58fbc", 82.0, 87.2e6, 17.6e9, _AGENT),
+    "inline_deit_tiny.in1k": _c("1d6b8191ad6d4114b291", 74.5, 6.5e6, 1.1e9, _INLINE),
+    "inline_deit_small.in1k": _c("2f3898b07e9247f3beb3", 80.2, 16.7e6, 5.0e9, _INLINE, size=288),
+    "inline_deit_base.in1k": _c("10bdd726d4b0435eb34e", 82.3, 23.8e6, 17.2e9, _INLINE, size=448),
 })
 
 

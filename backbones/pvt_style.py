@@ -127,6 +127,8 @@ class PVTStyle(ClassifierMixin, nn.Module):
     `version=1`: PVTv1 (stride-p patch embeddings, learned `pos_embed{i}`, plain MLP);
     `version=2`: PVTv2 (overlapping patch embeddings, no pos_embed, MLP with a 3x3 depthwise
     conv, a LayerNorm `norm{i}` closing every stage).
+    `forward_features` gives the last stage's NCHW map (timm's PVTv2 layout); `global_pool`
+    'avg' (default) or '' (forward returns that map; then num_classes must be 0).
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -145,6 +147,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
         self.num_classes = num_classes
         self.num_stages = len(depths)
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.global_pool = self._check_pool(global_pool, num_classes)
         dpr = drop_path_rates(drop_path_rate, sum(depths))
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.grids = []
@@ -183,7 +186,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^patch_embed1|^pos_embed1", blocks=[(r"^block(\d+)\.(\d+)", None),
-                                                              (r"^patch_embed(\d+)|^pos_embed(\d+)", (0,))])
+                                                              (r"^(?:patch_embed|pos_embed)(\d+)", (0,))])
 
     def _stages(self, x: torch.Tensor, stop: int | None = None):
         for i in range(self.num_stages):
@@ -199,12 +202,16 @@ class PVTStyle(ClassifierMixin, nn.Module):
             if self.version == 2:
                 x = getattr(self, f"norm{i + 1}")(x)
             x = to_grid(x, size)
-            yield i, x
+            yield i, x, size
             if stop is not None and i >= stop:
                 return
 
-    def _pool(self, last: torch.Tensor) -> torch.Tensor:
-        return last.flatten(2).mean(dim=2)
+    def _to_map(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return x
+
+    def _final(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """The last stage's NCHW map as it is (no final norm in these models, see the module doc)."""
+        return x
 
 
 _TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
@@ -216,25 +223,29 @@ _INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear
                origin_url="https://github.com/LeapLabTHU/InLine")
 
 
-def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224) -> dict:
+def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224, **kw) -> dict:
+    """A cfg with the README's top-1, params and FLOPs (counts) and the stride-32 output grid."""
     extra = dict(input_size=(3, size, size)) if size != 224 else {}
     return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, first_conv="patch_embed1.proj",
-               **family, **extra)
+               pool_size=(size // 32, size // 32), **family, **extra, **kw)
 
 
+# paper_params / paper_flops: the READMEs' tables, as counts. `official_params`: the official code's
+# exact count where the README differs (inline_pvt_large: 51.15M vs 50.2M): the official definition
+# instantiated with the released config (tests/test_agent_backbones.py OFFICIAL_PARAMS), equal to ours.
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_tiny.in1k": _c("13fdf0e0a7c5498c934f", 78.4, 11.6, 2.0, _AGENT),
-    "agent_pvt_small.in1k": _c("36b8be9a8863456685a3", 82.2, 20.6, 4.0, _AGENT),
-    "agent_pvt_medium.in1k": _c("4d00ecacf18b45f9b88c", 83.4, 35.9, 7.0, _AGENT),
-    "agent_pvt_medium_256.in1k": _c("654df734121643b19c52", 83.8, 36.1, 9.2, _AGENT, size=256),
-    "agent_pvt_large.in1k": _c("040cfe0cfbbe4762ad09", 83.7, 48.7, 10.4, _AGENT),
+    "agent_pvt_tiny.in1k": _c("13fdf0e0a7c5498c934f", 78.4, 11.6e6, 2.0e9, _AGENT),
+    "agent_pvt_small.in1k": _c("36b8be9a8863456685a3", 82.2, 20.6e6, 4.0e9, _AGENT),
+    "agent_pvt_medium.in1k": _c("4d00ecacf18b45f9b88c", 83.4, 35.9e6, 7.0e9, _AGENT),
+    "agent_pvt_medium_256.in1k": _c("654df734121643b19c52", 83.8, 36.1e6, 9.2e9, _AGENT, size=256),
+    "agent_pvt_large.in1k": _c("040cfe0cfbbe4762ad09", 83.7, 48.7e6, 10.4e9, _AGENT),
     # FLatten's README has no params/FLOPs: fvcore counts of the official code
-    "flatten_pvt_tiny.in1k": _c("3ab1d773f19d45648690", 77.8, 12.15, 2.05, _FLATTEN),
-    "flatten_pvt_v2_b0.in1k": _c("5d1f01532b104da28e7b", 71.1, 3.59, 0.59, _FLATTEN),
-    "inline_pvt_tiny.in1k": _c("90ac52b1555b401eb5e6", 78.2, 12.0, 2.0, _INLINE),
-    "inline_pvt_small.in1k": _c("1ab953b2479d433080a3", 82.0, 21.6, 3.9, _INLINE),
-    "inline_pvt_medium.in1k": _c("a72aec31e6084bc0a280", 83.2, 37.6, 6.9, _INLINE),
-    "inline_pvt_large.in1k": _c("efd91318ba964f01b288", 83.6, 50.2, 10.2, _INLINE),
+    "flatten_pvt_tiny.in1k": _c("3ab1d773f19d45648690", 77.8, 12.15e6, 2.05e9, _FLATTEN),
+    "flatten_pvt_v2_b0.in1k": _c("5d1f01532b104da28e7b", 71.1, 3.59e6, 0.59e9, _FLATTEN),
+    "inline_pvt_tiny.in1k": _c("90ac52b1555b401eb5e6", 78.2, 12.0e6, 2.0e9, _INLINE),
+    "inline_pvt_small.in1k": _c("1ab953b2479d433080a3", 82.0, 21.6e6, 3.9e9, _INLINE),
+    "inline_pvt_medium.in1k": _c("a72aec31e6084bc0a280", 83.2, 37.6e6, 6.9e9, _INLINE),
+    "inline_pvt_large.in1k": _c("efd91318ba964f01b288", 83.6, 50.2e6, 10.2e9, _INLINE, official_params=51_154_280),
 })
 
 _INLINE_HEADS = (2, 4, 10, 16)  # InLine-PVT doubles PVT's heads (head_dim 32)

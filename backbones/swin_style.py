@@ -204,6 +204,9 @@ class PatchEmbed(nn.Module):
 class SwinStyle(ClassifierMixin, nn.Module):
     """Swin macro with one mixer per block ("agent", "focused", "inline" or "softmax").
 
+    `forward_features` gives the normed last stage as NHWC (`output_fmt`, as timm's Swin);
+    `global_pool` 'avg' (default) or '' (forward returns that map).
+
     Args:
         img_size: construction resolution (sizes the resolution-tied parameters).
         block_types: per stage, one mixer name per block (see `_common.placement`).
@@ -211,6 +214,8 @@ class SwinStyle(ClassifierMixin, nn.Module):
             `softmax_window` (default `max(7, window_size // 8)`, the official rule).
         agent_num: agents per stage (perfect squares).
     """
+
+    output_fmt = "NHWC"
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
@@ -225,6 +230,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
         img_size = to_2tuple(img_size)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (len(depths) - 1))
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = drop_path_rates(drop_path_rate, sum(depths))
@@ -270,14 +276,18 @@ class SwinStyle(ClassifierMixin, nn.Module):
                     x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
                 else:
                     x = blk(x, size)
-            yield i, to_grid(x, size)
+            yield i, x, size
             if stop is not None and i >= stop:
                 return
             if stage.downsample is not None:
                 x, size = stage.downsample(x, size)
 
-    def _pool(self, last: torch.Tensor) -> torch.Tensor:
-        return self.norm(from_grid(last)).mean(dim=1)
+    def _to_map(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return to_grid(x, size)
+
+    def _final(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """The normed last stage, NHWC (timm's Swin layout)."""
+        return self.norm(x).reshape(x.shape[0], *size, x.shape[2])
 
 
 # ----------------------------------------------------------------------------- variants
@@ -291,25 +301,36 @@ _INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear
                origin_url="https://github.com/LeapLabTHU/InLine")
 
 
-def _c(file_id: str, top1: float, params: float, flops: float, family: dict, size: int = 224, **kw) -> dict:
+def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224, **kw) -> dict:
+    """A cfg with the README's top-1, params and FLOPs (counts) and the stride-32 output grid."""
     extra = dict(input_size=(3, size, size), crop_pct=1.0) if size != 224 else {}
-    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, **family, **extra, **kw)
+    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops,
+               pool_size=(size // 32, size // 32), **family, **extra, **kw)
 
 
+# paper_params / paper_flops: the READMEs' tables, as counts. `official_params`: the official code's
+# exact count where the README differs (inline_swin_tiny: 29.22M vs 30M) or has none
+# (flatten_swin_base_384). It is our model's count, whose keys and shapes equal the official
+# definitions (scripts/check_official_agent_linear.py). InLine-Swin-T's 29,223,544 was counted on the
+# official class (tests/test_agent_backbones.py OFFICIAL_PARAMS); FLatten-Swin-B-384 is the checked
+# FLatten-Swin class with cfgs/flatten_swin_b_384.yaml's arguments, counted on ours only.
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny.in1k": _c("a2ddc1190c224f768a41", 82.6, 29.0, 4.5, _AGENT),
-    "agent_swin_small.in1k": _c("f607172c9fea4d6e99bb", 83.7, 50.0, 8.7, _AGENT),
-    "agent_swin_small_288.in1k": _c("09760394e93b4046a25e", 84.1, 50.0, 14.6, _AGENT, size=288),
-    "agent_swin_base.in1k": _c("4fcd2d0114bb490483c3", 84.0, 88.0, 15.4, _AGENT),
-    "agent_swin_base_384.in1k": _c("bb84ee9058954706a557", 84.9, 88.0, 46.3, _AGENT, size=384),
+    "agent_swin_tiny.in1k": _c("a2ddc1190c224f768a41", 82.6, 29.0e6, 4.5e9, _AGENT),
+    "agent_swin_small.in1k": _c("f607172c9fea4d6e99bb", 83.7, 50.0e6, 8.7e9, _AGENT),
+    "agent_swin_small_288.in1k": _c("09760394e93b4046a25e", 84.1, 50.0e6, 14.6e9, _AGENT, size=288),
+    "agent_swin_base.in1k": _c("4fcd2d0114bb490483c3", 84.0, 88.0e6, 15.4e9, _AGENT),
+    "agent_swin_base_384.in1k": _c("bb84ee9058954706a557", 84.9, 88.0e6, 46.3e9, _AGENT, size=384),
     # FLatten's README gives no params/FLOPs: these are fvcore counts of the official code
-    "flatten_swin_tiny.in1k": _c("e1518e76703e4e57a7f2", 82.1, 29.19, 4.50, _FLATTEN),
-    "flatten_swin_small.in1k": _c("94188e52af354bf4a88b", 83.5, 50.51, 8.76, _FLATTEN),
-    "flatten_swin_base.in1k": _c("7a9e5186bad04e7fb3a9", 83.8, 88.97, 15.46, _FLATTEN),
-    "flatten_swin_base_384.in1k": _c("0d0330cf2e5249f1abb6", 85.0, None, None, _FLATTEN, size=384),
-    "inline_swin_tiny.in1k": _c("32810869fcc34410966b", 82.4, 30.0, 4.5, _INLINE),
-    "inline_swin_small.in1k": _c("e9657fd247c04c7cb1a1", 83.6, 50.0, 8.7, _INLINE),
-    "inline_swin_base.in1k": _c("bf23564bb64c420aafe1", 84.1, 88.0, 15.4, _INLINE),
+    "flatten_swin_tiny.in1k": _c("e1518e76703e4e57a7f2", 82.1, 29.19e6, 4.50e9, _FLATTEN),
+    "flatten_swin_small.in1k": _c("94188e52af354bf4a88b", 83.5, 50.51e6, 8.76e9, _FLATTEN),
+    "flatten_swin_base.in1k": _c("7a9e5186bad04e7fb3a9", 83.8, 88.97e6, 15.46e9, _FLATTEN),
+    # no published numbers: the count of the official architecture, and fvcore's FLOPs of ours (ours match the
+    # official code's fvcore counts above for FLatten-Swin-T/S/B to the 0.01G printed)
+    "flatten_swin_base_384.in1k": _c("0d0330cf2e5249f1abb6", 85.0, None, None, _FLATTEN, size=384,
+                                      official_params=91_433_928, official_flops=46_490_804_224),
+    "inline_swin_tiny.in1k": _c("32810869fcc34410966b", 82.4, 30.0e6, 4.5e9, _INLINE, official_params=29_223_544),
+    "inline_swin_small.in1k": _c("e9657fd247c04c7cb1a1", 83.6, 50.0e6, 8.7e9, _INLINE),
+    "inline_swin_base.in1k": _c("bf23564bb64c420aafe1", 84.1, 88.0e6, 15.4e9, _INLINE),
 })
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

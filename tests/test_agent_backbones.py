@@ -77,7 +77,7 @@ def test_every_variant_registered_with_paper_numbers_and_url():
 def test_flops_within_2_percent_of_paper(name):
     model = zoo.create_model(name)
     flops = zoo.flops(model) / 1e9
-    paper = model.pretrained_cfg["paper_flops"]
+    paper = model.pretrained_cfg["paper_flops"] / 1e9
     # tables give one decimal: Agent-DeiT-T's 1.2G is fvcore's 1.18G for the official code
     assert abs(flops - paper) / paper < 0.02 or round(flops, 1) == paper, (flops, paper)
 
@@ -235,3 +235,57 @@ def test_bfloat16_autocast_at_512_has_no_nan(name):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 512, 512) * 3)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+TINY = ("agent_swin_tiny", "flatten_swin_tiny", "inline_swin_tiny", "agent_pvt_tiny", "flatten_pvt_tiny",
+        "flatten_pvt_v2_b0", "inline_pvt_tiny", "agent_deit_tiny", "inline_deit_tiny", "agent_cswin_tiny",
+        "flatten_cswin_tiny", "inline_cswin_tiny")
+
+
+def test_every_variant_takes_model_kwargs():
+    """Arguments the variant also sets (drop_path_rate, img_size, ...) override it, for every variant."""
+    for name in zoo.list_models(list(FAMILIES)):
+        if name.endswith("_mnist"):
+            continue
+        model = _meta(name, drop_path_rate=0.1, num_classes=10)
+        assert model.num_classes == 10, name
+        dpr = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+        assert dpr and max(dpr) == pytest.approx(0.1), name
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_with_drop_path_trains(name):
+    torch.manual_seed(0)
+    model = zoo.create_model(name, drop_path_rate=0.1, num_classes=10).train()
+    out = model(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_unpooled_features_and_pooling_choices():
+    """forward_features is unpooled (NHWC Swin / CSWin, NCHW PVT, tokens DeiT); the head pools."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224)
+    cases = (("inline_swin_tiny", dict(depths=(1, 1, 1, 1)), (1, 7, 7, 768)),
+             ("agent_cswin_tiny", dict(depths=(1, 1, 1, 1)), (1, 7, 7, 512)),
+             ("agent_pvt_tiny", dict(depths=(1, 1, 1, 1)), (1, 512, 7, 7)),
+             ("agent_deit_tiny", dict(depth=2), (1, 197, 192)))
+    for name, kw, shape in cases:
+        model = zoo.create_model(name, **kw).eval()
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            pooled = model.forward_head(feats, pre_logits=True)
+            assert tuple(feats.shape) == shape, name
+            dims = {"NHWC": (1, 2), "NCHW": (2, 3)}.get(model.output_fmt)
+            want = feats[:, 0] if dims is None else feats.mean(dim=dims)
+            torch.testing.assert_close(pooled, want, msg=name)
+            torch.testing.assert_close(model(x), model.head(pooled), msg=name)
+            model.reset_classifier(0, "")
+            assert model.global_pool == "" and torch.equal(model(x), feats), name
+    deit = zoo.create_model("agent_deit_tiny", depth=2, global_pool="avg").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(deit.forward_head(deit.forward_features(x), pre_logits=True),
+                                   deit.forward_features(x)[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        _meta("agent_swin_tiny", global_pool="token")
+    with pytest.raises(ValueError, match="num_classes=0"):
+        _meta("agent_pvt_tiny").reset_classifier(5, "")
