@@ -23,7 +23,7 @@ Video DiT, flow matching with any attention backend::
 
 A checkpoint trained with one attention loads into another: `model.load_state_dict_any_attention`.
 """
-from . import dit, video_dit
+from . import dit, video_dit  # noqa: F401  (registers the generators)
 from .attention import ATTENTION_BACKENDS, fill_backend_keys
 from .diffusion import GaussianDiffusion, sample
 from .dit import DiT, diffusers_to_dit, dit_to_diffusers, to_diffusers

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import Mlp, to_2tuple
+from torch.utils.checkpoint import checkpoint
 
 from zoo._registry import register_model
 from zoo.factory import load_generator_weights

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
 
 from zoo._registry import register_model
 from zoo.factory import load_generator_weights

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
 from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_layout
 from zoo.ops.block_sparse import kernel as bsk
 

@@ -24,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, args.official)
     from diffusion import create_diffusion
     from models import DiT as OfficialDiT
-
     from zoo.dit import DiT, GaussianDiffusion
     from zoo.dit.diffusion import guide, make_scheduler
 

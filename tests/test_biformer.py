@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_ops_routing import brute_force, official_bra
 from timm.layers import LayerNorm2d
+from zoo.backbones.biformer import AttentionLePE, BiLevelRoutingAttention, NCHWAttentionLePE
 
 import zoo
-from zoo.backbones.biformer import AttentionLePE, BiLevelRoutingAttention, NCHWAttentionLePE
 
 VARIANTS = ["biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw"]
 # params recomputed from the official module shapes (reference notes, to 0.01M)

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import zoo
 from zoo.dit import DiT, GaussianDiffusion, diffusers_to_dit, dit_to_diffusers, sample
 from zoo.dit.dit import sincos_2d, timestep_embedding
+
+import zoo
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 

@@ -23,7 +23,6 @@ import sys
 
 import pytest
 import torch
-
 from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_backend, block_sparse_layout
 from zoo.ops.block_sparse.naive import block_sparse_attention_reference
 

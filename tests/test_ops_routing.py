@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zoo.ops import bi_level_routing_attention, block_sparse_attention, bra_routing
 
 import zoo
-from zoo.ops import bi_level_routing_attention, block_sparse_attention, bra_routing
 
 DT = torch.float64
 

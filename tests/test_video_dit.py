@@ -1,11 +1,11 @@
 """Video DiT: RoPE, conditioning, flow matching, sampling, and the attention backends."""
 import pytest
 import torch
+from zoo.dit import FlowMatching, VideoDiT, sample_video
+from zoo.dit.video_dit import apply_rope, rope_angles, rope_axis_dims
 
 import zoo
 from zoo import ops
-from zoo.dit import FlowMatching, VideoDiT, sample_video
-from zoo.dit.video_dit import apply_rope, rope_angles, rope_axis_dims
 
 TINY = dict(input_size=(4, 8, 8), in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 
