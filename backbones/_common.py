@@ -145,6 +145,16 @@ class ClassifierMixin:
         return list(range(len(self.feature_info)))
 
 
+def build_hierarchical(model_cls: type, variant: str, pretrained: bool, code: str, arch: dict, **kwargs):
+    """A four-stage variant: its architecture dict, the caller's overrides, and the per-block mixers
+    of the papers' placement code (`AAAB`, ...) unless `block_types` is given."""
+    from zoo.factory import build_classifier
+
+    args = dict(arch, **kwargs)
+    args.setdefault("block_types", placement(code, args["depths"]))
+    return build_classifier(model_cls, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **args)
+
+
 def drop_path_rates(rate: float, n: int) -> list[float]:
     """Stochastic depth rising linearly from 0 to `rate` over `n` blocks (plain Python, so models
     can be built on the meta device)."""

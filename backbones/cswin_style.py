@@ -26,11 +26,11 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 
 from zoo._registry import register_model
-from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
 from ._common import (
     ClassifierMixin,
+    build_hierarchical,
     cfg,
     check_blocks,
     drop_path_rates,
@@ -279,10 +279,7 @@ _B = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32))
 
 
 def _cswin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> CSWinStyle:
-    args = dict(arch, **kwargs)
-    args.setdefault("block_types", placement(code, args["depths"]))
-    return build_classifier(CSWinStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **args)
+    return build_hierarchical(CSWinStyle, variant, pretrained, code, arch, **kwargs)
 
 
 @register_model(paper=_AGENT["paper_name"])

@@ -26,6 +26,7 @@ from zoo.weights import generate_default_cfgs
 
 from ._common import (
     ClassifierMixin,
+    build_hierarchical,
     cfg,
     check_blocks,
     drop_path_rates,
@@ -254,10 +255,7 @@ _DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3),
 
 def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTStyle:
     base = dict(depths=_DEPTHS[size], num_heads=_INLINE_HEADS if code == "IIII" else (1, 2, 5, 8))
-    args = dict(base, **kwargs)
-    args.setdefault("block_types", placement(code, args["depths"]))
-    return build_classifier(PVTStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **args)
+    return build_hierarchical(PVTStyle, variant, pretrained, code, base, **kwargs)
 
 
 @register_model(paper=_AGENT["paper_name"])

@@ -23,11 +23,11 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from zoo._registry import register_model
-from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
 from ._common import (
     ClassifierMixin,
+    build_hierarchical,
     cfg,
     check_blocks,
     drop_path_rates,
@@ -339,10 +339,7 @@ _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
 
 def _swin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> SwinStyle:
-    args = dict(arch, **kwargs)
-    args.setdefault("block_types", placement(code, args["depths"]))
-    return build_classifier(SwinStyle, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **args)
+    return build_hierarchical(SwinStyle, variant, pretrained, code, arch, **kwargs)
 
 
 @register_model(paper=_AGENT["paper_name"])
