@@ -341,30 +341,30 @@ def time_routing(fn, mode: str, inputs, leaves, do, st: dict) -> tuple[float | N
         return None, None
 
 
-def run_routing(image: int, batch: int, n_win: int, args, results):
+def run_routing(image: int, batch: int, n_win: int, args, results, device="cuda"):
     """BiFormer-S routed stages at `image` x `image`: ours vs the official gather algorithm."""
     dtype = torch.bfloat16
     totals = {}
     for st in biformer_routed_stages(image, n_win):
         shape = (batch, st["side"], st["side"], st["heads"], st["head_dim"])
         r = st["region_tokens"]
-        probe = torch.empty(1, 1, r, st["head_dim"], device="cuda", dtype=dtype)
+        probe = torch.empty(1, 1, r, st["head_dim"], device=device, dtype=dtype)
         backend, why = block_sparse_backend(probe, probe, probe, r, r)
         check = check_routing(min(batch, 2), st["side"], st["heads"], st["head_dim"], st["n_win"], st["topk"],
-                              st["scale"], "cuda", dtype)
+                              st["scale"], device, dtype)
         print(f"\n== routing BiFormer-S {image}x{image} stage {st['stage']} ({st['layers']} layers): B {batch}, "
               f"{st['side']}x{st['side']} tokens, {st['heads']} heads x {st['head_dim']}, n_win {st['n_win']}, "
               f"topk {st['topk']}, region {r} tokens; ours runs on: {backend} {why}")
         print(f"  check vs official (batch {min(batch, 2)}, bf16): routing identical for "
               f"{100 * check['routing_match']:.1f}% of regions, max |out diff| {check['max_abs_out']:.3g}, "
               f"max |grad diff| {check['max_abs_grad']:.3g}")
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         row = {"routing": f"biformer_small@{image}", "stage": st["stage"], "layers": st["layers"],
                "shape": list(shape), "n_win": st["n_win"], "topk": st["topk"], "region_tokens": r,
                "dtype": str(dtype), "ours_backend": backend, "check": check, "times_ms": {}, "peak_bytes": {}}
-        do = torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+        do = torch.randn(shape, device=device, dtype=dtype, generator=gen)
         for key, fn in (("ours", ours_bra), ("official", official_gather_bra)):
             for mode in args.modes:
                 ms, peak = time_routing(fn, mode, (q, k, v), leaves, do, st)
