@@ -150,12 +150,13 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LN, adaLN (shift, scale), Linear to `patch**2 * out_channels`."""
+    """LN, adaLN (shift, scale), Linear to `patch_elements * out_channels` per token
+    (patch_elements: p*p for images, pt*ph*pw for video)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_elements: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = nn.Linear(hidden_size, patch_elements * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -216,7 +217,7 @@ class DiT(nn.Module):
                      build_backend(attention, head_dim=hidden_size // num_heads, grid=self.grid, layer_index=i, options=attention_kwargs))
             for i in range(depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size, self.out_channels)
         self.grad_checkpointing = False
         self.initialize_weights()
 

@@ -29,7 +29,7 @@ from zoo._registry import register_model
 from zoo.factory import load_generator_weights
 
 from .attention import build_backend, fill_backend_keys
-from .dit import LabelEmbedder, TimestepEmbedder, modulate
+from .dit import FinalLayer, LabelEmbedder, TimestepEmbedder, modulate
 
 
 def _gelu_tanh() -> nn.Module:
@@ -132,20 +132,6 @@ class VideoDiTBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class VideoFinalLayer(nn.Module):
-    """LN, adaLN (shift, scale), Linear to `pt*ph*pw * out_channels` per token."""
-
-    def __init__(self, dim: int, patch_volume: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_volume * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class VideoDiT(nn.Module):
     """Latent video DiT predicting the flow-matching velocity `[B, C, F, H, W]`.
 
@@ -200,7 +186,7 @@ class VideoDiT(nn.Module):
                           cross_attention=bool(context_dim), qk_norm=qk_norm)
             for i in range(depth)
         ])
-        self.final_layer = VideoFinalLayer(hidden_size, self.patch_size[0] * self.patch_size[1] * self.patch_size[2], in_channels)
+        self.final_layer = FinalLayer(hidden_size, self.patch_size[0] * self.patch_size[1] * self.patch_size[2], in_channels)
         self._angles: dict[tuple, torch.Tensor] = {}
         self.grad_checkpointing = False
         self.initialize_weights()
