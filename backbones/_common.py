@@ -52,6 +52,22 @@ def cfg(**kwargs) -> dict:
     }
 
 
+TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+AGENT = dict(paper_name="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
+             origin_url="https://github.com/LeapLabTHU/Agent-Attention")
+FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focused Linear Attention (ICCV 2023)",
+               origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
+INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention (NeurIPS 2024)",
+              origin_url="https://github.com/LeapLabTHU/InLine")
+
+
+def release_cfg(file_id: str, top1: float, params: float | None, flops: float | None, family: dict,
+                size: int = 224, **kw) -> dict:
+    """A cfg of a LeapLabTHU release: its Tsinghua-cloud file, the README's top-1, params and FLOPs (counts)."""
+    extra = dict(input_size=(3, size, size)) if size != 224 else {}
+    return cfg(url=TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, **family, **extra, **kw)
+
+
 class ClassifierMixin:
     """timm's classifier API for a model that defines `head`, `head_drop`, `num_features`,
     `global_pool` (set with `_check_pool`), and

@@ -29,13 +29,16 @@ from zoo._registry import register_model
 from zoo.weights import generate_default_cfgs
 
 from ._common import (
+    AGENT,
+    FLATTEN,
+    INLINE,
     ClassifierMixin,
     build_hierarchical,
-    cfg,
     check_blocks,
     drop_path_rates,
     init_linear_and_norm,
     placement,
+    release_cfg,
 )
 from ._mixers import AgentCore, FocusedCore, InLineCore, Size, from_grid, merge_heads, split_heads, to_grid
 
@@ -240,20 +243,12 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         return self.norm(x).reshape(x.shape[0], *size, x.shape[2])
 
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-_AGENT = dict(paper_name="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
-              origin_url="https://github.com/LeapLabTHU/Agent-Attention")
-_FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focused Linear Attention (ICCV 2023)",
-                origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
-_INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention (NeurIPS 2024)",
-               origin_url="https://github.com/LeapLabTHU/InLine")
 
 
 def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224, **kw) -> dict:
-    """A cfg with the README's top-1, params and FLOPs (counts) and the stride-32 output grid."""
-    extra = dict(input_size=(3, size, size), crop_pct=1.0) if size != 224 else {}
-    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops,
-               first_conv="stage1_conv_embed.0", pool_size=(size // 32, size // 32), **family, **extra, **kw)
+    """A cfg with the README's numbers and the stride-32 output grid (crop 1.0 above 224)."""
+    return release_cfg(file_id, top1, params, flops, family, size, first_conv="stage1_conv_embed.0",
+                       pool_size=(size // 32, size // 32), **(dict(crop_pct=1.0) if size != 224 else {}), **kw)
 
 
 # paper_params / paper_flops: the READMEs' tables, as counts. `official_params`: the official code's
@@ -262,15 +257,15 @@ def _c(file_id: str, top1: float, params: float | None, flops: float | None, fam
 # InLine-CSwin-T 20,604,520 were counted on the official classes; InLine-CSwin-S/B are the same
 # official class with its `inline_cswin_small` / `inline_cswin_base` arguments, counted here).
 default_cfgs = generate_default_cfgs({
-    "agent_cswin_tiny.in1k": _c("8c562a74441e46d5902b", 83.1, 21.0e6, 4.3e9, _AGENT, official_params=20_458_672),
-    "agent_cswin_small.in1k": _c("30eb8af675bc4b7a8747", 83.9, 33.0e6, 6.8e9, _AGENT),
-    "agent_cswin_base.in1k": _c("c8035b0839b2410c8c9f", 84.7, 73.0e6, 14.9e9, _AGENT),
-    "agent_cswin_base_384.in1k": _c("1239be0df44b47719432", 85.8, 73.0e6, 46.3e9, _AGENT, size=384),
+    "agent_cswin_tiny.in1k": _c("8c562a74441e46d5902b", 83.1, 21.0e6, 4.3e9, AGENT, official_params=20_458_672),
+    "agent_cswin_small.in1k": _c("30eb8af675bc4b7a8747", 83.9, 33.0e6, 6.8e9, AGENT),
+    "agent_cswin_base.in1k": _c("c8035b0839b2410c8c9f", 84.7, 73.0e6, 14.9e9, AGENT),
+    "agent_cswin_base_384.in1k": _c("1239be0df44b47719432", 85.8, 73.0e6, 46.3e9, AGENT, size=384),
     # FLatten's README has no params/FLOPs: fvcore counts of the official code
-    "flatten_cswin_tiny.in1k": _c("48ba765ba8b0451d9d5a", 83.1, 21.20e6, 4.34e9, _FLATTEN),
-    "inline_cswin_tiny.in1k": _c("49fa2ecc543647c4b970", 83.2, 25.0e6, 4.3e9, _INLINE, official_params=20_604_520),
-    "inline_cswin_small.in1k": _c("59f4e65f776f4052b93c", 83.8, 43.0e6, 6.8e9, _INLINE, official_params=33_032_872),
-    "inline_cswin_base.in1k": _c("91e17121df284ae38521", 84.5, 96.0e6, 14.9e9, _INLINE, official_params=73_413_640),
+    "flatten_cswin_tiny.in1k": _c("48ba765ba8b0451d9d5a", 83.1, 21.20e6, 4.34e9, FLATTEN),
+    "inline_cswin_tiny.in1k": _c("49fa2ecc543647c4b970", 83.2, 25.0e6, 4.3e9, INLINE, official_params=20_604_520),
+    "inline_cswin_small.in1k": _c("59f4e65f776f4052b93c", 83.8, 43.0e6, 6.8e9, INLINE, official_params=33_032_872),
+    "inline_cswin_base.in1k": _c("91e17121df284ae38521", 84.5, 96.0e6, 14.9e9, INLINE, official_params=73_413_640),
 })
 
 _T = dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16))
@@ -282,46 +277,46 @@ def _cswin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> C
     return build_hierarchical(CSWinStyle, variant, pretrained, code, arch, **kwargs)
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-T: global agent branches in stages 1-2 (AABB)."""
     return _cswin("agent_cswin_tiny", pretrained, "AABB", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_cswin_small(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-S: C 64 with depths [3, 6, 29, 2] (the official `Agent_CSWin_64_36292_small_224`)."""
     return _cswin("agent_cswin_small", pretrained, "AABB", _S, **dict(dict(drop_path_rate=0.4), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_cswin_base(pretrained: bool = False, **kwargs) -> CSWinStyle:
     return _cswin("agent_cswin_base", pretrained, "AABB", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-B at 384 (stripe width 12 in stages 3-4)."""
     return _cswin("agent_cswin_base_384", pretrained, "AABB", _B, **dict(dict(img_size=384, split_size=(1, 2, 12, 12), drop_path_rate=0.7), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """FLatten-CSwin-T: focused linear attention in stages 1-2 (LLSS), with both DWC and LePE."""
     return _cswin("flatten_cswin_tiny", pretrained, "LLSS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """InLine-CSwin-T: InLine attention in stages 1-2 (IISS)."""
     return _cswin("inline_cswin_tiny", pretrained, "IISS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_cswin_small(pretrained: bool = False, **kwargs) -> CSWinStyle:
     return _cswin("inline_cswin_small", pretrained, "IISS", _S, **dict(dict(drop_path_rate=0.4), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_cswin_base(pretrained: bool = False, **kwargs) -> CSWinStyle:
     return _cswin("inline_cswin_base", pretrained, "IISS", _B, **dict(dict(drop_path_rate=0.5), **kwargs))

@@ -22,7 +22,16 @@ from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
-from ._common import ClassifierMixin, cfg, check_blocks, drop_path_rates, init_linear_and_norm, init_trunc_normal
+from ._common import (
+    AGENT,
+    INLINE,
+    ClassifierMixin,
+    check_blocks,
+    drop_path_rates,
+    init_linear_and_norm,
+    init_trunc_normal,
+    release_cfg,
+)
 from ._mixers import AgentAttention, InLineAttention, Size, SoftmaxAttention, from_grid, resize_tokens, to_grid
 
 
@@ -126,27 +135,21 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         return self.norm(x)
 
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-_AGENT = dict(paper_name="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
-              origin_url="https://github.com/LeapLabTHU/Agent-Attention")
-_INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention (NeurIPS 2024)",
-               origin_url="https://github.com/LeapLabTHU/InLine")
 
 
 def _c(file_id: str, top1: float, params: float, flops: float, family: dict, size: int = 224, **kw) -> dict:
-    """A cfg with the README's top-1, params and FLOPs (counts)."""
-    extra = dict(input_size=(3, size, size), crop_pct=1.0) if size != 224 else {}
-    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, **family, **extra, **kw)
+    """A cfg with the README's numbers (crop 1.0 above 224)."""
+    return release_cfg(file_id, top1, params, flops, family, size, **(dict(crop_pct=1.0) if size != 224 else {}), **kw)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_tiny.in1k": _c("57e0904221824ee7b7af", 74.9, 6.0e6, 1.2e9, _AGENT),
-    "agent_deit_small.in1k": _c("fdd43304372541db8ea7", 80.5, 22.7e6, 4.4e9, _AGENT),
-    "agent_deit_small_448.in1k": _c("a228f86241c445f1969b", 83.1, 23.1e6, 17.7e9, _AGENT, size=448),
-    "agent_deit_base.in1k": _c("5115f15fdd7e4ab58fbc", 82.0, 87.2e6, 17.6e9, _AGENT),
-    "inline_deit_tiny.in1k": _c("1d6b8191ad6d4114b291", 74.5, 6.5e6, 1.1e9, _INLINE),
-    "inline_deit_small.in1k": _c("2f3898b07e9247f3beb3", 80.2, 16.7e6, 5.0e9, _INLINE, size=288),
-    "inline_deit_base.in1k": _c("10bdd726d4b0435eb34e", 82.3, 23.8e6, 17.2e9, _INLINE, size=448),
+    "agent_deit_tiny.in1k": _c("57e0904221824ee7b7af", 74.9, 6.0e6, 1.2e9, AGENT),
+    "agent_deit_small.in1k": _c("fdd43304372541db8ea7", 80.5, 22.7e6, 4.4e9, AGENT),
+    "agent_deit_small_448.in1k": _c("a228f86241c445f1969b", 83.1, 23.1e6, 17.7e9, AGENT, size=448),
+    "agent_deit_base.in1k": _c("5115f15fdd7e4ab58fbc", 82.0, 87.2e6, 17.6e9, AGENT),
+    "inline_deit_tiny.in1k": _c("1d6b8191ad6d4114b291", 74.5, 6.5e6, 1.1e9, INLINE),
+    "inline_deit_small.in1k": _c("2f3898b07e9247f3beb3", 80.2, 16.7e6, 5.0e9, INLINE, size=288),
+    "inline_deit_base.in1k": _c("10bdd726d4b0435eb34e", 82.3, 23.8e6, 17.2e9, INLINE, size=448),
 })
 
 
@@ -157,46 +160,46 @@ def _deit(variant: str, pretrained: bool, family_blocks: int, mixer: str, **kwar
     return build_classifier(DeiTStyle, variant, pretrained, feature_cfg=dict(out_indices=(9, 10, 11)), **kwargs)
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_deit_tiny(pretrained: bool = False, **kwargs) -> DeiTStyle:
     """Agent-DeiT-T: agent attention (49 agents) in all 12 blocks."""
     return _deit("agent_deit_tiny", pretrained, 12, "agent", **dict(dict(embed_dim=192, num_heads=3), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_deit_small(pretrained: bool = False, **kwargs) -> DeiTStyle:
     return _deit("agent_deit_small", pretrained, 12, "agent",
                  **dict(dict(embed_dim=384, num_heads=6, drop_path_rate=0.1), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_deit_small_448(pretrained: bool = False, **kwargs) -> DeiTStyle:
     """Agent-DeiT-S at 448 (28x28 patch grid, 49 agents)."""
     return _deit("agent_deit_small_448", pretrained, 12, "agent",
                  **dict(dict(img_size=448, embed_dim=384, num_heads=6, drop_path_rate=0.1), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_deit_base(pretrained: bool = False, **kwargs) -> DeiTStyle:
     """Agent-DeiT-B: agent attention (81 agents) in the first 4 blocks only, softmax after."""
     return _deit("agent_deit_base", pretrained, 4, "agent",
                  **dict(dict(embed_dim=768, num_heads=12, agent_num=81, drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_deit_tiny(pretrained: bool = False, **kwargs) -> DeiTStyle:
     """InLine-DeiT-T: C 192 with 6 heads (head_dim 32), InLine attention in all blocks."""
     return _deit("inline_deit_tiny", pretrained, 12, "inline", **dict(dict(embed_dim=192, num_heads=6), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_deit_small(pretrained: bool = False, **kwargs) -> DeiTStyle:
     """InLine-DeiT-S: a narrow (C 320, 10 heads) model at 288, not DeiT-S's width."""
     return _deit("inline_deit_small", pretrained, 12, "inline",
                  **dict(dict(img_size=288, embed_dim=320, num_heads=10), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_deit_base(pretrained: bool = False, **kwargs) -> DeiTStyle:
     """InLine-DeiT-B: C 384, 12 heads, at 448."""
     return _deit("inline_deit_base", pretrained, 12, "inline",

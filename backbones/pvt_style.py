@@ -25,14 +25,17 @@ from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
 
 from ._common import (
+    AGENT,
+    FLATTEN,
+    INLINE,
     ClassifierMixin,
     build_hierarchical,
-    cfg,
     check_blocks,
     drop_path_rates,
     init_linear_and_norm,
     init_trunc_normal,
     placement,
+    release_cfg,
 )
 from ._mixers import (
     AgentAttention,
@@ -215,38 +218,30 @@ class PVTStyle(ClassifierMixin, nn.Module):
         return x
 
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-_AGENT = dict(paper_name="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
-              origin_url="https://github.com/LeapLabTHU/Agent-Attention")
-_FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focused Linear Attention (ICCV 2023)",
-                origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
-_INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention (NeurIPS 2024)",
-               origin_url="https://github.com/LeapLabTHU/InLine")
 
 
 def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224, **kw) -> dict:
-    """A cfg with the README's top-1, params and FLOPs (counts) and the stride-32 output grid."""
-    extra = dict(input_size=(3, size, size)) if size != 224 else {}
-    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, first_conv="patch_embed1.proj",
-               pool_size=(size // 32, size // 32), **family, **extra, **kw)
+    """A cfg with the README's numbers and the stride-32 output grid."""
+    return release_cfg(file_id, top1, params, flops, family, size, first_conv="patch_embed1.proj",
+                       pool_size=(size // 32, size // 32), **kw)
 
 
 # paper_params / paper_flops: the READMEs' tables, as counts. `official_params`: the official code's
 # exact count where the README differs (inline_pvt_large: 51.15M vs 50.2M): the official definition
 # instantiated with the released config (tests/test_agent_backbones.py OFFICIAL_PARAMS), equal to ours.
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_tiny.in1k": _c("13fdf0e0a7c5498c934f", 78.4, 11.6e6, 2.0e9, _AGENT),
-    "agent_pvt_small.in1k": _c("36b8be9a8863456685a3", 82.2, 20.6e6, 4.0e9, _AGENT),
-    "agent_pvt_medium.in1k": _c("4d00ecacf18b45f9b88c", 83.4, 35.9e6, 7.0e9, _AGENT),
-    "agent_pvt_medium_256.in1k": _c("654df734121643b19c52", 83.8, 36.1e6, 9.2e9, _AGENT, size=256),
-    "agent_pvt_large.in1k": _c("040cfe0cfbbe4762ad09", 83.7, 48.7e6, 10.4e9, _AGENT),
+    "agent_pvt_tiny.in1k": _c("13fdf0e0a7c5498c934f", 78.4, 11.6e6, 2.0e9, AGENT),
+    "agent_pvt_small.in1k": _c("36b8be9a8863456685a3", 82.2, 20.6e6, 4.0e9, AGENT),
+    "agent_pvt_medium.in1k": _c("4d00ecacf18b45f9b88c", 83.4, 35.9e6, 7.0e9, AGENT),
+    "agent_pvt_medium_256.in1k": _c("654df734121643b19c52", 83.8, 36.1e6, 9.2e9, AGENT, size=256),
+    "agent_pvt_large.in1k": _c("040cfe0cfbbe4762ad09", 83.7, 48.7e6, 10.4e9, AGENT),
     # FLatten's README has no params/FLOPs: fvcore counts of the official code
-    "flatten_pvt_tiny.in1k": _c("3ab1d773f19d45648690", 77.8, 12.15e6, 2.05e9, _FLATTEN),
-    "flatten_pvt_v2_b0.in1k": _c("5d1f01532b104da28e7b", 71.1, 3.59e6, 0.59e9, _FLATTEN),
-    "inline_pvt_tiny.in1k": _c("90ac52b1555b401eb5e6", 78.2, 12.0e6, 2.0e9, _INLINE),
-    "inline_pvt_small.in1k": _c("1ab953b2479d433080a3", 82.0, 21.6e6, 3.9e9, _INLINE),
-    "inline_pvt_medium.in1k": _c("a72aec31e6084bc0a280", 83.2, 37.6e6, 6.9e9, _INLINE),
-    "inline_pvt_large.in1k": _c("efd91318ba964f01b288", 83.6, 50.2e6, 10.2e9, _INLINE, official_params=51_154_280),
+    "flatten_pvt_tiny.in1k": _c("3ab1d773f19d45648690", 77.8, 12.15e6, 2.05e9, FLATTEN),
+    "flatten_pvt_v2_b0.in1k": _c("5d1f01532b104da28e7b", 71.1, 3.59e6, 0.59e9, FLATTEN),
+    "inline_pvt_tiny.in1k": _c("90ac52b1555b401eb5e6", 78.2, 12.0e6, 2.0e9, INLINE),
+    "inline_pvt_small.in1k": _c("1ab953b2479d433080a3", 82.0, 21.6e6, 3.9e9, INLINE),
+    "inline_pvt_medium.in1k": _c("a72aec31e6084bc0a280", 83.2, 37.6e6, 6.9e9, INLINE),
+    "inline_pvt_large.in1k": _c("efd91318ba964f01b288", 83.6, 50.2e6, 10.2e9, INLINE, official_params=51_154_280),
 })
 
 _INLINE_HEADS = (2, 4, 10, 16)  # InLine-PVT doubles PVT's heads (head_dim 32)
@@ -258,40 +253,40 @@ def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTS
     return build_hierarchical(PVTStyle, variant, pretrained, code, base, **kwargs)
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """Agent-PVT-T: agent attention in every block (AAAA), 9-16-49-49 agents, no SR."""
     return _pvt("agent_pvt_tiny", pretrained, "AAAA", "tiny", **kwargs)
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
     return _pvt("agent_pvt_small", pretrained, "AAAA", "small", **kwargs)
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
     return _pvt("agent_pvt_medium", pretrained, "AAAA", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> PVTStyle:
     """Agent-PVT-M trained at 256 (pos_embeds and biases sized for 64x64 ... 8x8 grids)."""
     return _pvt("agent_pvt_medium_256", pretrained, "AAAA", "medium", **dict(dict(img_size=256, drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
     return _pvt("agent_pvt_large", pretrained, "AAAA", "large", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """FLatten-PVT-T: focused linear attention in every block (LLLL), no SR."""
     return _pvt("flatten_pvt_tiny", pretrained, "LLLL", "tiny", **dict(dict(unused_final_norm=True), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PVTStyle:
     """FLatten-PVTv2-B0: PVTv2-b0 (C 32-64-160-256) with focused linear attention everywhere, no SR."""
     args = dict(version=2, embed_dims=(32, 64, 160, 256), block_types=placement("LLLL", (2, 2, 2, 2)))
@@ -299,22 +294,22 @@ def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PVTStyle:
                             **dict(args, **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """InLine-PVT-T: injective linear attention in every block (IIII), heads 2-4-10-16, no SR."""
     return _pvt("inline_pvt_tiny", pretrained, "IIII", "tiny", **kwargs)
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
     return _pvt("inline_pvt_small", pretrained, "IIII", "small", **kwargs)
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
     return _pvt("inline_pvt_medium", pretrained, "IIII", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
     return _pvt("inline_pvt_large", pretrained, "IIII", "large", **dict(dict(drop_path_rate=0.3), **kwargs))

@@ -26,14 +26,17 @@ from zoo._registry import register_model
 from zoo.weights import generate_default_cfgs
 
 from ._common import (
+    AGENT,
+    FLATTEN,
+    INLINE,
     ClassifierMixin,
     build_hierarchical,
-    cfg,
     check_blocks,
     drop_path_rates,
     init_linear_and_norm,
     init_trunc_normal,
     placement,
+    release_cfg,
 )
 from ._mixers import (
     QKV,
@@ -292,20 +295,12 @@ class SwinStyle(ClassifierMixin, nn.Module):
 
 # ----------------------------------------------------------------------------- variants
 
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-_AGENT = dict(paper_name="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
-              origin_url="https://github.com/LeapLabTHU/Agent-Attention")
-_FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focused Linear Attention (ICCV 2023)",
-                origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
-_INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention (NeurIPS 2024)",
-               origin_url="https://github.com/LeapLabTHU/InLine")
 
 
 def _c(file_id: str, top1: float, params: float | None, flops: float | None, family: dict, size: int = 224, **kw) -> dict:
-    """A cfg with the README's top-1, params and FLOPs (counts) and the stride-32 output grid."""
-    extra = dict(input_size=(3, size, size), crop_pct=1.0) if size != 224 else {}
-    return cfg(url=_TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops,
-               pool_size=(size // 32, size // 32), **family, **extra, **kw)
+    """A cfg with the README's numbers and the stride-32 output grid (crop 1.0 above 224)."""
+    return release_cfg(file_id, top1, params, flops, family, size, pool_size=(size // 32, size // 32),
+                       **(dict(crop_pct=1.0) if size != 224 else {}), **kw)
 
 
 # paper_params / paper_flops: the READMEs' tables, as counts. `official_params`: the official code's
@@ -315,22 +310,22 @@ def _c(file_id: str, top1: float, params: float | None, flops: float | None, fam
 # official class (tests/test_agent_backbones.py OFFICIAL_PARAMS); FLatten-Swin-B-384 is the checked
 # FLatten-Swin class with cfgs/flatten_swin_b_384.yaml's arguments, counted on ours only.
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny.in1k": _c("a2ddc1190c224f768a41", 82.6, 29.0e6, 4.5e9, _AGENT),
-    "agent_swin_small.in1k": _c("f607172c9fea4d6e99bb", 83.7, 50.0e6, 8.7e9, _AGENT),
-    "agent_swin_small_288.in1k": _c("09760394e93b4046a25e", 84.1, 50.0e6, 14.6e9, _AGENT, size=288),
-    "agent_swin_base.in1k": _c("4fcd2d0114bb490483c3", 84.0, 88.0e6, 15.4e9, _AGENT),
-    "agent_swin_base_384.in1k": _c("bb84ee9058954706a557", 84.9, 88.0e6, 46.3e9, _AGENT, size=384),
+    "agent_swin_tiny.in1k": _c("a2ddc1190c224f768a41", 82.6, 29.0e6, 4.5e9, AGENT),
+    "agent_swin_small.in1k": _c("f607172c9fea4d6e99bb", 83.7, 50.0e6, 8.7e9, AGENT),
+    "agent_swin_small_288.in1k": _c("09760394e93b4046a25e", 84.1, 50.0e6, 14.6e9, AGENT, size=288),
+    "agent_swin_base.in1k": _c("4fcd2d0114bb490483c3", 84.0, 88.0e6, 15.4e9, AGENT),
+    "agent_swin_base_384.in1k": _c("bb84ee9058954706a557", 84.9, 88.0e6, 46.3e9, AGENT, size=384),
     # FLatten's README gives no params/FLOPs: these are fvcore counts of the official code
-    "flatten_swin_tiny.in1k": _c("e1518e76703e4e57a7f2", 82.1, 29.19e6, 4.50e9, _FLATTEN),
-    "flatten_swin_small.in1k": _c("94188e52af354bf4a88b", 83.5, 50.51e6, 8.76e9, _FLATTEN),
-    "flatten_swin_base.in1k": _c("7a9e5186bad04e7fb3a9", 83.8, 88.97e6, 15.46e9, _FLATTEN),
+    "flatten_swin_tiny.in1k": _c("e1518e76703e4e57a7f2", 82.1, 29.19e6, 4.50e9, FLATTEN),
+    "flatten_swin_small.in1k": _c("94188e52af354bf4a88b", 83.5, 50.51e6, 8.76e9, FLATTEN),
+    "flatten_swin_base.in1k": _c("7a9e5186bad04e7fb3a9", 83.8, 88.97e6, 15.46e9, FLATTEN),
     # no published numbers: the count of the official architecture, and fvcore's FLOPs of ours (ours match the
     # official code's fvcore counts above for FLatten-Swin-T/S/B to the 0.01G printed)
-    "flatten_swin_base_384.in1k": _c("0d0330cf2e5249f1abb6", 85.0, None, None, _FLATTEN, size=384,
+    "flatten_swin_base_384.in1k": _c("0d0330cf2e5249f1abb6", 85.0, None, None, FLATTEN, size=384,
                                       official_params=91_433_928, official_flops=46_490_804_224),
-    "inline_swin_tiny.in1k": _c("32810869fcc34410966b", 82.4, 30.0e6, 4.5e9, _INLINE, official_params=29_223_544),
-    "inline_swin_small.in1k": _c("e9657fd247c04c7cb1a1", 83.6, 50.0e6, 8.7e9, _INLINE),
-    "inline_swin_base.in1k": _c("bf23564bb64c420aafe1", 84.1, 88.0e6, 15.4e9, _INLINE),
+    "inline_swin_tiny.in1k": _c("32810869fcc34410966b", 82.4, 30.0e6, 4.5e9, INLINE, official_params=29_223_544),
+    "inline_swin_small.in1k": _c("e9657fd247c04c7cb1a1", 83.6, 50.0e6, 8.7e9, INLINE),
+    "inline_swin_base.in1k": _c("bf23564bb64c420aafe1", 84.1, 88.0e6, 15.4e9, INLINE),
 })
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
@@ -342,69 +337,69 @@ def _swin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> Sw
     return build_hierarchical(SwinStyle, variant, pretrained, code, arch, **kwargs)
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-T: agent attention in stages 1-3 (AAAB), 9-16-49-49 agents."""
     return _swin("agent_swin_tiny", pretrained, "AAAB", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-S (AABB)."""
     return _swin("agent_swin_small", pretrained, "AABB", _S, **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_swin_small_288(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-S at 288 (agent window 72, softmax window 72 // 8 = 9)."""
     return _swin("agent_swin_small_288", pretrained, "AABB", _S, **dict(dict(img_size=288, window_size=72, drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-B (AAMB2: the first 2 blocks of stage 3 are agent blocks)."""
     return _swin("agent_swin_base", pretrained, "AAMB2", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
 
 
-@register_model(paper=_AGENT["paper_name"])
+@register_model(paper=AGENT["paper_name"])
 def agent_swin_base_384(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-B at 384 (agent window 96, softmax window 12)."""
     return _swin("agent_swin_base_384", pretrained, "AAMB2", _B, **dict(dict(img_size=384, window_size=96, drop_path_rate=0.5), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """FLatten-Swin-T: focused linear attention in stages 1-2 (LLSS), focusing factor 3, 5x5 DWC."""
     return _swin("flatten_swin_tiny", pretrained, "LLSS", _T, **dict(dict(softmax_window=7, drop_path_rate=0.2), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
     return _swin("flatten_swin_small", pretrained, "LLSS", _S, **dict(dict(softmax_window=7, drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
     return _swin("flatten_swin_base", pretrained, "LLSS", _B, **dict(dict(softmax_window=7, drop_path_rate=0.5), **kwargs))
 
 
-@register_model(paper=_FLATTEN["paper_name"])
+@register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_base_384(pretrained: bool = False, **kwargs) -> SwinStyle:
     """FLatten-Swin-B at 384 (linear window 96, softmax window 12)."""
     return _swin("flatten_swin_base_384", pretrained, "LLSS", _B, **dict(dict(img_size=384, window_size=96, softmax_window=12, drop_path_rate=0.5), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """InLine-Swin-T: injective linear attention in stages 1-3 (IIIS)."""
     return _swin("inline_swin_tiny", pretrained, "IIIS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
     return _swin("inline_swin_small", pretrained, "IISS", _S, **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
-@register_model(paper=_INLINE["paper_name"])
+@register_model(paper=INLINE["paper_name"])
 def inline_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
     return _swin("inline_swin_base", pretrained, "IIMS2", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
