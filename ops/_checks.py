@@ -14,6 +14,20 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int | tuple[int, ...], layout
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device, as SDPA is cast.
+
+    Inside `torch.autocast`, projections give bf16/fp16 but norms and rotary embeddings may give
+    float32; casting here keeps q, k, v in one dtype and lets the fused kernels run.
+    """
+    device = getattr(tensors[0], "device", None)
+    device = device.type if device is not None else None
+    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dtype: bool = True) -> None:
     """Same device (and, with `dtype`, same dtype) for all tensors."""
     first_name, first = names[0], tensors[0]

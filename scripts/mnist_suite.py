@@ -30,7 +30,7 @@ QUICK = {
             "model.kwargs.hidden_size=32", "model.kwargs.num_heads=2", "diffusion.sample_steps=2", "trainer.precision=32-true",
             "data.num_workers=0"],
     "video": ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=2", "data.num_videos=8",
-              "model.kwargs.depth=2", "model.kwargs.hidden_size=32", "data.frames=4", "model.kwargs.input_size=[4,32,32]",
+              "model.kwargs.depth=2", "model.kwargs.hidden_size=32", "model.kwargs.num_heads=2", "data.frames=4", "model.kwargs.input_size=[4,32,32]",
               "diffusion.sample_steps=2", "diffusion.sample_classes=[0,1]", "trainer.precision=32-true", "data.num_workers=0"],
 }
 
@@ -101,10 +101,12 @@ def stage_dit(args, root: Path, summary: dict, classifier) -> None:
     from zoo import digits, dit, media
     from zoo.lightning.diffusion import create_generator
 
-    res = train("diffusion/dit_s_2_mnist.yaml", [f"data.path={args.data}", f"output_dir={root / 'dit'}", *args.quick_dit])
+    init = [f"model.checkpoint_path={args.dit_init}"] if args.dit_init else []
+    res = train("diffusion/dit_s_2_mnist.yaml", [f"data.path={args.data}", f"output_dir={root / 'dit'}", *init, *args.quick_dit])
     model = create_generator("dit_s_2", checkpoint_path=res["export"]).to(args.device).eval()
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    out = {"steps": res["global_step"], "train_seconds": res["seconds"], "params": sum(p.numel() for p in model.parameters())}
+    out = {"steps": res["global_step"], "train_seconds": res["seconds"], "init": args.dit_init,
+           "params": sum(p.numel() for p in model.parameters())}
     for guidance in (1.0, 2.0, 4.0):
         g = torch.Generator(device=args.device).manual_seed(0)
         start = time.perf_counter()
@@ -121,11 +123,39 @@ def stage_dit(args, root: Path, summary: dict, classifier) -> None:
     pack(res["export"], args.out, "dit_s_2_mnist")
 
 
-def stage_video(args, root: Path, summary: dict, classifier) -> None:
+def score_video(args, cfg, attention: str, export: str, classifier) -> dict:
+    """Per-frame digit accuracy of `--videos-per-class` videos per class drawn from `export` (+ a GIF)."""
     from zoo import digits, dit, media
+    from zoo.lightning.diffusion import create_generator
+
+    model = create_generator("video_dit_s_2", checkpoint_path=export).to(args.device).eval()
+    labels = torch.arange(10).repeat_interleave(args.videos_per_class)
+    g = torch.Generator(device=args.device).manual_seed(0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+        v = dit.sample_video(model, labels.tolist(), num_steps=args.video_sample_steps, guidance_scale=args.video_guidance,
+                             scheduler="euler", shift=cfg.diffusion.objective_kwargs.get("shift", 3.0), generator=g, progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    v = v.float().cpu()
+    acc = digits.frame_accuracy(classifier, v, labels, cfg.data.digit_size) if classifier is not None else float('nan')
+    log(f"video {attention}: per-frame digit accuracy {acc:.3f} over {len(labels)} videos; sampling {seconds:.1f} s")
+    media.save_video(media.video_grid(v[:: args.videos_per_class], nrow=10), args.out / f"video_{attention}.gif")
+    return {"frame_accuracy": acc, "sample_seconds": seconds, "videos": len(labels)}
+
+
+def stage_video(args, root: Path, summary: dict, classifier) -> None:
+    """Dense (optionally warm-started on single frames), then radial / SLA fine-tuned from the dense weights.
+
+    `--video-init` starts every run from that export instead (continuing a dense run, or fine-tuning
+    from it when dense is not in `--video-attention`).
+    """
+    from zoo import digits
     from zoo.lightning.config import load_config
     from zoo.lightning.data import MovingMNISTDataModule
-    from zoo.lightning.diffusion import create_generator
 
     base = [f"data.path={args.data}", *args.quick_video]
     cfg = load_config("diffusion/video_dit_s_2_mmnist.yaml", base)
@@ -133,40 +163,28 @@ def stage_video(args, root: Path, summary: dict, classifier) -> None:
     dm.setup("validate")
     real = torch.stack([dm.val_set[i][0] for i in range(args.real_videos)])
     real_y = torch.stack([dm.val_set[i][1] for i in range(args.real_videos)])
-    summary["video"] = {"real_frame_accuracy": digits.frame_accuracy(classifier, real, real_y, cfg.data.digit_size)
-                        if classifier is not None else float("nan")}
-    log(f"video: per-frame accuracy of real Moving-MNIST videos (metric ceiling) {summary['video']['real_frame_accuracy']:.3f}")
-    runs = [("dense", [f"output_dir={root / 'video_dense'}"])]
-    dense_export = None
-    for attention, ft in (("radial", args.radial), ("sla", args.sla)):
-        runs.append((attention, [f"output_dir={root / ('video_' + attention)}", f"model.kwargs.attention={attention}",
-                                 f"trainer.max_steps={args.finetune_steps}", "optim.warmup_steps=20",
-                                 "diffusion.ema_decay=0.99", *ft]))
-    for attention, extra in runs:
-        overrides = base + extra + ([f"model.checkpoint_path={dense_export}"] if dense_export else [])
-        if attention == "dense":
-            overrides.append(f"trainer.max_steps={args.video_steps}")
+    video = summary.setdefault("video", {})
+    video["real_frame_accuracy"] = digits.frame_accuracy(classifier, real, real_y, cfg.data.digit_size) if classifier is not None else float("nan")
+    log(f"video: per-frame accuracy of real Moving-MNIST videos (metric ceiling) {video['real_frame_accuracy']:.3f}")
+    init = args.video_init
+    if args.video_pretrain_steps and "dense" in args.video_attention and not init:
+        # single frames first (Wan's image-then-video order): digit shapes are learnt on cheap 256-token inputs
+        res = train("diffusion/video_dit_s_2_mmnist.yaml", base + [
+            f"output_dir={root / 'video_frames'}", "data.frames=1", "model.kwargs.input_size=[1,32,32]",
+            f"trainer.max_steps={args.video_pretrain_steps}", *args.video_pretrain])
+        video["frames_pretrain"] = {"steps": res["global_step"], "train_seconds": res["seconds"]}
+        init = res["export"]
+    for attention in args.video_attention:
+        start_from = init
+        overrides = base + [f"output_dir={root / ('video_' + attention)}", f"model.kwargs.attention={attention}",
+                            *(args.video_dense if attention == "dense" else getattr(args, attention))]
+        if init:
+            overrides.append(f"model.checkpoint_path={init}")
         res = train("diffusion/video_dit_s_2_mmnist.yaml", overrides)
-        if attention == "dense":
-            dense_export = res["export"]
-        model = create_generator("video_dit_s_2", checkpoint_path=res["export"]).to(args.device).eval()
-        labels = torch.arange(10).repeat_interleave(args.videos_per_class)
-        g = torch.Generator(device=args.device).manual_seed(0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            v = dit.sample_video(model, labels.tolist(), num_steps=args.video_sample_steps, guidance_scale=2.0, scheduler="euler",
-                                 shift=3.0, generator=g, progress=False)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        v = v.float().cpu()
-        acc = digits.frame_accuracy(classifier, v, labels, cfg.data.digit_size) if classifier is not None else float('nan')
-        summary["video"][attention] = {"frame_accuracy": acc, "steps": res["global_step"], "train_seconds": res["seconds"],
-                                       "sample_seconds": seconds, "videos": len(labels)}
-        log(f"video {attention}: per-frame digit accuracy {acc:.3f} over {len(labels)} videos; sampling {seconds:.1f} s")
-        media.save_video(media.video_grid(v[:: args.videos_per_class], nrow=10), args.out / f"video_{attention}.gif")
+        if attention == "dense" and not args.video_init:
+            init = res["export"]
+        video[attention] = {"steps": res["global_step"], "train_seconds": res["seconds"], "init": str(start_from) if start_from else None,
+                            **score_video(args, cfg, attention, res["export"], classifier)}
         pack(res["export"], args.out, f"video_dit_s_2_mmnist_{attention}")
 
 
@@ -189,14 +207,19 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("outputs/mnist_suite"), help="checkpoints and logs")
     p.add_argument("--stages", nargs="+", default=["classify", "dit", "video"], choices=["classify", "dit", "video"])
     p.add_argument("--classifiers", nargs="+", default=["nat_mnist", "biformer_mnist", "mavit_mnist", "agent_swin_mnist"])
-    p.add_argument("--classifier-export", default=None, help="score with this exported classifier instead of training one")
+    p.add_argument("--classifier-export", default=None, help="score with this exported classifier (a path, or a registered name such as biformer_mnist) instead of training one")
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--video-steps", type=int, default=2000)
-    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--dit-init", default=None, help="start the pixel DiT from these weights (e.g. the shipped ones)")
+    p.add_argument("--video-attention", nargs="+", default=["dense", "radial", "sla"], choices=["dense", "radial", "sla"])
+    p.add_argument("--video-init", default=None, help="start every video run from this export")
+    p.add_argument("--video-pretrain-steps", type=int, default=0, help="single-frame warm start of the dense run")
+    p.add_argument("--video-guidance", type=float, default=2.0)
     p.add_argument("--videos-per-class", type=int, default=2)
     p.add_argument("--video-sample-steps", type=int, default=30)
     p.add_argument("--real-videos", type=int, default=200)
+    p.add_argument("--video-pretrain", nargs="*", default=[], help="extra overrides for the single-frame warm start")
+    p.add_argument("--video-dense", nargs="*", default=[], help="extra overrides for the dense video run")
     p.add_argument("--radial", nargs="*", default=[], help="extra overrides for the radial fine-tune")
     p.add_argument("--sla", nargs="*", default=[], help="extra overrides for the SLA fine-tune")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every run")
@@ -218,8 +241,12 @@ def main() -> None:
         if args.classifier_export:
             import zoo
 
-            meta = json.loads(Path(args.classifier_export).with_suffix(".json").read_text())
-            classifier = zoo.create_model(meta["architecture"], checkpoint_path=args.classifier_export).to(args.device).eval()
+            if Path(args.classifier_export).is_file():
+                meta = json.loads(Path(args.classifier_export).with_suffix(".json").read_text())
+                classifier = zoo.create_model(meta["architecture"], checkpoint_path=args.classifier_export)
+            else:  # a registered model with weights, e.g. the shipped biformer_mnist
+                classifier = zoo.create_model(args.classifier_export, pretrained=True)
+            classifier = classifier.to(args.device).eval()
         for stage, fn in (("dit", stage_dit), ("video", stage_video)):
             if stage in args.stages:
                 guarded(stage, summary, fn, args, args.work, summary, classifier)

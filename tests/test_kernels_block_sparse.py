@@ -189,7 +189,9 @@ def test_layout_matches_lists_and_checks():
 
 
 # ------------------------------------------------------------------ GPU, real sizes
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def needs_cuda(test):
+    """`pytest -m gpu` selects it; skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 @needs_cuda
@@ -211,6 +213,19 @@ def test_backend_choice_gpu():
     assert backend == "reference" and "float32" in reason
     backend, reason = block_sparse_backend(q, q, q, 32, 128)
     assert backend == "reference" and "block_size" in reason
+
+
+@needs_cuda
+def test_autocast_float32_queries_run_the_kernel():
+    """Under CUDA autocast (fp32 q/k out of norms, bf16 v) the call takes the kernel, in bf16."""
+    q, k = torch.randn(2, 1, 2, 256, 64, device="cuda").unbind(0)
+    v = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = block_sparse_attention(q, k, v, block_mask=mask, block_size=128)
+    assert out.dtype == torch.bfloat16
+    ref = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(), v.float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON

@@ -82,3 +82,18 @@ def test_bad_inputs_name_the_argument():
         block_sparse_attention(q, q, q, block_indices=torch.tensor([[[[5], [1]]]]), block_size=8)
     with pytest.raises(ValueError, match="block_size"):
         block_sparse_attention(q, q, q, block_mask=good, block_size=0)
+
+
+def test_autocast_casts_inputs_like_sdpa():
+    """Inside autocast, fp32 q/k (norms, RoPE) with a bf16 v run in bf16, as SDPA would."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 2, 16, 8).unbind(0)
+    v = torch.randn(1, 2, 16, 8).bfloat16()
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="dtype"):  # outside autocast mixed dtypes are an error
+        block_sparse_attention(q, k, v, block_mask=mask, block_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block_sparse_attention(q, k, v, block_mask=mask, block_size=8)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

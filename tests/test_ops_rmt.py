@@ -185,6 +185,7 @@ def test_bad_inputs(name):
         op(q.long(), k, v)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["mala", "rala"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -208,6 +208,7 @@ def test_bf16_autocast_512(name, tiny):
     assert (out.float() - ref).abs().max() / ref.abs().max() < 0.1
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_autocast_512_cuda(dtype):

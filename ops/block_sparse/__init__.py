@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from .._checks import autocast_cast
 from .._cost import is_counting_flops
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
@@ -75,8 +76,9 @@ def block_sparse_attention(
 
     Runs the Triton kernel on CUDA for float16/bfloat16, head_dim 32/64/128 and blocks of 64/128
     (see `block_sparse_backend`), the reference otherwise. Both are differentiable in q, k, v
-    (and through the returned lse).
+    (and through the returned lse). Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
     """
+    q, k, v = autocast_cast(q, k, v)
     if layout is not None:
         if block_mask is not None or block_indices is not None:
             raise ValueError("pass layout alone, or block_mask / block_indices without layout")

@@ -35,7 +35,7 @@ import struct
 
 import torch
 
-from .._checks import check_same, check_tensor
+from .._checks import autocast_cast, check_same, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import BlockSparseLayout, block_sparse_attention, block_sparse_layout
 
@@ -207,8 +207,9 @@ def radial_attention(
     cannot drop single keys (the official text rows would also see the padded text keys).
 
     Memory (reference): the block mask plus block_sparse_attention's chunked working set;
-    no N x N matrix.
+    no N x N matrix. Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
     """
+    q, k, v = autocast_cast(q, k, v)
     check_tensor("q", q, 4, "[batch, heads, N, head_dim]")
     check_same(("q", "k", "v"), (q, k, v))
     _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy)

@@ -47,7 +47,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor
+from .._checks import autocast_cast, check_same, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_attention
 from ..block_sparse.naive import _pair
@@ -206,7 +206,9 @@ def sparse_linear_attention(
     Memory (reference): the sparse branch is block_sparse_attention's chunked working set;
     the linear branch holds S_j, Z_j and H_i, Z_i, i.e. B*H*(ceil(Nk/bk) + ceil(Nq/bq))*D*(Dv+1)
     floats in float32, plus phi(q), phi(k) and O_l (B*H*N*D each); no N x N matrix.
+    Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
     """
+    q, k, v = autocast_cast(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))

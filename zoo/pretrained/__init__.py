@@ -43,7 +43,7 @@ CLASSIFIER_ARGS = {
                                                  block_types=[["agent", "agent"]] * 3 + [["softmax", "softmax"]])),
 }
 DIT_ARGS = dict(input_size=32, in_channels=1, num_classes=10, learn_sigma=False, depth=6, hidden_size=192, num_heads=3, class_dropout_prob=0.1)
-VIDEO_DIT_ARGS = dict(in_channels=1, num_classes=10, input_size=(16, 32, 32), depth=6, hidden_size=128, num_heads=2, class_dropout_prob=0.1)
+VIDEO_DIT_ARGS = dict(in_channels=1, num_classes=10, input_size=(16, 32, 32), depth=6, hidden_size=192, num_heads=3, class_dropout_prob=0.1)
 
 # file name -> sha256 of the shipped weights (filled in when the trained files are added)
 SHIPPED: dict[str, str] = {
