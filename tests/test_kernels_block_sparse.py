@@ -41,13 +41,15 @@ def _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device
     return idx.gather(-1, perm).to(device)
 
 
-def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast):
+def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast, key_padding_mask=None):
     """Dense masked attention; upcast=True in float64, else in the inputs' dtype (probabilities
     rounded to it before P @ V, scores rounded by the low-precision matmul)."""
     n_q, n_k = q.shape[2], k.shape[2]
     blocks = torch.zeros(*idx.shape[:-1], math.ceil(n_k / block_k) + 1, dtype=torch.bool, device=idx.device)
     blocks.scatter_(-1, torch.where(idx >= 0, idx, blocks.shape[-1] - 1), True)
     token_mask = blocks[..., :-1].repeat_interleave(block_q, -2).repeat_interleave(block_k, -1)[..., :n_q, :n_k]
+    if key_padding_mask is not None:  # [B|1, n_k], True = never attended
+        token_mask = token_mask & ~key_padding_mask[:, None, None, :]
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
     scores = ((q * scale) @ k.transpose(-1, -2)).to(torch.float64 if upcast else torch.float32)
@@ -58,11 +60,14 @@ def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast):
 
 
 def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True,
-               token_major=False):
+               token_major=False, padding=None):
     """Run one case; return a dict of errors and bounds (asserted by `assert_case`).
 
     token_major: q, k, v are `[B, N, H, D]` tensors seen as `[B, H, N, D]` (strided, as a fused qkv
-    projection gives them)."""
+    projection gives them).
+    padding: None, or a key_padding_mask of shape "batch" `[B, N_k]` or "shared" `[1, N_k]`: random
+    padded keys, key block 0 wholly padded (query blocks listing only it become empty rows), and the
+    keys of block 1 all valid (a mask-free block among padded ones)."""
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
     if token_major:
@@ -74,6 +79,12 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
     dlse = torch.randn(batch, heads, n_q, generator=gen).to(device)
     idx = _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device)
     scale = dim**-0.5
+    kpm = None
+    if padding is not None:
+        kpm = torch.rand(batch if padding == "batch" else 1, n_k, generator=gen) < 0.3
+        kpm[:, :block_k] = True
+        kpm[:, block_k:2 * block_k] = False
+        kpm = kpm.to(device)
 
     def run(fn, inputs):
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -86,15 +97,18 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
         from zoo.ops.block_sparse.kernel import block_sparse_attention_triton
 
         layout = block_sparse_layout(n_q, n_k, block_indices=idx, block_size=(block_q, block_k))
-        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale), [q, k, v])
+        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale, key_padding_mask=kpm),
+                   [q, k, v])
     else:  # the public dispatcher (GPU)
         fast = run(lambda a, b, c: block_sparse_attention(a, b, c, block_indices=idx, block_size=(block_q, block_k),
-                                                          scale=scale, return_lse=True), [q, k, v])
+                                                          scale=scale, return_lse=True, key_padding_mask=kpm),
+                   [q, k, v])
     exact64 = [q.double(), k.double(), v.double()]
-    exact = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, True), exact64)
-    low = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, False), [q, k, v])
+    exact = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, True, kpm), exact64)
+    low = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, False, kpm), [q, k, v])
     ref = run(lambda a, b, c: block_sparse_attention_reference(
-        a, b, c, block_indices=idx, block_size=(block_q, block_k), scale=scale, return_lse=True), exact64)
+        a, b, c, block_indices=idx, block_size=(block_q, block_k), scale=scale, return_lse=True,
+        key_padding_mask=kpm), exact64)
     result = {"reference_vs_oracle": max(((r - e).nan_to_num(posinf=0, neginf=0)).abs().max().item()
                                          for r, e in zip(ref, exact))}
     for name, f, lo, ex in zip(("out", "lse", "dq", "dk", "dv"), fast, low, exact):
@@ -127,8 +141,9 @@ def assert_case(result, label):
 
 
 # ------------------------------------------------------------------ CPU, Triton interpreter
-# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed[, token_major]): odd lengths with
-# partial tail blocks, every head_dim, both block sizes, q/k lengths that differ, 1-row tails, strided inputs.
+# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed[, options]): odd lengths with
+# partial tail blocks, every head_dim, blocks of 16/32/64/128 and multiples of 16 larger than a tile (48, 80),
+# q/k lengths that differ, 1-row tails, strided inputs, key padding masks (per batch and shared).
 INTERPRETER_GROUPS = [
     [
         ("float16", 1, 2, 150, 150, 32, 64, 64, 0.6, 1),
@@ -136,7 +151,16 @@ INTERPRETER_GROUPS = [
     ],
     [
         ("float16", 1, 1, 129, 257, 128, 128, 64, 0.6, 3),
-        ("float16", 1, 2, 257, 200, 32, 128, 128, 0.8, 4, True),
+        ("float16", 1, 2, 257, 200, 32, 128, 128, 0.8, 4, {"token_major": True}),
+    ],
+    [
+        ("float16", 2, 1, 75, 83, 32, 16, 16, 0.4, 5, {"padding": "batch"}),
+        ("float16", 1, 2, 70, 97, 64, 32, 16, 0.5, 6, {"padding": "shared"}),
+    ],
+    [
+        ("float16", 1, 1, 101, 130, 128, 48, 32, 0.6, 7, {"padding": "shared", "token_major": True}),
+        ("float16", 2, 1, 161, 170, 32, 80, 80, 0.6, 8, {"padding": "batch"}),
+        ("float16", 1, 2, 100, 100, 64, 16, 32, 0.5, 9),
     ],
 ]
 
@@ -204,15 +228,29 @@ def test_kernel_matches_reference_gpu(dtype, dim, blocks):
 
 
 @needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (64, 64), (384, 1408)])
+def test_kernel_small_blocks_and_key_padding_gpu(dtype, dim, blocks):
+    """Routing attention's shapes: blocks of 16/32, whole regions larger than a tile, padded keys."""
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))
+    result = check_case(dtype, 2, 3, 3001, 3001, dim, *blocks, 0.3, dim + blocks[0], "cuda", kernel=False,
+                        padding="batch" if blocks[0] != 64 else "shared")
+    assert_case(result, f"{dtype} d{dim} {blocks} padded")
+
+
+@needs_cuda
 def test_backend_choice_gpu():
     q = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
     assert block_sparse_backend(q, q, q, 128, 128) == ("triton", "")
     backend, reason = block_sparse_backend(q.float(), q.float(), q.float(), 128, 128)
     assert backend == "reference" and "float32" in reason
-    backend, reason = block_sparse_backend(q, q, q, 32, 128)
+    backend, reason = block_sparse_backend(q, q, q, 24, 128)
     assert backend == "reference" and "block_size" in reason
+    assert block_sparse_backend(q, q, q, 16, 1408) == ("triton", "")
 
 
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
-    cases = json.loads(sys.argv[1])  # an 11th entry True: token-major (strided) inputs
-    print(json.dumps([check_case(*case[:10], device="cpu", token_major=bool(case[10:])) for case in cases]))
+    cases = json.loads(sys.argv[1])  # an 11th entry: options (token_major, padding)
+    print(json.dumps([check_case(*case[:10], device="cpu", **(case[10] if case[10:] else {})) for case in cases]))
