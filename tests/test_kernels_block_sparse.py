@@ -212,6 +212,30 @@ def test_layout_matches_lists_and_checks():
         block_sparse_layout(70, 90, block_indices=torch.tensor([[[[2, -1], [1, -1]]]]), block_size=64)
 
 
+@pytest.mark.parametrize("dim,blocks", [(32, (16, 16)), (128, (1408, 1408))])
+def test_kernels_compile_for_hopper_without_gpu(dim, blocks):
+    """The interpreter runs the kernels as Python; this lowers them to an sm_90 cubin (no GPU needed), so a
+    construct the compiler rejects (the runtime branch on padded tiles, small tiles) fails on CPU too."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.ops.block_sparse import kernel as bsk
+
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "TIDX": "*i32", "TCNT": "*i32",
+                "KPM": "*u8", "TPAD": "*u8", **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
+    config = bsk.default_config(*blocks, dim)
+    for fn, key in ((bsk._fwd_kernel, "fwd"), (bsk._bwd_dq_kernel, "dq"), (bsk._bwd_dkdv_kernel, "dkdv")):
+        cfg = dict(config[key])
+        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+        partial = "Q_PARTIAL" if key == "dkdv" else "K_PARTIAL"
+        constants = dict(BLOCK_Q=blocks[0], BLOCK_K=blocks[1], HEAD_DIM=dim, HAS_KPM=True, **{partial: True}, **cfg)
+        signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
+                     for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024, (key, compiled.metadata.shared)
+
+
 # ------------------------------------------------------------------ GPU, real sizes
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
