@@ -99,7 +99,8 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
         layout = block_sparse_layout(n_q, n_k, block_indices=idx, block_size=(block_q, block_k))
         fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale, key_padding_mask=kpm),
                    [q, k, v])
-    else:  # the public dispatcher (GPU)
+    else:  # the public dispatcher (GPU, or CPU with the interpreter and KERNEL_DEVICES widened)
+        dispatched = block_sparse_backend(q, k, v, block_q, block_k)[0]
         fast = run(lambda a, b, c: block_sparse_attention(a, b, c, block_indices=idx, block_size=(block_q, block_k),
                                                           scale=scale, return_lse=True, key_padding_mask=kpm),
                    [q, k, v])
@@ -127,10 +128,12 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
             "nan": bool(torch.isnan(f).any()),
         }
     result["empty_row_zero"] = bool((fast[0][0, 0, :block_q] == 0).all())
+    result["backend"] = "triton" if kernel else dispatched
     return result
 
 
 def assert_case(result, label):
+    assert result["backend"] == "triton", f"{label}: the dispatcher chose {result['backend']}"
     assert result["reference_vs_oracle"] < 1e-9, f"{label}: reference disagrees with the dense oracle {result}"
     assert result["lse_inf_match"], f"{label}: rows with no keys must have lse -inf (and only those)"
     assert result["empty_row_zero"], f"{label}: a query block with no keys must give zeros"
@@ -161,6 +164,7 @@ INTERPRETER_GROUPS = [
         ("float16", 1, 1, 101, 130, 128, 48, 32, 0.6, 7, {"padding": "shared", "token_major": True}),
         ("float16", 2, 1, 161, 170, 32, 80, 80, 0.6, 8, {"padding": "batch"}),
         ("float16", 1, 2, 100, 100, 64, 16, 32, 0.5, 9),
+        ("float16", 2, 1, 90, 77, 32, 32, 16, 0.5, 10, {"padding": "batch", "kernel": False}),  # via the dispatcher
     ],
 ]
 
@@ -276,5 +280,8 @@ def test_backend_choice_gpu():
 
 
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
-    cases = json.loads(sys.argv[1])  # an 11th entry: options (token_major, padding)
+    import zoo.ops.block_sparse as block_sparse
+
+    block_sparse.KERNEL_DEVICES = ("cuda", "cpu")  # kernel=False cases: the public dispatcher takes the kernel
+    cases = json.loads(sys.argv[1])  # an 11th entry: options (token_major, padding, kernel)
     print(json.dumps([check_case(*case[:10], device="cpu", **(case[10] if case[10:] else {})) for case in cases]))
