@@ -20,9 +20,9 @@ A block larger than the tile is walked tile by tile (routing attention lists who
 1408 = 11 x 128 token slots).
 
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
-flag says which `BLOCK_N` tiles hold a padded key; only those run the masked step (the per-key
-mask is loaded for them alone), every other tile stays mask-free. In backward, dq masks the same
-tiles; dk/dv of padded keys are stored as exact zeros.
+flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
+scores (K/V loads stay plain, so the loop still pipelines), every other tile stays mask-free. In
+backward, dq masks the same tiles; dk/dv of padded keys are stored as exact zeros.
 """
 from __future__ import annotations
 
@@ -53,9 +53,13 @@ def _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, MASK: tl.constexpr,
-              HAS_KPM: tl.constexpr):
-    """One BLOCK_N slice of keys: update the running max, normaliser and accumulator."""
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, flag_ptr,
+              MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """One BLOCK_N slice of keys: update the running max, normaliser and accumulator.
+
+    MASK: the slice may pass the end (the tail block): loads and scores masked per key. Otherwise the
+    loads are plain (pipelined) and, with HAS_KPM, only a slice whose flag says it holds padding masks
+    its scores."""
     if MASK:
         valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
         k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
@@ -66,8 +70,12 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, 
     qk = tl.dot(q, k) * qk_scale
     if MASK:
         qk = tl.where(valid[None, :], qk, float("-inf"))
+    elif HAS_KPM:
+        if tl.load(flag_ptr) != 0:
+            padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+            qk = tl.where(padded[None, :], float("-inf"), qk)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MASK:  # a slice of padded keys before any valid one: keep -inf - -inf from giving NaN
+    if MASK or HAS_KPM:  # a slice of padded keys before any valid one: keep -inf - -inf from giving NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
@@ -121,23 +129,14 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
         start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
-        k_ptrs, v_ptrs = k_base + start_n * s_kn, v_base + start_n * s_vn
-        if HAS_KPM:
-            if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:  # this tile holds padding
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale,
-                                          kpm_ptr, True, True)
-            else:
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale,
-                                          kpm_ptr, False, False)
-        else:
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale,
-                                      kpm_ptr, False, False)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn, start_n,
+                                  offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr + start_n // BLOCK_N, False, HAS_KPM)
     if n_full < cnt:  # the partial last key block: only its slices that hold keys
         block_start = last_block * BLOCK_K
         for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
             start_n = (block_start + s * BLOCK_N).to(tl.int64)
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                                      start_n, offs_n, N_K, qk_scale, kpm_ptr, True, HAS_KPM)
+                                      start_n, offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr, True, HAS_KPM)
 
     empty = l_i == 0.0  # a row with no listed key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -148,9 +147,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, MASK: tl.constexpr,
-             HAS_KPM: tl.constexpr):
-    """dq += (P * (dP - delta)) K for one BLOCK_N slice (masked keys: P = 0, loaded as zeros)."""
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, flag_ptr,
+             MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """dq += (P * (dP - delta)) K for one BLOCK_N slice (masked keys: P = 0; MASK/HAS_KPM as in `_fwd_step`)."""
     if MASK:
         valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
@@ -161,6 +160,10 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_sc
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
     if MASK:  # a row whose keys are all padding has lse -inf: exp2(+inf) must not reach dq
         p = tl.where(valid[None, :], p, 0.0)
+    elif HAS_KPM:
+        if tl.load(flag_ptr) != 0:
+            padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+            p = tl.where(padded[None, :], 0.0, p)
     dp = tl.dot(do, v)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq)
@@ -199,23 +202,14 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
         start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
-        k_ptrs, v_ptrs = k_base + start_n * s_kn, v_base + start_n * s_vn
-        if HAS_KPM:
-            if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:
-                dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr,
-                              True, True)
-            else:
-                dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr,
-                              False, False)
-        else:
-            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr,
-                          False, False)
+        dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn, start_n, offs_n,
+                      N_K, qk_scale, kpm_ptr, tpad_ptr + start_n // BLOCK_N, False, HAS_KPM)
     if n_full < cnt:
         block_start = last_block * BLOCK_K
         for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
             start_n = (block_start + s * BLOCK_N).to(tl.int64)
             dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                          start_n, offs_n, N_K, qk_scale, kpm_ptr, True, HAS_KPM)
+                          start_n, offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr, True, HAS_KPM)
     tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
