@@ -245,6 +245,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 @needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("blocks", [(128, 128), (64, 64), (128, 64)])
@@ -269,6 +270,7 @@ def test_kernel_small_blocks_and_key_padding_gpu(dtype, dim, blocks):
 
 
 @needs_cuda
+@pytest.mark.gpu
 def test_backend_choice_gpu():
     q = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
     assert block_sparse_backend(q, q, q, 128, 128) == ("triton", "")

@@ -207,6 +207,36 @@ def test_routing_kernel_matches_oracle_gpu(dtype, batch, side, heads, dim, n_win
                         _padded(side, side, n_win))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("size", [224, 200])
+def test_biformer_small_routed_layers_run_on_kernel_gpu(size):
+    """Every routed layer of biformer_small (bf16, CUDA) calls the kernel, at 224 (regions of 64/16/4 tokens)
+    and at 200 (partial border regions: masked tokens), and forward/backward stay finite."""
+    import zoo
+    from zoo.ops.block_sparse import kernel as bsk
+
+    model = zoo.create_model("biformer_small").cuda().to(torch.bfloat16)
+    layers = sum(type(m).__name__ == "BiLevelRoutingAttention" for m in model.modules())
+    calls = []
+    triton_fn = bsk.block_sparse_attention_triton
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("key_padding_mask") is not None)
+        return triton_fn(*args, **kwargs)
+
+    bsk.block_sparse_attention_triton = counted
+    try:
+        x = torch.randn(2, 3, size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        logits = model(x)
+        logits.float().square().mean().backward()
+    finally:
+        bsk.block_sparse_attention_triton = triton_fn
+    assert layers == 26 and len(calls) == layers, (layers, len(calls))
+    assert sum(calls) == (18 if size == 224 else layers)  # 224: only the 4-token regions (stage 3) are padded
+    assert torch.isfinite(logits).all() and torch.isfinite(x.grad).all()
+
+
 if __name__ == "__main__":  # interpreter subprocess: kernel path on CPU tensors, results as JSON
     import zoo.ops.block_sparse as block_sparse
 
