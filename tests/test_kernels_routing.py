@@ -120,9 +120,9 @@ def check_routing_case(dtype, batch, height, width, heads, dim, n_win, topk, see
         "reference_same_routing": bool(torch.equal(routing, routing_ref)),
     }
     for name, f, r, lo, ex in zip(("out", "dq", "dk", "dv"), fast, ref, low, exact):
-        err = lambda t: (t.double() - ex).abs().max().item()  # noqa: E731
-        result[name] = {"kernel": err(f), "reference": err(r), "low_precision": err(lo),
-                        "bound": 2 * err(lo) + err(ex.to(dt)), "nan": bool(torch.isnan(f).any())}
+        err = [(t.double() - ex).abs().max().item() for t in (f, r, lo, ex.to(dt))]
+        result[name] = {"kernel": err[0], "reference": err[1], "low_precision": err[2],
+                        "bound": 2 * err[2] + err[3], "nan": bool(torch.isnan(f).any())}
     return result
 
 
@@ -213,8 +213,9 @@ def test_routing_kernel_matches_oracle_gpu(dtype, batch, side, heads, dim, n_win
 def test_biformer_small_routed_layers_run_on_kernel_gpu(size):
     """Every routed layer of biformer_small (bf16, CUDA) calls the kernel, at 224 (regions of 64/16/4 tokens)
     and at 200 (partial border regions: masked tokens), and forward/backward stay finite."""
-    import zoo
     from zoo.ops.block_sparse import kernel as bsk
+
+    import zoo
 
     model = zoo.create_model("biformer_small").cuda().to(torch.bfloat16)
     layers = sum(type(m).__name__ == "BiLevelRoutingAttention" for m in model.modules())

@@ -21,7 +21,6 @@ from .naive import (
     resolve_block_indices,
 )
 
-
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
 
 
