@@ -17,7 +17,7 @@ from .linear import decoupled_linear_attention, focused_feature_map, injective_l
 from .linear_rmt import mala_attention, rala_attention
 from .na import na1d, na2d, na3d, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
-from .routing import bi_level_routing_attention, bra_routing
+from .routing import bi_level_routing_attention, bi_level_routing_backend, bra_routing
 from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "block_indices_to_mask",
     "bi_level_routing_attention",
     "bra_routing",
+    "bi_level_routing_backend",
     "mala_attention",
     "rala_attention",
     "radial_block_mask",

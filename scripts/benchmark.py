@@ -49,12 +49,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from zoo.ops import (
     bi_level_routing_attention,
+    bi_level_routing_backend,
     block_mask_to_indices,
     block_sparse_attention,
     block_sparse_layout,
     radial_block_mask,
 )
-from zoo.ops.block_sparse import block_sparse_backend
+from zoo.ops.routing import region_slots
 
 try:  # timing needs Triton (and CUDA); importing the script and check_routing do not
     import triton
@@ -348,8 +349,10 @@ def run_routing(image: int, batch: int, n_win: int, args, results, device="cuda"
     for st in biformer_routed_stages(image, n_win):
         shape = (batch, st["side"], st["side"], st["heads"], st["head_dim"])
         r = st["region_tokens"]
-        probe = torch.empty(1, 1, r, st["head_dim"], device=device, dtype=dtype)
-        backend, why = block_sparse_backend(probe, probe, probe, r, r)
+        probe = torch.empty(1, st["side"], st["side"], st["heads"], st["head_dim"], device=device, dtype=dtype)
+        backend, why = bi_level_routing_backend(probe, probe, probe, st["n_win"])
+        if backend == "triton":
+            why = f"(regions in {region_slots(r)} token slots)"
         check = check_routing(min(batch, 2), st["side"], st["heads"], st["head_dim"], st["n_win"], st["topk"],
                               st["scale"], device, dtype)
         print(f"\n== routing BiFormer-S {image}x{image} stage {st['stage']} ({st['layers']} layers): B {batch}, "

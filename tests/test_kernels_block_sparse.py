@@ -41,13 +41,15 @@ def _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device
     return idx.gather(-1, perm).to(device)
 
 
-def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast):
+def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast, key_padding_mask=None):
     """Dense masked attention; upcast=True in float64, else in the inputs' dtype (probabilities
     rounded to it before P @ V, scores rounded by the low-precision matmul)."""
     n_q, n_k = q.shape[2], k.shape[2]
     blocks = torch.zeros(*idx.shape[:-1], math.ceil(n_k / block_k) + 1, dtype=torch.bool, device=idx.device)
     blocks.scatter_(-1, torch.where(idx >= 0, idx, blocks.shape[-1] - 1), True)
     token_mask = blocks[..., :-1].repeat_interleave(block_q, -2).repeat_interleave(block_k, -1)[..., :n_q, :n_k]
+    if key_padding_mask is not None:  # [B|1, n_k], True = never attended
+        token_mask = token_mask & ~key_padding_mask[:, None, None, :]
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
     scores = ((q * scale) @ k.transpose(-1, -2)).to(torch.float64 if upcast else torch.float32)
@@ -58,11 +60,14 @@ def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast):
 
 
 def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True,
-               token_major=False):
+               token_major=False, padding=None):
     """Run one case; return a dict of errors and bounds (asserted by `assert_case`).
 
     token_major: q, k, v are `[B, N, H, D]` tensors seen as `[B, H, N, D]` (strided, as a fused qkv
-    projection gives them)."""
+    projection gives them).
+    padding: None, or a key_padding_mask of shape "batch" `[B, N_k]` or "shared" `[1, N_k]`: random
+    padded keys, key block 0 wholly padded (query blocks listing only it become empty rows), and the
+    keys of block 1 all valid (a mask-free block among padded ones)."""
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
     if token_major:
@@ -74,6 +79,12 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
     dlse = torch.randn(batch, heads, n_q, generator=gen).to(device)
     idx = _random_lists(batch, heads, n_q, n_k, block_q, block_k, density, gen, device)
     scale = dim**-0.5
+    kpm = None
+    if padding is not None:
+        kpm = torch.rand(batch if padding == "batch" else 1, n_k, generator=gen) < 0.3
+        kpm[:, :block_k] = True
+        kpm[:, block_k:2 * block_k] = False
+        kpm = kpm.to(device)
 
     def run(fn, inputs):
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -86,15 +97,19 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
         from zoo.ops.block_sparse.kernel import block_sparse_attention_triton
 
         layout = block_sparse_layout(n_q, n_k, block_indices=idx, block_size=(block_q, block_k))
-        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale), [q, k, v])
-    else:  # the public dispatcher (GPU)
+        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale, key_padding_mask=kpm),
+                   [q, k, v])
+    else:  # the public dispatcher (GPU, or CPU with the interpreter and KERNEL_DEVICES widened)
+        dispatched = block_sparse_backend(q, k, v, block_q, block_k)[0]
         fast = run(lambda a, b, c: block_sparse_attention(a, b, c, block_indices=idx, block_size=(block_q, block_k),
-                                                          scale=scale, return_lse=True), [q, k, v])
+                                                          scale=scale, return_lse=True, key_padding_mask=kpm),
+                   [q, k, v])
     exact64 = [q.double(), k.double(), v.double()]
-    exact = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, True), exact64)
-    low = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, False), [q, k, v])
+    exact = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, True, kpm), exact64)
+    low = run(lambda a, b, c: dense_oracle(a, b, c, idx, block_q, block_k, scale, False, kpm), [q, k, v])
     ref = run(lambda a, b, c: block_sparse_attention_reference(
-        a, b, c, block_indices=idx, block_size=(block_q, block_k), scale=scale, return_lse=True), exact64)
+        a, b, c, block_indices=idx, block_size=(block_q, block_k), scale=scale, return_lse=True,
+        key_padding_mask=kpm), exact64)
     result = {"reference_vs_oracle": max(((r - e).nan_to_num(posinf=0, neginf=0)).abs().max().item()
                                          for r, e in zip(ref, exact))}
     for name, f, lo, ex in zip(("out", "lse", "dq", "dk", "dv"), fast, low, exact):
@@ -113,10 +128,12 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
             "nan": bool(torch.isnan(f).any()),
         }
     result["empty_row_zero"] = bool((fast[0][0, 0, :block_q] == 0).all())
+    result["backend"] = "triton" if kernel else dispatched
     return result
 
 
 def assert_case(result, label):
+    assert result["backend"] == "triton", f"{label}: the dispatcher chose {result['backend']}"
     assert result["reference_vs_oracle"] < 1e-9, f"{label}: reference disagrees with the dense oracle {result}"
     assert result["lse_inf_match"], f"{label}: rows with no keys must have lse -inf (and only those)"
     assert result["empty_row_zero"], f"{label}: a query block with no keys must give zeros"
@@ -127,8 +144,9 @@ def assert_case(result, label):
 
 
 # ------------------------------------------------------------------ CPU, Triton interpreter
-# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed[, token_major]): odd lengths with
-# partial tail blocks, every head_dim, both block sizes, q/k lengths that differ, 1-row tails, strided inputs.
+# (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed[, options]): odd lengths with
+# partial tail blocks, every head_dim, blocks of 16/32/64/128 and multiples of 16 larger than a tile (48, 80),
+# q/k lengths that differ, 1-row tails, strided inputs, key padding masks (per batch and shared).
 INTERPRETER_GROUPS = [
     [
         ("float16", 1, 2, 150, 150, 32, 64, 64, 0.6, 1),
@@ -136,7 +154,17 @@ INTERPRETER_GROUPS = [
     ],
     [
         ("float16", 1, 1, 129, 257, 128, 128, 64, 0.6, 3),
-        ("float16", 1, 2, 257, 200, 32, 128, 128, 0.8, 4, True),
+        ("float16", 1, 2, 257, 200, 32, 128, 128, 0.8, 4, {"token_major": True}),
+    ],
+    [
+        ("float16", 2, 1, 75, 83, 32, 16, 16, 0.4, 5, {"padding": "batch"}),
+        ("float16", 1, 2, 70, 97, 64, 32, 16, 0.5, 6, {"padding": "shared"}),
+    ],
+    [
+        ("float16", 1, 1, 101, 130, 128, 48, 32, 0.6, 7, {"padding": "shared", "token_major": True}),
+        ("float16", 2, 1, 161, 170, 32, 80, 80, 0.6, 8, {"padding": "batch"}),
+        ("float16", 1, 2, 100, 100, 64, 16, 32, 0.5, 9),
+        ("float16", 2, 1, 90, 77, 32, 32, 16, 0.5, 10, {"padding": "batch", "kernel": False}),  # via the dispatcher
     ],
 ]
 
@@ -188,6 +216,30 @@ def test_layout_matches_lists_and_checks():
         block_sparse_layout(70, 90, block_indices=torch.tensor([[[[2, -1], [1, -1]]]]), block_size=64)
 
 
+@pytest.mark.parametrize("dim,blocks", [(32, (16, 16)), (128, (1408, 1408))])
+def test_kernels_compile_for_hopper_without_gpu(dim, blocks):
+    """The interpreter runs the kernels as Python; this lowers them to an sm_90 cubin (no GPU needed), so a
+    construct the compiler rejects (the runtime branch on padded tiles, small tiles) fails on CPU too."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.ops.block_sparse import kernel as bsk
+
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "TIDX": "*i32", "TCNT": "*i32",
+                "KPM": "*u8", "TPAD": "*u8", **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
+    config = bsk.default_config(*blocks, dim)
+    for fn, key in ((bsk._fwd_kernel, "fwd"), (bsk._bwd_dq_kernel, "dq"), (bsk._bwd_dkdv_kernel, "dkdv")):
+        cfg = dict(config[key])
+        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+        partial = "Q_PARTIAL" if key == "dkdv" else "K_PARTIAL"
+        constants = dict(BLOCK_Q=blocks[0], BLOCK_K=blocks[1], HEAD_DIM=dim, HAS_KPM=True, **{partial: True}, **cfg)
+        signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
+                     for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024, (key, compiled.metadata.shared)
+
+
 # ------------------------------------------------------------------ GPU, real sizes
 def needs_cuda(test):
     """`pytest -m gpu` selects it; skipped without CUDA."""
@@ -195,6 +247,7 @@ def needs_cuda(test):
 
 
 @needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("blocks", [(128, 128), (64, 64), (128, 64)])
@@ -206,13 +259,28 @@ def test_kernel_matches_reference_gpu(dtype, dim, blocks):
 
 
 @needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (64, 64), (384, 1408)])
+def test_kernel_small_blocks_and_key_padding_gpu(dtype, dim, blocks):
+    """Routing attention's shapes: blocks of 16/32, whole regions larger than a tile, padded keys."""
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))
+    result = check_case(dtype, 2, 3, 3001, 3001, dim, *blocks, 0.3, dim + blocks[0], "cuda", kernel=False,
+                        padding="batch" if blocks[0] != 64 else "shared")
+    assert_case(result, f"{dtype} d{dim} {blocks} padded")
+
+
+@needs_cuda
+@pytest.mark.gpu
 def test_backend_choice_gpu():
     q = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
     assert block_sparse_backend(q, q, q, 128, 128) == ("triton", "")
     backend, reason = block_sparse_backend(q.float(), q.float(), q.float(), 128, 128)
     assert backend == "reference" and "float32" in reason
-    backend, reason = block_sparse_backend(q, q, q, 32, 128)
+    backend, reason = block_sparse_backend(q, q, q, 24, 128)
     assert backend == "reference" and "block_size" in reason
+    assert block_sparse_backend(q, q, q, 16, 1408) == ("triton", "")
 
 
 @needs_cuda
@@ -228,6 +296,45 @@ def test_autocast_float32_queries_run_the_kernel():
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_kernel_layout_copies_views_with_gaps():
+    """dq/dk/dv are written with q/k/v's strides into empty_like buffers: a view with gaps (v of a
+    fused qkv) must be copied, or the writes run past the gradient's memory (seen on GPU)."""
+    from zoo.ops.block_sparse.kernel import _kernel_layout
+
+    qkv = torch.randn(2, 40, 3 * 64)
+    v = qkv.chunk(3, dim=-1)[2].reshape(2, 40, 2, 32).transpose(1, 2)  # [B, H, N, D], row stride 192
+    assert not v.is_contiguous() and torch.empty_like(v).stride() != v.stride()
+    fixed = _kernel_layout(v)
+    assert torch.equal(fixed, v) and torch.empty_like(fixed).stride() == fixed.stride()
+    token_major = torch.randn(2, 40, 2, 32).transpose(1, 2)  # dense, only permuted: kept as is
+    assert _kernel_layout(token_major) is token_major
+    contiguous = torch.randn(2, 2, 40, 32)
+    assert _kernel_layout(contiguous) is contiguous
+
+
+@needs_cuda
+def test_fused_qkv_views_gradients_gpu():
+    """The video DiT's layout: q, k contiguous (after RoPE), v a strided view of the qkv projection."""
+    torch.manual_seed(0)
+    b, n, heads, d = 4, 4096, 3, 64
+    qkv = torch.randn(b, n, 3 * heads * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (t.reshape(b, n, heads, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    q, k = q.contiguous(), k.contiguous()
+    mask = torch.rand(1, 1, n // 64, n // 64, device="cuda") < 0.5
+    mask |= torch.eye(n // 64, dtype=torch.bool, device="cuda")
+    out = block_sparse_attention(q, k, v, block_mask=mask, block_size=64)
+    ref = block_sparse_attention_reference(*(t.float() for t in (q, k, v)), block_mask=mask, block_size=64)
+    grad = torch.randn_like(out)
+    (g_kernel,) = torch.autograd.grad(out, qkv, grad)
+    (g_ref,) = torch.autograd.grad(ref, qkv, grad.float())
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(g_kernel.float(), g_ref, atol=5e-2, rtol=5e-2)
+
+
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
-    cases = json.loads(sys.argv[1])  # an 11th entry True: token-major (strided) inputs
-    print(json.dumps([check_case(*case[:10], device="cpu", token_major=bool(case[10:])) for case in cases]))
+    import zoo.ops.block_sparse as block_sparse
+
+    block_sparse.KERNEL_DEVICES = ("cuda", "cpu")  # kernel=False cases: the public dispatcher takes the kernel
+    cases = json.loads(sys.argv[1])  # an 11th entry: options (token_major, padding, kernel)
+    print(json.dumps([check_case(*case[:10], device="cpu", **(case[10] if case[10:] else {})) for case in cases]))

@@ -155,7 +155,9 @@ def test_runs_on_block_sparse_indices_without_kv_copies(monkeypatch):
     bi_level_routing_attention(q, q, q, 3, 4)
     ((k_shape, kwargs),) = calls
     assert k_shape == (2, 2, 9 * 12, 4)  # one region-ordered copy of K (3x4 regions), not topk of them
-    assert kwargs["block_size"] == 12 and kwargs["block_indices"].shape == (2, 1, 9, 4)
+    layout = kwargs["layout"]  # the routed regions, as checked lists (no host sync per call)
+    assert (layout.block_q, layout.block_k) == (12, 12) and layout.indices.shape == (2, 1, 9, 4)
+    assert torch.equal(layout.indices.sort(-1).values, bra_routing(q, q, 3, 4)[:, None].sort(-1).values.int())
     assert kwargs["key_padding_mask"].shape == (1, 108) and int(kwargs["key_padding_mask"].sum()) == 18
 
 

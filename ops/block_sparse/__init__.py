@@ -14,12 +14,15 @@ from .._checks import autocast_cast
 from .._cost import is_counting_flops
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
+    _check_key_padding_mask,
     block_indices_to_mask,
     block_mask_to_indices,
     block_sparse_attention_reference,
     check_qkv,
     resolve_block_indices,
 )
+
+KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
 
 
 @functools.cache
@@ -36,12 +39,13 @@ def block_sparse_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int
 ) -> tuple[str, str]:
     """("triton", "") when the kernel runs these inputs, else ("reference", the reason)."""
-    if q.device.type != "cuda":
+    if q.device.type not in KERNEL_DEVICES:
         return "reference", f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
     module = _kernel_module()
     if isinstance(module, str):
         return "reference", module
-    if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+    if (q.dtype == torch.bfloat16 and q.device.type == "cuda"
+            and torch.cuda.get_device_capability(q.device) < (8, 0)):
         return "reference", "bfloat16 needs a GPU of compute capability 8.0 or newer"
     reason = module.can_run(q, k, v, block_q, block_k)
     return ("reference", reason) if reason else ("triton", "")
@@ -71,12 +75,14 @@ def block_sparse_attention(
         return_lse: also return the float32 log-sum-exp of each row's scaled scores (float64 for float64
             inputs on the reference path).
         key_padding_mask: optional bool `[batch|1, Nk]`, True = padded key, never attended
-            (as in `nn.MultiheadAttention`); for padding inside the sequence, not only at its end.
-            Runs on the reference path.
+            (as in `nn.MultiheadAttention`); for padding inside the sequence, not only at its end
+            (routing attention's padded region slots). The kernel masks only the key tiles that hold
+            padding; their dk/dv are exact zeros.
 
-    Runs the Triton kernel on CUDA for float16/bfloat16, head_dim 32/64/128 and blocks of 64/128
-    (see `block_sparse_backend`), the reference otherwise. Both are differentiable in q, k, v
-    (and through the returned lse). Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
+    Runs the Triton kernel on CUDA for float16/bfloat16, head_dim 32/64/128 and blocks that are
+    multiples of 16 (see `block_sparse_backend`), the reference otherwise. Both are differentiable
+    in q, k, v (and through the returned lse). Inside `torch.autocast`, q, k, v are cast to its
+    dtype (as SDPA).
     """
     q, k, v = autocast_cast(q, k, v)
     if layout is not None:
@@ -87,19 +93,22 @@ def block_sparse_attention(
         block_indices, block_size = layout.indices, (layout.block_q, layout.block_k)
     args = dict(block_mask=block_mask, block_indices=block_indices, block_size=block_size, scale=scale,
                 return_lse=return_lse, key_padding_mask=key_padding_mask)
-    if is_counting_flops() or key_padding_mask is not None:
+    if is_counting_flops():
         return block_sparse_attention_reference(q, k, v, **args)
     if layout is None:
         indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
     else:
         block_q, block_k = layout.block_q, layout.block_k
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
     backend, _ = block_sparse_backend(q, k, v, block_q, block_k)
     if backend == "reference":
         return block_sparse_attention_reference(q, k, v, **args)
     if layout is None:
         layout = BlockSparseLayout.from_checked(indices, block_q, block_k, q.shape[2], k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, layout, scale)
+    out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, layout, scale,
+                                                              key_padding_mask=key_padding_mask)
     return (out, lse) if return_lse else out
 
 

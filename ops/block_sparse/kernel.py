@@ -12,16 +12,24 @@ one) is the last entry of a list; every other entry runs an unmasked inner step,
 entry pays for per-element masking. Query rows past the end are loaded as zeros and never
 stored; in backward their logsumexp is read as +inf so their probabilities are exactly 0.
 
-The mask's block sizes (`BLOCK_Q`, `BLOCK_K`, 64 or 128) are the granularity of the lists; the
-program tile (`BLOCK_M` rows, `BLOCK_N` keys per step) divides them and is a tuning knob only,
-like `KV_AS_B` (which operand order the dk/dv kernel gives the tensor cores); `default_config`
-holds the settings measured fastest on an H100 (BENCHMARKS.md).
+The mask's block sizes (`BLOCK_Q`, `BLOCK_K`, any multiples of 16) are the granularity of the lists;
+the program tile (`BLOCK_M` rows, `BLOCK_N` keys per step: 16, 32, 64 or 128, `tl.dot` needs >= 16)
+divides them and is a tuning knob only, like `KV_AS_B` (which operand order the dk/dv kernel gives
+the tensor cores); `default_config` holds the settings measured fastest on an H100 (BENCHMARKS.md).
+A block larger than the tile is walked tile by tile (routing attention lists whole regions of, e.g.,
+1408 = 11 x 128 token slots).
+
+Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
+flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
+scores (K/V loads stay plain, so the loop still pipelines), every other tile stays mask-free. In
+backward, dq masks the same tiles; dk/dv of padded keys are stored as exact zeros.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -30,15 +38,30 @@ from .layout import BlockSparseLayout
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_BLOCKS = (64, 128)
+BLOCK_MULTIPLE = 16  # mask blocks must be multiples of the smallest tile
+TILES = (128, 64, 32, 16)
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, MASK: tl.constexpr):
-    """One BLOCK_N slice of keys: update the running max, normaliser and accumulator."""
+def _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM: tl.constexpr):
+    """Keys of one BLOCK_N slice that exist and are not padding."""
+    valid = (start_n + offs_n) < N_K
+    if HAS_KPM:
+        valid = valid & (tl.load(kpm_ptr + start_n + offs_n, mask=valid, other=1) == 0)
+    return valid
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, flag_ptr,
+              MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """One BLOCK_N slice of keys: update the running max, normaliser and accumulator.
+
+    MASK: the slice may pass the end (the tail block): loads and scores masked per key. Otherwise the
+    loads are plain (pipelined) and, with HAS_KPM, only a slice whose flag says it holds padding masks
+    its scores."""
     if MASK:
-        valid = (start_n + offs_n) < N_K
+        valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
         k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
     else:
@@ -47,9 +70,17 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, 
     qk = tl.dot(q, k) * qk_scale
     if MASK:
         qk = tl.where(valid[None, :], qk, float("-inf"))
+    elif HAS_KPM:
+        if tl.load(flag_ptr) != 0:
+            padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+            qk = tl.where(padded[None, :], float("-inf"), qk)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if MASK or HAS_KPM:  # a slice of padded keys before any valid one: keep -inf - -inf from giving NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
@@ -68,12 +99,12 @@ def _list_split(idx_ptr, CNT, last_block, N_LAST_PARTIAL: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, IDX, CNT,
+    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    s_ib, s_ih, s_iq, s_cb, s_ch,
+    s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
     H, N_Q, N_K, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -90,19 +121,22 @@ def _fwd_kernel(
     last_block = tl.cdiv(N_K, BLOCK_K) - 1
     n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
 
+    kpm_ptr = KPM + b * s_mb
+    tpad_ptr = TPAD + b * s_tb
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
         start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                                  start_n, offs_n, N_K, qk_scale, False)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn, start_n,
+                                  offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr + start_n // BLOCK_N, False, HAS_KPM)
     if n_full < cnt:  # the partial last key block: only its slices that hold keys
         block_start = last_block * BLOCK_K
         for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
             start_n = (block_start + s * BLOCK_N).to(tl.int64)
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                                      start_n, offs_n, N_K, qk_scale, True)
+                                      start_n, offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr, True, HAS_KPM)
 
     empty = l_i == 0.0  # a row with no listed key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -113,16 +147,23 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, MASK: tl.constexpr):
-    """dq += (P * (dP - delta)) K for one BLOCK_N slice (keys past the end load as zeros)."""
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, flag_ptr,
+             MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """dq += (P * (dP - delta)) K for one BLOCK_N slice (masked keys: P = 0; MASK/HAS_KPM as in `_fwd_step`)."""
     if MASK:
-        valid = (start_n + offs_n) < N_K
+        valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=valid[None, :], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    if MASK:  # a row whose keys are all padding has lse -inf: exp2(+inf) must not reach dq
+        p = tl.where(valid[None, :], p, 0.0)
+    elif HAS_KPM:
+        if tl.load(flag_ptr) != 0:
+            padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+            p = tl.where(padded[None, :], 0.0, p)
     dp = tl.dot(do, v)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq)
@@ -130,12 +171,12 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_sc
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT,
+    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, KPM, TPAD,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    s_ib, s_ih, s_iq, s_cb, s_ch,
+    s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
     H, N_Q, N_K, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -155,17 +196,20 @@ def _bwd_dq_kernel(
     last_block = tl.cdiv(N_K, BLOCK_K) - 1
     n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
 
+    kpm_ptr = KPM + b * s_mb
+    tpad_ptr = TPAD + b * s_tb
+
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
         start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
-        dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                      start_n, offs_n, N_K, qk_scale, False)
+        dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn, start_n, offs_n,
+                      N_K, qk_scale, kpm_ptr, tpad_ptr + start_n // BLOCK_N, False, HAS_KPM)
     if n_full < cnt:
         block_start = last_block * BLOCK_K
         for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
             start_n = (block_start + s * BLOCK_N).to(tl.int64)
             dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                          start_n, offs_n, N_K, qk_scale, True)
+                          start_n, offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr, True, HAS_KPM)
     tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -200,12 +244,12 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, off
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, TIDX, TCNT,
+    Q, K, V, DO, DK, DV, LSE, DELTA, TIDX, TCNT, KPM,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    s_ib, s_ih, s_iq, s_cb, s_ch,
+    s_ib, s_ih, s_iq, s_cb, s_ch, s_mb,
     H, N_Q, N_K, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr, KV_AS_B: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr, KV_AS_B: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -223,6 +267,9 @@ def _bwd_dkdv_kernel(
     idx_ptr = TIDX + b * s_ib + h * s_ih + (pid_n * BLOCK_N // BLOCK_K) * s_iq
     cnt = tl.load(TCNT + b * s_cb + h * s_ch + pid_n * BLOCK_N // BLOCK_K)
     last_block = tl.cdiv(N_Q, BLOCK_Q) - 1
+    if HAS_KPM:  # padded keys: gradients exactly 0 (set at the store); a tile of padding only skips the work
+        padded = tl.load(KPM + b * s_mb + offs_n, mask=key_ok, other=1) != 0
+        cnt = tl.where(tl.sum(padded.to(tl.int32), 0) == BLOCK_N, 0, cnt)
     n_full = _list_split(idx_ptr, cnt, last_block, Q_PARTIAL)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -237,6 +284,9 @@ def _bwd_dkdv_kernel(
             start_m = (block_start + s * BLOCK_M).to(tl.int64)
             dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
                                 lse_base + start_m, delta_base + start_m, start_m, offs_m, N_Q, qk_scale, True, KV_AS_B)
+    if HAS_KPM:
+        dk = tl.where(padded[:, None], 0.0, dk)
+        dv = tl.where(padded[:, None], 0.0, dv)
     out_off = offs_n[:, None] * s_kn + offs_d[None, :]
     tl.store(DK + b * s_kb + h * s_kh + out_off, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -268,25 +318,50 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         return (f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} "
                 f"(the kernel takes equal head dims in {SUPPORTED_HEAD_DIMS})")
-    if block_q not in SUPPORTED_BLOCKS or block_k not in SUPPORTED_BLOCKS:
-        return f"block_size ({block_q}, {block_k}) (the kernel takes blocks in {SUPPORTED_BLOCKS})"
+    if block_q % BLOCK_MULTIPLE or block_k % BLOCK_MULTIPLE:
+        return f"block_size ({block_q}, {block_k}) (the kernel takes blocks that are multiples of {BLOCK_MULTIPLE})"
     return None
 
 
+def _tile(block: int, cap: int = 128) -> int:
+    """The largest tile of `TILES` (at most `cap`) that divides a mask block."""
+    return next(t for t in TILES if t <= cap and block % t == 0)
+
+
 def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[str, int]]:
-    """Tile shapes and launch settings per kernel (H100, bf16; measured in BENCHMARKS.md)."""
+    """Tile shapes and launch settings per kernel (H100, bf16; measured in BENCHMARKS.md for blocks of 64/128).
+
+    A block that is a multiple of 128 (64) runs like a block of 128 (64); blocks of 16 or 32 (routing
+    attention's small regions) use tiles of their size, not tuned.
+    """
+    tq, tk = _tile(block_q), _tile(block_k)
     if head_dim > 64:
-        fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4, num_stages=3)
-        dq = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=8 if block_q == 128 else 4,
-                  num_stages=2 if block_q == block_k == 128 else 3)
+        fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=3)
+        dq = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=2 if tq == tk == 128 else 3)
         # K/V as B operands pays at 64 keys per program (fewer spills), not at 128 (more): H100 sweep
-        dkdv = dict(BLOCK_M=64, BLOCK_N=block_k, num_warps=8 if block_k == 128 else 4, num_stages=3,
-                    KV_AS_B=block_k == 64)
+        dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=tk, num_warps=8 if tk == 128 else 4, num_stages=3,
+                    KV_AS_B=tk == 64)
     else:
-        fwd = dict(BLOCK_M=block_q, BLOCK_N=block_k, num_warps=4, num_stages=3)
-        dq = dict(BLOCK_M=block_q, BLOCK_N=64, num_warps=8 if block_q == 128 else 4, num_stages=3)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, KV_AS_B=False)
+        fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=4, num_stages=3)
+        dq = dict(BLOCK_M=tq, BLOCK_N=_tile(block_k, 64), num_warps=8 if tq == 128 else 4, num_stages=3)
+        dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=_tile(block_k, 64), num_warps=4, num_stages=3, KV_AS_B=False)
     return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
+
+
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dim is contiguous and its elements fill their memory span (any dim order),
+    else a contiguous copy.
+
+    The kernels write dq/dk/dv (and o) with the strides of q/k/v, into `torch.empty_like` buffers;
+    `empty_like` keeps the strides only of such dense tensors. A view such as the v of a fused qkv
+    projection (`qkv.chunk(3, -1)`) has gaps, so it is copied.
+    """
+    expected = 1
+    for dim in sorted(range(t.ndim), key=t.stride):
+        if t.shape[dim] != 1 and t.stride(dim) != expected:
+            return t.contiguous()
+        expected *= t.shape[dim]
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int]:
@@ -307,8 +382,20 @@ def _check_config(cfg: dict[str, int], block_q: int, block_k: int) -> None:
         raise ValueError(f"tile {cfg} must divide the mask blocks ({block_q}, {block_k})")
 
 
-def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None):
-    """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists as in `BlockSparseLayout`."""
+def padding_args(kpm: torch.Tensor | None, tile: int, like: torch.Tensor) -> tuple:
+    """(KPM, TPAD, s_mb, s_tb) kernel arguments: uint8 key mask `[B|1, N_k]` and its per-`tile` "holds padding"
+    flags (`like` stands in for both when there is no mask)."""
+    if kpm is None:
+        return like, like, 0, 0
+    n_k = kpm.shape[1]
+    n_tiles = math.ceil(n_k / tile)
+    flags = F.pad(kpm, (0, n_tiles * tile - n_k)).view(kpm.shape[0], n_tiles, tile).amax(-1).contiguous()
+    return kpm, flags, kpm.stride(0) if kpm.shape[0] > 1 else 0, flags.stride(0) if kpm.shape[0] > 1 else 0
+
+
+def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None):
+    """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists as in `BlockSparseLayout`;
+    kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero = padded key."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
@@ -316,15 +403,17 @@ def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None):
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
     _fwd_kernel[grid](
-        q, k, v, o, lse, idx, cnt, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
-        *_list_strides(idx, cnt), heads, n_q, n_k, scale * LOG2E,
-        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, **cfg,
+        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
+        *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, HAS_KPM=kpm is not None,
+        **cfg,
     )
     return o, lse
 
 
-def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None):
+def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None, kpm=None):
     """Launch the dq and dk/dv kernels; `t_idx`/`t_cnt` are `BlockSparseLayout.t_indices`/`t_counts`.
 
     A gradient `dlse` of the logsumexp (or None) enters through delta: d lse_i / d s_ij = p_ij, so
@@ -333,8 +422,8 @@ def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k
     configs = config or default_config(block_q, block_k, q.shape[-1])
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = launch_delta(do, o, dlse)
-    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"])
-    dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"])
+    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"], kpm)
+    dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"], kpm)
     return dq, dk, dv
 
 
@@ -351,29 +440,33 @@ def launch_delta(do, o, dlse):
     return delta
 
 
-def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg):
+def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None):
     batch, heads, n_q, dim = q.shape
     _check_config(cfg, block_q, block_k)
     dq = torch.empty_like(q)
     grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
     _bwd_dq_kernel[grid](
-        q, k, v, do, dq, lse, delta, idx, cnt, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-        *_list_strides(idx, cnt), heads, n_q, k.shape[2], scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=k.shape[2] % block_k != 0, **cfg,
+        q, k, v, do, dq, lse, delta, idx, cnt, kpm_arg, tpad, *_strides4(q), *_strides4(k), *_strides4(v),
+        *_strides4(do), *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, k.shape[2], scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=k.shape[2] % block_k != 0,
+        HAS_KPM=kpm is not None, **cfg,
     )
     return dq
 
 
-def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg):
+def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg, kpm=None):
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     _check_config(cfg, block_q, block_k)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = (math.ceil(n_k / block_k) * (block_k // cfg["BLOCK_N"]), batch * heads)
+    kpm_arg, _, s_mb, _ = padding_args(kpm, cfg["BLOCK_N"], t_cnt)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, t_idx, t_cnt, *_strides4(q), *_strides4(k), *_strides4(v),
-        *_strides4(do), *_list_strides(t_idx, t_cnt), heads, n_q, n_k, scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, Q_PARTIAL=n_q % block_q != 0, **cfg,
+        q, k, v, do, dk, dv, lse, delta, t_idx, t_cnt, kpm_arg, *_strides4(q), *_strides4(k), *_strides4(v),
+        *_strides4(do), *_list_strides(t_idx, t_cnt), s_mb, heads, n_q, n_k, scale * LOG2E, scale,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, Q_PARTIAL=n_q % block_q != 0, HAS_KPM=kpm is not None,
+        **cfg,
     )
     return dk, dv
 
@@ -383,21 +476,21 @@ class BlockSparseAttention(torch.autograd.Function):
     """Autograd wrapper: saves O and the logsumexp, recomputes P block by block in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, config):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config)
+    def forward(ctx, q, k, v, layout, scale, config, kpm):
+        q, k, v = (_kernel_layout(t) for t in (q, k, v))
+        o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config, kpm)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (layout, scale, config)
+        ctx.args = (layout, scale, config, kpm)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        layout, scale, config = ctx.args
+        layout, scale, config, kpm = ctx.args
         do = torch.zeros_like(o) if do is None else do
         dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, layout.t_indices,
-                              layout.t_counts, layout.block_q, layout.block_k, scale, config)
-        return dq, dk, dv, None, None, None
+                              layout.t_counts, layout.block_q, layout.block_k, scale, config, kpm)
+        return dq, dk, dv, None, None, None, None
 
 
 def block_sparse_attention_triton(
@@ -407,10 +500,13 @@ def block_sparse_attention_triton(
     layout: BlockSparseLayout,
     scale: float,
     config: dict | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of block-sparse attention over a checked `layout` (see `layout.block_sparse_layout`).
 
     Inputs are assumed checked (`zoo.ops.block_sparse_attention` does it). `config` overrides the
-    tile shapes and launch settings (see `default_config`); it exists for tuning.
+    tile shapes and launch settings (see `default_config`); it exists for tuning. `key_padding_mask`:
+    None or bool `[B|1, N_k]`, True = padded key (never attended, zero dk/dv).
     """
-    return BlockSparseAttention.apply(q, k, v, layout, scale, config)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device, torch.uint8).contiguous()
+    return BlockSparseAttention.apply(q, k, v, layout, scale, config, kpm)

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .naive import bi_level_routing_attention_reference, bra_routing, region_geometry
+from .naive import (
+    bi_level_routing_attention_reference,
+    bi_level_routing_backend,
+    bra_routing,
+    region_geometry,
+    region_slots,
+)
 
 
 def bi_level_routing_attention(
@@ -36,12 +42,21 @@ def bi_level_routing_attention(
     Returns:
         `[batch, height, width, heads, head_dim_v]` (and the routing if asked).
 
-    Memory: one region-ordered (padded to whole regions) copy of q, k, v; the attention runs on
-    `zoo.ops.block_sparse_attention` with the routed regions as block indices, whose working set
-    is bounded by its chunking, so K/V are never copied per routed region (the official gather
-    holds `topk` copies).
+    Backend: on CUDA for float16/bfloat16 and head_dim 32/64/128 (`bi_level_routing_backend` says),
+    every region size runs on the Triton block-sparse kernel: a region takes `region_slots(R)` token
+    slots (16, 32, 64 or a multiple of 64: whole kernel tiles), the kernel's lists are the routed
+    regions themselves, and the extra slots (and the missing tokens of partial border regions) are
+    masked keys, masked in-kernel only in the tiles that hold them. Otherwise the exact PyTorch
+    reference of `zoo.ops.block_sparse_attention` runs, with exactly R slots per region.
+
+    Memory: one region-ordered copy of q, k, v (padded to whole regions, and on the kernel path to
+    `region_slots(R)` slots per region: x 16/R for regions under 16 tokens, e.g. x4 for BiFormer's
+    2x2-token regions, ~3% for 37x37 ones), plus the output in that layout; nothing else grows with
+    `topk`: K and V are never copied per routed region (the official gather holds `topk` copies).
+    The kernel keeps only O and the log-sum-exp for backward; the reference's working set is bounded
+    by its chunking.
     """
     return bi_level_routing_attention_reference(q, k, v, n_win, topk, scale=scale, return_routing=return_routing)
 
 
-__all__ = ["bi_level_routing_attention", "bra_routing", "region_geometry"]
+__all__ = ["bi_level_routing_attention", "bi_level_routing_backend", "bra_routing", "region_geometry", "region_slots"]
