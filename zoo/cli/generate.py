@@ -191,11 +191,12 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     model.to(device).eval()
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
+    shift = args.shift if args.shift is not None else getattr(model, "flow_shift", 3.0)
     start = time.perf_counter()
     try:
         with autocast(args, device):
             videos = dit.sample_video(model, labels, num_steps=args.steps, guidance_scale=args.guidance,
-                                      scheduler=args.scheduler, shift=args.shift, generator=g, progress=not args.quiet)
+                                      scheduler=args.scheduler, shift=shift, generator=g, progress=not args.quiet)
     except ValueError as e:
         raise CliError(str(e)) from None
     if device.type == "cuda":
@@ -239,7 +240,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=30, help="sampler steps")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", default="euler", choices=["euler", "unipc"], help="flow-matching scheduler")
-    p.add_argument("--shift", type=float, default=3.0, help="timestep shift (Wan's)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="timestep shift (Wan's); default: the one the weights were trained with (`flow_shift`), else 3.0")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", "-o", default="video.mp4", help="output .mp4 or .gif")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model constructor argument (repeatable)")
