@@ -160,7 +160,10 @@ def main() -> None:
             with torch.no_grad():
                 sweep("fwd", key, sla_fwd, cfgs)
             bwd = backward_of(sla_fwd, go)
-            sweep("bwd_q", bwd_key, bwd, cfgs)
+            # bwd_q at 8 warps, 1 stage hit an illegal address on an H200 (Triton 3.6; alone in its own
+            # process too, BENCHMARKS_SLA.md), and a fault poisons the CUDA context for every later
+            # config: it is not swept
+            sweep("bwd_q", bwd_key, bwd, [c for c in cfgs if c != (8, 1)])
             sweep("bwd_kv", bwd_key, bwd, cfgs)
             del bwd
         notes += check_slice(q, k, v, w, b, bm, block)  # after the sweep: it may rule out configs
