@@ -200,6 +200,7 @@ def test_generate_video_default_digits_are_recognised(capsys, tmp_path):
     """The embedded video DiT draws the requested digits, frame after frame (seed 0, guidance 4)."""
     import numpy as np
     from PIL import Image, ImageSequence
+
     from zoo import digits
     from zoo.cli.classify import DEFAULT_CLASSIFIER
     from zoo.cli.generate import DEFAULT_VIDEO_MODEL

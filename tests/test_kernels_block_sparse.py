@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreter import run_interpreter
 from zoo.ops import block_mask_to_indices, block_sparse_attention, block_sparse_backend, block_sparse_layout
 from zoo.ops.block_sparse.naive import block_sparse_attention_reference
 
@@ -169,18 +168,10 @@ INTERPRETER_GROUPS = [
 ]
 
 
-def _run_interpreter(cases):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("group", range(len(INTERPRETER_GROUPS)))
 def test_kernel_matches_reference_interpreter(group):
     cases = INTERPRETER_GROUPS[group]
-    for case, result in zip(cases, _run_interpreter(cases)):
+    for case, result in zip(cases, run_interpreter(__file__, cases)):
         assert_case(result, str(case))
 
 

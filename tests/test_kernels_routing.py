@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreter import run_interpreter
 from zoo.ops import bi_level_routing_attention, bi_level_routing_backend, bra_routing
 from zoo.ops.routing import region_slots
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def counting(kernel_fn, calls: list):
+    """`kernel_fn` that records, per call, whether it got a key padding mask."""
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("key_padding_mask") is not None)
+        return kernel_fn(*args, **kwargs)
+    return counted
 
 
 def region_members(height: int, width: int, n_win: int) -> torch.Tensor:
@@ -90,14 +97,8 @@ def check_routing_case(dtype, batch, height, width, heads, dim, n_win, topk, see
         grads = torch.autograd.grad((out.double() * do.double()).sum(), leaves)
         return routing, [out.detach(), *grads]
 
-    calls = []
-    triton_fn = bsk.block_sparse_attention_triton
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("key_padding_mask") is not None)
-        return triton_fn(*args, **kwargs)
-
-    bsk.block_sparse_attention_triton = counted
+    calls, triton_fn = [], bsk.block_sparse_attention_triton
+    bsk.block_sparse_attention_triton = counting(triton_fn, calls)
     try:
         backend = bi_level_routing_backend(q, k, v, n_win)
         routing, fast = run(lambda a, b, c: bi_level_routing_attention(a, b, c, n_win, topk, scale=scale,
@@ -161,18 +162,10 @@ def _padded(height, width, n_win):
     return (rh * n_win, rw * n_win) != (height, width) or region_slots(rh * rw) != rh * rw
 
 
-def _run_interpreter(cases):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("group", range(len(INTERPRETER_GROUPS)))
 def test_routing_kernel_matches_oracle_interpreter(group):
     cases = INTERPRETER_GROUPS[group]
-    for case, result in zip(cases, _run_interpreter(cases)):
+    for case, result in zip(cases, run_interpreter(__file__, cases)):
         assert_routing_case(result, str(case), _padded(case[2], case[3], case[6]))
 
 
@@ -219,14 +212,8 @@ def test_biformer_small_routed_layers_run_on_kernel_gpu(size):
 
     model = zoo.create_model("biformer_small").cuda().to(torch.bfloat16)
     layers = sum(type(m).__name__ == "BiLevelRoutingAttention" for m in model.modules())
-    calls = []
-    triton_fn = bsk.block_sparse_attention_triton
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("key_padding_mask") is not None)
-        return triton_fn(*args, **kwargs)
-
-    bsk.block_sparse_attention_triton = counted
+    calls, triton_fn = [], bsk.block_sparse_attention_triton
+    bsk.block_sparse_attention_triton = counting(triton_fn, calls)
     try:
         x = torch.randn(2, 3, size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         logits = model(x)

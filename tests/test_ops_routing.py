@@ -126,7 +126,7 @@ def test_matches_brute_force_oracle(shape, n_win, topk):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out, out_ref)
     for g, g_ref, name in zip(grads, grads_ref, "qkv"):
-        torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, g_ref, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @settings(max_examples=12, deadline=None)
