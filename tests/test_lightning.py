@@ -1,6 +1,7 @@
 """Lightning training: modules learn, checkpoints resume after a kill, configs validate, export loads."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -337,6 +338,8 @@ def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
 
     exported = load_file(result["export"])
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
+    meta = json.loads(Path(result["export"]).with_suffix(".json").read_text())
+    assert meta["pretrained_cfg"]["input_size"] == ([1, 4, 8, 8] if kind == "video" else [1, 8, 8])
 
 
 def test_fsdp_wraps_blocks_and_refuses_ema():

@@ -127,7 +127,10 @@ def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) 
     model = module.model
     d = cfg.data
     cfg_dict = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg_dict.update(input_size=(d.channels, d.image_size, d.image_size), mean=tuple(d.mean) * (d.channels if len(d.mean) == 1 else 1),
+    size = (d.image_size, d.image_size)
+    if len(getattr(model, "input_size", ())) == 3:  # video models: (C, frames, H, W), as the registered mmnist cfgs
+        size = (d.frames, *size)
+    cfg_dict.update(input_size=(d.channels, *size), mean=tuple(d.mean) * (d.channels if len(d.mean) == 1 else 1),
                     std=tuple(d.std) * (d.channels if len(d.std) == 1 else 1), num_classes=d.num_classes)
     if cfg.task == "classify":
         cfg_dict.update(crop_pct=1.0, crop_mode="center")  # digits fill the frame: no centre crop
