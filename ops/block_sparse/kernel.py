@@ -488,8 +488,8 @@ class BlockSparseAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         layout, scale, config, kpm = ctx.args
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, layout.t_indices,
-                              layout.t_counts, layout.block_q, layout.block_k, scale, config, kpm)
+        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, *layout.transposed(),
+                              layout.block_q, layout.block_k, scale, config, kpm)
         return dq, dk, dv, None, None, None, None
 
 

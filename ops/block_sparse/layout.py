@@ -41,24 +41,38 @@ class BlockSparseLayout:
     """Checked lists for sequence lengths (n_q, n_k) and blocks (block_q, block_k).
 
     indices int32 `[B|1, H|1, ceil(n_q/block_q), max_k]` ascending, -1 after the `counts` valid entries;
-    t_indices / t_counts the same per key block (query blocks that list it), for the backward pass.
+    t_indices / t_counts the same per key block (query blocks that list it), for the backward pass
+    (`transposed()`; None until then for a layout built with `transpose=False`).
     """
 
     indices: torch.Tensor
     counts: torch.Tensor
-    t_indices: torch.Tensor
-    t_counts: torch.Tensor
+    t_indices: torch.Tensor | None
+    t_counts: torch.Tensor | None
     block_q: int
     block_k: int
     n_q: int
     n_k: int
 
     @classmethod
-    def from_checked(cls, indices: torch.Tensor, block_q: int, block_k: int, n_q: int, n_k: int) -> BlockSparseLayout:
-        """Build from lists already checked by `resolve_block_indices` (no host sync)."""
+    def from_checked(cls, indices: torch.Tensor, block_q: int, block_k: int, n_q: int, n_k: int,
+                     transpose: bool = True) -> BlockSparseLayout:
+        """Build from lists already checked by `resolve_block_indices` (no host sync).
+
+        `transpose=False` defers the per-key-block lists to the first backward: a per-call layout
+        (routing attention's) under `no_grad` never builds them.
+        """
         idx, cnt = sort_lists(indices)
-        t_idx, t_cnt = transpose_lists(idx, math.ceil(n_k / block_k))
+        t_idx, t_cnt = transpose_lists(idx, math.ceil(n_k / block_k)) if transpose else (None, None)
         return cls(idx, cnt, t_idx, t_cnt, block_q, block_k, n_q, n_k)
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_indices, t_counts), built on first use if the layout was made without them."""
+        if self.t_indices is None:
+            t_idx, t_cnt = transpose_lists(self.indices, math.ceil(self.n_k / self.block_k))
+            object.__setattr__(self, "t_indices", t_idx)  # a cache: the lists themselves never change
+            object.__setattr__(self, "t_counts", t_cnt)
+        return self.t_indices, self.t_counts
 
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Raise ValueError unless q/k `[B, H, N, D]` match the lengths, batch/heads and device of this layout."""

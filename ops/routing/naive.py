@@ -31,6 +31,7 @@ calling this op with divisible sizes (`zoo.backbones.biformer.BiLevelRoutingAtte
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -101,9 +102,13 @@ def from_regions(
     return x.reshape(batch, n_h * region_h, n_w * region_w, heads, dim)[:, :height, :width]
 
 
+@functools.lru_cache(maxsize=64)
 def region_token_valid(height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int,
                        device: torch.device | None = None) -> torch.Tensor:
-    """Bool `[n_h * n_w, region_h * region_w]`: which slots of each region are real tokens."""
+    """Bool `[n_h * n_w, region_h * region_w]`: which slots of each region are real tokens.
+
+    Cached per geometry and device (one fewer set of launches per call); callers must not modify it.
+    """
     rows = torch.arange(n_h * region_h, device=device) < height
     cols = torch.arange(n_w * region_w, device=device) < width
     valid = (rows[:, None] & cols[None, :]).reshape(n_h, region_h, n_w, region_w).permute(0, 2, 1, 3)
@@ -235,7 +240,8 @@ def bi_level_routing_attention_reference(
         padded = ~F.pad(valid, (0, slots - tokens)).reshape(1, -1)
     n = n_regions * slots
     # the picks are distinct regions in range by construction: no check (and no host sync) needed
-    layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=grad)
     out = block_sparse_attention(q_regions, k_regions, v_regions, layout=layout, scale=scale, key_padding_mask=padded)
     out = from_regions(out, height, width, *geometry, slots)
     return (out, routing) if return_routing else out
