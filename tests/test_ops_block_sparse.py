@@ -97,3 +97,19 @@ def test_autocast_casts_inputs_like_sdpa():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_layout_builds_transposed_lists_on_demand():
+    from zoo.ops.block_sparse.layout import BlockSparseLayout
+
+    torch.manual_seed(1)
+    idx = torch.stack([torch.randperm(6)[:3] for _ in range(10)]).view(2, 1, 5, 3)
+    idx[0, 0, 1, 2] = -1
+    eager = BlockSparseLayout.from_checked(idx, 16, 16, 80, 96)
+    lazy = BlockSparseLayout.from_checked(idx, 16, 16, 80, 96, transpose=False)
+    assert lazy.t_indices is None and lazy.t_counts is None
+    for got, want in zip(lazy.transposed(), (eager.t_indices, eager.t_counts)):
+        assert torch.equal(got, want)
+    assert lazy.transposed()[0] is lazy.t_indices  # built once
+    mask = block_indices_to_mask(idx, 6)
+    assert torch.equal(eager.t_counts, mask.sum(-2, dtype=torch.int32))  # query blocks listing each key block

@@ -99,7 +99,7 @@ def _list_split(idx_ptr, CNT, last_block, N_LAST_PARTIAL: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,
+    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,  # noqa: E741 (flash-attention names)
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
     H, N_Q, N_K, qk_scale,
@@ -294,7 +294,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,
+def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,  # noqa: E741
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
