@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -324,22 +325,43 @@ def peak_memory(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def time_routing(fn, mode: str, inputs, leaves, do, st: dict) -> tuple[float | None, int | None]:
-    """(median ms, peak bytes) of one routing attention call (fwd under no_grad, or fwd+bwd); None on OOM."""
+def routing_run(fn, mode: str, inputs, leaves, do, st: dict):
+    """One routing attention call as a closure: fwd under no_grad, or fwd+bwd."""
     def call(a, b, c):
         return fn(a, b, c, st["n_win"], st["topk"], st["scale"])[0]
 
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                call(*inputs)
-    else:
-        run = fwd_bwd(call, leaves, do)
+    if mode != "fwd":
+        return fwd_bwd(call, leaves, do)
+
+    def run():
+        with torch.no_grad():
+            call(*inputs)
+    return run
+
+
+def time_routing(fn, mode: str, inputs, leaves, do, st: dict) -> tuple[float | None, int | None]:
+    """(median ms, peak bytes) of one routing attention call (fwd under no_grad, or fwd+bwd); None on OOM."""
+    run = routing_run(fn, mode, inputs, leaves, do, st)
     try:
         return bench(run), peak_memory(run)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, None
+
+
+def host_ms(run, calls: int = 8) -> float:
+    """Host (CPU) time per call of `run` with no synchronisation inside: launches only, while the
+    queue has room. Close to the GPU time per call means the op is bound by its launches."""
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    seconds = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return seconds / calls * 1e3
 
 
 def run_routing(image: int, batch: int, n_win: int, args, results, device="cuda"):
@@ -374,6 +396,11 @@ def run_routing(image: int, batch: int, n_win: int, args, results, device="cuda"
                 row["times_ms"][f"{mode}/{key}"], row["peak_bytes"][f"{mode}/{key}"] = ms, peak
                 if ms is None:
                     print(f"  {mode:6s} {key}: " + ("official OOM" if key == "official" else "OOM"))
+            if row["times_ms"].get(f"fwd/{key}") is not None:  # is the forward bound by its launches?
+                host = host_ms(routing_run(fn, "fwd", (q, k, v), leaves, do, st))
+                row.setdefault("host_ms", {})[f"fwd/{key}"] = host
+                print(f"  fwd    {key}: host {host:.3f} ms per call (launches, no sync), "
+                      f"GPU {row['times_ms'][f'fwd/{key}']:.3f} ms")
         targets = []
         for mode in args.modes:
             t_ours, t_off = row["times_ms"][f"{mode}/ours"], row["times_ms"][f"{mode}/official"]

@@ -78,3 +78,13 @@ def test_exact_radial_mask_is_the_ops_mask(bench, shape, model, blocks):
     mask = bench.radial_mask(args, frames, per_frame, device="cpu")
     assert mask.shape == (blocks, blocks)
     assert torch.equal(mask, radial_block_mask(frames, per_frame, 0.2, 128, model=model))
+
+
+def test_routing_run_and_host_time_on_cpu(bench):
+    """The forward closure the routing rows time (and time for host launches) runs ours and the official algorithm."""
+    q, k, v = (torch.randn(1, 14, 14, 2, 32) for _ in range(3))
+    st = {"n_win": 7, "topk": 4, "scale": 64 ** -0.5}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for fn in (bench.ours_bra, bench.official_gather_bra):
+        assert bench.host_ms(bench.routing_run(fn, "fwd", (q, k, v), leaves, torch.randn_like(q), st), calls=2) > 0
+        bench.routing_run(fn, "fwdbwd", (q, k, v), leaves, torch.randn_like(q), st)()  # autograd.grad inside
