@@ -339,10 +339,34 @@ def routing_run(fn, mode: str, inputs, leaves, do, st: dict):
     return run
 
 
-def time_routing(fn, mode: str, inputs, leaves, do, st: dict) -> tuple[float | None, int | None]:
-    """(median ms, peak bytes) of one routing attention call (fwd under no_grad, or fwd+bwd); None on OOM."""
+def graphed(run):
+    """`run` captured in a CUDA graph (after warm-up on a side stream), replayed: device time without launch
+    overhead, for ops whose eager time is their host launches."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def time_routing(fn, mode: str, inputs, leaves, do, st: dict, cuda_graph: bool = False) -> tuple[float | None, int | None]:
+    """(median ms, peak bytes) of one routing attention call (fwd under no_grad, or fwd+bwd); None on OOM.
+
+    `cuda_graph`: time the replay of a CUDA graph of the call instead (device time alone)."""
     run = routing_run(fn, mode, inputs, leaves, do, st)
     try:
+        if cuda_graph:
+            try:
+                replay = graphed(run)
+            except RuntimeError as e:  # e.g. a host sync inside the call: not capturable
+                print(f"  {fn.__name__} {mode}: CUDA-graph capture failed ({e}); timed eagerly")
+                replay = run
+            return bench(replay), peak_memory(run)
         return bench(run), peak_memory(run)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -379,7 +403,8 @@ def run_routing(image: int, batch: int, n_win: int, args, results, device="cuda"
                               st["scale"], device, dtype)
         print(f"\n== routing BiFormer-S {image}x{image} stage {st['stage']} ({st['layers']} layers): B {batch}, "
               f"{st['side']}x{st['side']} tokens, {st['heads']} heads x {st['head_dim']}, n_win {st['n_win']}, "
-              f"topk {st['topk']}, region {r} tokens; ours runs on: {backend} {why}")
+              f"topk {st['topk']}, region {r} tokens; ours runs on: {backend} {why}"
+              + ("; times are CUDA-graph replays" if args.cuda_graph else ""))
         print(f"  check vs official (batch {min(batch, 2)}, bf16): routing identical for "
               f"{100 * check['routing_match']:.1f}% of regions, max |out diff| {check['max_abs_out']:.3g}, "
               f"max |grad diff| {check['max_abs_grad']:.3g}")
@@ -388,11 +413,12 @@ def run_routing(image: int, batch: int, n_win: int, args, results, device="cuda"
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         row = {"routing": f"biformer_small@{image}", "stage": st["stage"], "layers": st["layers"],
                "shape": list(shape), "n_win": st["n_win"], "topk": st["topk"], "region_tokens": r,
-               "dtype": str(dtype), "ours_backend": backend, "check": check, "times_ms": {}, "peak_bytes": {}}
+               "dtype": str(dtype), "ours_backend": backend, "check": check, "times_ms": {}, "peak_bytes": {},
+               "timing": "cuda_graph" if args.cuda_graph else "eager"}
         do = torch.randn(shape, device=device, dtype=dtype, generator=gen)
         for key, fn in (("ours", ours_bra), ("official", official_gather_bra)):
             for mode in args.modes:
-                ms, peak = time_routing(fn, mode, (q, k, v), leaves, do, st)
+                ms, peak = time_routing(fn, mode, (q, k, v), leaves, do, st, cuda_graph=args.cuda_graph)
                 row["times_ms"][f"{mode}/{key}"], row["peak_bytes"][f"{mode}/{key}"] = ms, peak
                 if ms is None:
                     print(f"  {mode:6s} {key}: " + ("official OOM" if key == "official" else "OOM"))
@@ -533,6 +559,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--routing", type=int, action="append", choices=sorted(ROUTING),
                         help="repeatable: BiFormer-S routed layers at this image side vs the official algorithm")
     parser.add_argument("--routing-n-win", type=int, help="override n_win of the --routing rows")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time the --routing rows as CUDA-graph replays (device time, no launch overhead), both sides")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
     parser.add_argument("--sweep", action="store_true", help="also time the kernels over launch settings")
     parser.add_argument("--head-dim", type=int, help="override the shape's head_dim (heads scaled to keep the width)")

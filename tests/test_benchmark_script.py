@@ -55,7 +55,8 @@ def test_parse_args_on_cpu(bench):
     args = bench.parse_args([])
     assert args.mask == ["radial", "dense"] and args.radial_mask == "exact" and args.routing is None
     args = bench.parse_args(["--routing", "224", "--routing", "1024", "--modes", "fwd"])
-    assert args.mask == [] and args.routing == [224, 1024] and args.modes == ["fwd"]
+    assert args.mask == [] and args.routing == [224, 1024] and args.modes == ["fwd"] and not args.cuda_graph
+    assert bench.parse_args(["--routing", "224", "--cuda-graph"]).cuda_graph
     assert bench.parse_args(["--radial-mask", "reconstructed"]).radial_mask == "reconstructed"
     with pytest.raises(SystemExit):
         bench.parse_args(["--text-tokens", "256"])  # Wan has no text tokens in self-attention
