@@ -22,7 +22,7 @@ def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     device = getattr(tensors[0], "device", None)
     device = device.type if device is not None else None
-    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+    if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

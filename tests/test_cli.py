@@ -151,6 +151,8 @@ def test_pretrained_args_match_training_configs():
     video_cfg = load_config("diffusion/video_dit_s_2_mmnist.yaml")
     kwargs = {k: v for k, v in video_cfg.model.kwargs.items() if k != "attention"}
     assert {**kwargs, "input_size": tuple(kwargs["input_size"])} == VIDEO_DIT_ARGS
+    for tag in ("mmnist", "mmnist_radial", "mmnist_sla"):  # generate-video samples with the shift they trained with
+        assert zoo.weights.get_weights(f"video_dit_s_2_mmnist.{tag}").cfg["flow_shift"] == video_cfg.diffusion.objective_kwargs.shift
 
 
 def test_embedded_shipped_files_match_sha256():

@@ -192,10 +192,10 @@ def _macs(routing: torch.Tensor | None, valid: torch.Tensor, batch: int, topk: i
     return routing_macs + pairs * heads * (dim_qk + dim_v)
 
 
-def _slots(q: torch.Tensor, v: torch.Tensor, region_tokens: int) -> tuple[int, str, str]:
+def _slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_tokens: int) -> tuple[int, str, str]:
     """(slots per region, backend, reason): `region_slots` where the block-sparse kernel runs, else R."""
     slots = region_slots(region_tokens)
-    backend, reason = block_sparse_backend(q, q, v, slots, slots)
+    backend, reason = block_sparse_backend(q, k, v, slots, slots)
     return (slots if backend == "triton" else region_tokens), backend, reason
 
 
@@ -204,7 +204,7 @@ def bi_level_routing_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """("triton", "") when `bi_level_routing_attention` runs these inputs on the Triton block-sparse kernel,
     else ("reference", the reason)."""
     _, _, region_h, region_w = region_geometry(q.shape[1], q.shape[2], n_win)
-    return _slots(q, v, region_h * region_w)[1:]
+    return _slots(q, k, v, region_h * region_w)[1:]
 
 
 def bi_level_routing_attention_reference(
@@ -233,7 +233,7 @@ def bi_level_routing_attention_reference(
         return (out, routing) if return_routing else out
 
     routing = _route(q, k, geometry, valid, topk, scale)
-    slots = _slots(q, v, tokens)[0]
+    slots = _slots(q, k, v, tokens)[0]
     q_regions, k_regions, v_regions = (to_regions(t, *geometry, slots) for t in (q, k, v))
     padded = None
     if not full or slots > tokens:  # missing tokens of partial regions and extra slots: never attended

@@ -97,8 +97,12 @@ def no_weights_message(name: str) -> str:
             f"`zoo train ... export=PATH`), or --random-init for an untrained model")
 
 
-def load_generator_weights(args: argparse.Namespace, model, name: str, entry, prefer: str | None = None) -> str:
-    """Load --checkpoint or the registered weights into `model` (any attention backend); returns the source.
+def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
+                           prefer: str | None = None) -> tuple[str, dict]:
+    """Load --checkpoint or the registered weights into `model` (any attention backend).
+
+    Returns the source and the weights' cfg (the registered entry's, else {}): sampling settings
+    the weights were trained with, such as `flow_shift`.
 
     A checkpoint trained with one attention loads into another (`load_state_dict_any_attention`),
     so dense weights run with radial / SLA / NA when no fine-tuned ones are registered.
@@ -106,7 +110,8 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry, pr
     from zoo import weights
 
     if args.random_init:
-        return "random init (untrained)"
+        return "random init (untrained)", {}
+    cfg = {}
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint {args.checkpoint}: no such file")
@@ -120,7 +125,7 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry, pr
         except weights.WeightsError as e:
             raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
         weights.verify_sha256(path, w.sha256)
-        state, source, converter = weights.read_checkpoint(path), f"{w.name} ({w.describe()})", w.converter
+        state, source, converter, cfg = weights.read_checkpoint(path), f"{w.name} ({w.describe()})", w.converter, w.cfg
     if converter is not None:
         state = converter(state, model)
     if hasattr(model, "load_state_dict_any_attention"):
@@ -131,7 +136,7 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry, pr
         weights.load_state_dict(model, state, source)
     except weights.WeightsError as e:
         raise CliError(str(e).splitlines()[0] + " " + "; ".join(line.strip() for line in str(e).splitlines()[1:])) from None
-    return source
+    return source, cfg
 
 
 def writable_dir(path: str | os.PathLike) -> Path:

@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     name, entry, model = _build(args, DEFAULT_IMAGE_MODEL)
     if len(getattr(model, "input_size", ())) != 2:
         raise CliError(f"{name} is a video model: use `zoo generate-video --model {name}`")
-    source = load_generator_weights(args, model, name, entry)
+    source, _ = load_generator_weights(args, model, name, entry)
     labels = _labels(args, model.num_classes)
     vae = None if args.vae in ("none", "auto") else args.vae
     if args.vae == "auto" and model.in_channels == 4:
@@ -185,13 +185,13 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
         if any(k > g for k, g in zip(args.na_kernel, grid)):
             raise CliError(f"--na-kernel {' '.join(map(str, args.na_kernel))} exceeds the token grid {grid} (frames, height, width) "
                            f"of {name}: use a kernel no larger than the grid on each axis")
-    source = load_generator_weights(args, model, name, entry, prefer=args.attention)
+    source, weights_cfg = load_generator_weights(args, model, name, entry, prefer=args.attention)
     labels = _labels(args, model.num_classes)
     info(args, f"{name}: {source}; attention {args.attention}: {attention_sparsity(model)}")
     model.to(device).eval()
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    shift = args.shift if args.shift is not None else getattr(model, "flow_shift", 3.0)
+    shift = args.shift if args.shift is not None else weights_cfg.get("flow_shift", 3.0)
     start = time.perf_counter()
     try:
         with autocast(args, device):
@@ -241,7 +241,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", default="euler", choices=["euler", "unipc"], help="flow-matching scheduler")
     p.add_argument("--shift", type=float, default=None,
-                   help="timestep shift (Wan's); default: the one the weights were trained with (`flow_shift`), else 3.0")
+                   help="timestep shift (Wan's); default: the registered weights' `flow_shift`, else 3.0")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", "-o", default="video.mp4", help="output .mp4 or .gif")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model constructor argument (repeatable)")

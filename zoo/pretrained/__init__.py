@@ -88,7 +88,8 @@ def _classifier_cfg(name: str) -> dict:
 default_cfgs = generate_default_cfgs({
     **{f"{name}.mnist": _classifier_cfg(name) for name in CLASSIFIER_ARGS},
     "dit_s_2_mnist.mnist": _cfg("dit_s_2_mnist.safetensors", input_size=(1, 32, 32), mean=(0.5,), std=(0.5,)),
-    **{f"video_dit_s_2_mmnist.{tag}": _cfg(f"video_dit_s_2_mmnist{suffix}.safetensors", input_size=(1, 16, 32, 32), mean=(0.5,), std=(0.5,))
+    **{f"video_dit_s_2_mmnist.{tag}": _cfg(f"video_dit_s_2_mmnist{suffix}.safetensors", input_size=(1, 16, 32, 32), mean=(0.5,), std=(0.5,),
+                                            flow_shift=VIDEO_FLOW_SHIFT)
        for tag, suffix in (("mmnist", "_dense"), ("mmnist_radial", "_radial"), ("mmnist_sla", "_sla"))},
 })
 
@@ -163,7 +164,6 @@ def video_dit_s_2_mmnist(pretrained: bool = False, pretrained_tag: str | None = 
     if attention in VIDEO_ATTENTION_ARGS and kwargs.get("attention_kwargs") is None:
         kwargs["attention_kwargs"] = dict(VIDEO_ATTENTION_ARGS[attention])
     model = get_entry("video_dit_s_2").fn(**{**VIDEO_DIT_ARGS, **kwargs})
-    model.flow_shift = VIDEO_FLOW_SHIFT  # the samplers' default shift for these weights (`zoo generate-video`)
     if pretrained:
         tag = pretrained_tag or f"mmnist_{kwargs.get('attention', 'dense')}"
         if not weights.has_weights(f"video_dit_s_2_mmnist.{tag}"):
