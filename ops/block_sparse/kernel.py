@@ -694,4 +694,8 @@ def block_sparse_attention_triton(
     out has the map's shape, lse is `[B, heads, height * width]`.
     """
     kpm = None if key_padding_mask is None else key_padding_mask.to(q.device, torch.uint8).contiguous()
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        q, k, v = (_kernel_layout(t) for t in (q, k, v))  # inference: no autograd node (host time of small calls)
+        return forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config, kpm,
+                       window)
     return BlockSparseAttention.apply(q, k, v, layout, scale, config, kpm, window)

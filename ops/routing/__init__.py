@@ -1,6 +1,8 @@
 """Bi-level routing attention (BiFormer): region-level top-k routing, then token attention."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import autocast_cast
@@ -17,6 +19,12 @@ from .naive import (
     region_slots,
     region_token_valid,
 )
+
+
+@functools.lru_cache(maxsize=64)
+def _full_counts(shape: tuple[int, ...], topk: int, device: torch.device) -> torch.Tensor:
+    """int64 counts of lists that all hold `topk` regions (cached: one launch fewer per call; never modified)."""
+    return torch.full(shape, topk, dtype=torch.int64, device=device)
 
 
 def bi_level_routing_attention(
@@ -75,7 +83,8 @@ def bi_level_routing_attention(
         layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=False)
     else:  # every pick is a region: the top-k lists as they are (in-range and distinct by construction)
         lists = routing[:, None]
-        layout = BlockSparseLayout(lists, lists.new_full(lists.shape[:-1], topk), None, None, slots, slots, n, n)
+        layout = BlockSparseLayout(lists, _full_counts(tuple(lists.shape[:-1]), topk, q.device), None, None, slots,
+                                   slots, n, n)
     kernel = _kernel_module()
     packed = 2 * tokens <= slots  # small regions: list-side tiles pack several regions' tokens
     window = kernel.RegionWindows(n_w, region_h, region_w, packed=packed,
