@@ -19,6 +19,12 @@ the tensor cores); `default_config` holds the settings measured fastest on an H1
 A block larger than the tile is walked tile by tile (routing attention lists whole regions of, e.g.,
 1408 = 11 x 128 token slots).
 
+Hopper TMA (`config["fwd"]["TMA"] = True`, a tuning choice like the tiles): `_fwd_kernel_tma` loads Q/K/V
+tiles and stores O through tensor descriptors built on the device, one `[N, D]` descriptor per (batch, head)
+(they zero-fill rows past N, the same tail semantics); `WARP_SPECIALIZE` adds Triton's automatic warp
+specialisation of its loop (a producer warpgroup feeding two consumer warpgroups). Inputs whose strides TMA
+cannot take (not 16-byte aligned) run the pointer kernel. Backward is unchanged.
+
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
 flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
 scores (K/V loads stay plain, so the loop still pipelines), every other tile stays mask-free. In
@@ -500,7 +506,8 @@ def padding_args(kpm: torch.Tensor | None, tile: int, like: torch.Tensor) -> tup
 
 def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None):
     """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists as in `BlockSparseLayout`;
-    kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero = padded key."""
+    kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero = padded key. The fwd config's optional `TMA` /
+    `WARP_SPECIALIZE` select `_fwd_kernel_tma` (where `tma_strides_ok`)."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
