@@ -59,20 +59,23 @@ def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast, key_padding_mask
 
 
 def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True,
-               token_major=False, padding=None, tma=None):
+               token_major=False, padding=None, fused=False, tma=None):
     """Run one case; return a dict of errors and bounds (asserted by `assert_case`).
 
+    token_major: q, k, v are `[B, N, H, D]` tensors seen as `[B, H, N, D]` (permuted, dense).
+    fused: q, k, v are views of one `[B, N, 3, H, D]` projection (with gaps: dq/dk/dv cannot take their
+    strides; the kernels write gradients with their own buffers' strides).
     tma: None, or forward-config entries (e.g. `{"WARP_SPECIALIZE": True, "BLOCK_N": 16}`) that run the
     forward through the TMA kernel (`TMA=True` added); kernel=True only.
-
-    token_major: q, k, v are `[B, N, H, D]` tensors seen as `[B, H, N, D]` (strided, as a fused qkv
-    projection gives them).
     padding: None, or a key_padding_mask of shape "batch" `[B, N_k]` or "shared" `[1, N_k]`: random
     padded keys, key block 0 wholly padded (query blocks listing only it become empty rows), and the
     keys of block 1 all valid (a mask-free block among padded ones)."""
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
-    if token_major:
+    if fused:
+        qkv = torch.randn(batch, n_q, 3, heads, dim, generator=gen).to(device, dt)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    elif token_major:
         q, k, v = (torch.randn(batch, n, heads, dim, generator=gen).to(device, dt).transpose(1, 2)
                    for n in (n_q, n_k, n_k))
     else:
@@ -166,7 +169,7 @@ def assert_case(result, label):
 # ------------------------------------------------------------------ CPU, Triton interpreter
 # (dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed[, options]): odd lengths with
 # partial tail blocks, every head_dim, blocks of 16/32/64/128 and multiples of 16 larger than a tile (48, 80),
-# q/k lengths that differ, 1-row tails, strided inputs, key padding masks (per batch and shared).
+# q/k lengths that differ, 1-row tails, strided inputs (dense and fused-qkv views with gaps), key padding masks (per batch and shared).
 INTERPRETER_GROUPS = [
     [
         ("float16", 1, 2, 150, 150, 32, 64, 64, 0.6, 1),
@@ -183,16 +186,17 @@ INTERPRETER_GROUPS = [
     [
         ("float16", 1, 1, 101, 130, 128, 48, 32, 0.6, 7, {"padding": "shared", "token_major": True}),
         ("float16", 2, 1, 161, 170, 32, 80, 80, 0.6, 8, {"padding": "batch"}),
-        ("float16", 1, 2, 100, 100, 64, 16, 32, 0.5, 9),
+        ("float16", 1, 2, 100, 100, 64, 16, 32, 0.5, 9, {"fused": True}),
         ("float16", 2, 1, 90, 77, 32, 32, 16, 0.5, 10, {"padding": "batch", "kernel": False}),  # via the dispatcher
     ],
     [  # the TMA forward (descriptors zero-fill past N): plain, warp-specialised loop (several tiles per block),
-        # strided inputs, key padding (which turns warp specialisation off)
+        # token-major and fused-qkv (gapped) inputs, key padding (which turns warp specialisation off)
         ("float16", 2, 1, 150, 133, 32, 64, 64, 0.6, 11, {"tma": {}}),
         ("float16", 1, 2, 97, 129, 64, 32, 64, 0.6, 12, {"tma": {"WARP_SPECIALIZE": True, "BLOCK_N": 16},
                                                           "token_major": True}),
         ("float16", 2, 1, 83, 75, 32, 16, 16, 0.5, 13, {"tma": {}, "padding": "batch"}),
-        ("float16", 1, 1, 70, 90, 64, 32, 32, 0.5, 14, {"tma": {"WARP_SPECIALIZE": True}, "padding": "shared"}),
+        ("float16", 1, 1, 90, 90, 64, 32, 32, 0.5, 14, {"tma": {"WARP_SPECIALIZE": True}, "padding": "shared",
+                                                       "fused": True}),
     ],
 ]
 
@@ -236,23 +240,28 @@ def test_layout_matches_lists_and_checks():
         block_sparse_layout(70, 90, block_indices=torch.tensor([[[[2, -1], [1, -1]]]]), block_size=64)
 
 
-@pytest.mark.parametrize("dim,blocks", [(32, (16, 16)), (128, (1408, 1408))])
-def test_kernels_compile_for_hopper_without_gpu(dim, blocks):
+@pytest.mark.parametrize("dim,blocks,window", [(32, (16, 16), None), (128, (1408, 1408), None),
+                                               (32, (16, 16), (2, 2, True)), (32, (64, 64), (8, 8, False))])
+def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
     """The interpreter runs the kernels as Python; this lowers them to an sm_90 cubin (no GPU needed), so a
-    construct the compiler rejects (the runtime branch on padded tiles, small tiles) fails on CPU too."""
+    construct the compiler rejects (the runtime branch on padded tiles, small tiles, region windows) fails on
+    CPU too. `window`: (region_h, region_w, masked) of routing attention's in-place region windows."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from zoo.ops.block_sparse import kernel as bsk
 
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "TIDX": "*i32", "TCNT": "*i32",
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i64", "CNT": "*i64", "TIDX": "*i32", "TCNT": "*i32",
                 "KPM": "*u8", "TPAD": "*u8", **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
     config = bsk.default_config(*blocks, dim)
+    geometry = dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1) if window is None else dict(
+        WINDOW=True, WINDOW_MASK=window[2], REGION_H=window[0], REGION_W=window[1])
     for fn, key in ((bsk._fwd_kernel, "fwd"), (bsk._bwd_dq_kernel, "dq"), (bsk._bwd_dkdv_kernel, "dkdv")):
         cfg = dict(config[key])
         options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
         partial = "Q_PARTIAL" if key == "dkdv" else "K_PARTIAL"
-        constants = dict(BLOCK_Q=blocks[0], BLOCK_K=blocks[1], HEAD_DIM=dim, HAS_KPM=True, **{partial: True}, **cfg)
+        constants = dict(BLOCK_Q=blocks[0], BLOCK_K=blocks[1], HEAD_DIM=dim, HAS_KPM=window is None,
+                         **{partial: window is None}, **geometry, **cfg)
         signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
                      for name in fn.arg_names}
         compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
@@ -371,22 +380,6 @@ def test_autocast_float32_queries_run_the_kernel():
     assert out.dtype == torch.bfloat16
     ref = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(), v.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-
-
-def test_kernel_layout_copies_views_with_gaps():
-    """dq/dk/dv are written with q/k/v's strides into empty_like buffers: a view with gaps (v of a
-    fused qkv) must be copied, or the writes run past the gradient's memory (seen on GPU)."""
-    from zoo.ops.block_sparse.kernel import _kernel_layout
-
-    qkv = torch.randn(2, 40, 3 * 64)
-    v = qkv.chunk(3, dim=-1)[2].reshape(2, 40, 2, 32).transpose(1, 2)  # [B, H, N, D], row stride 192
-    assert not v.is_contiguous() and torch.empty_like(v).stride() != v.stride()
-    fixed = _kernel_layout(v)
-    assert torch.equal(fixed, v) and torch.empty_like(fixed).stride() == fixed.stride()
-    token_major = torch.randn(2, 40, 2, 32).transpose(1, 2)  # dense, only permuted: kept as is
-    assert _kernel_layout(token_major) is token_major
-    contiguous = torch.randn(2, 2, 40, 32)
-    assert _kernel_layout(contiguous) is contiguous
 
 
 @needs_cuda

@@ -32,9 +32,11 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def counting(kernel_fn, calls: list):
-    """`kernel_fn` that records, per call, whether it got a key padding mask."""
+    """`kernel_fn` that records, per call, whether it masks slots: None if it did not read the map in place
+    (no region windows), else the windows' `masked` flag."""
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("key_padding_mask") is not None)
+        window = kwargs.get("window")
+        calls.append(None if window is None else window.masked)
         return kernel_fn(*args, **kwargs)
     return counted
 
@@ -116,7 +118,7 @@ def check_routing_case(dtype, batch, height, width, heads, dim, n_win, topk, see
                 [q.double(), k.double(), v.double()])[1]
     low = run(lambda a, b, c: (gather_oracle(a, b, c, routing, members, scale, False), None), [q, k, v])[1]
     result = {
-        "backend": list(backend), "kernel_calls": len(calls), "padding_mask": any(calls),
+        "backend": list(backend), "kernel_calls": len(calls), "masked": calls[0] if calls else None,
         "routing_is_bra_routing": bool(torch.equal(routing, bra_routing(q, k, n_win, topk, scale=scale))),
         "reference_same_routing": bool(torch.equal(routing, routing_ref)),
     }
@@ -129,7 +131,7 @@ def check_routing_case(dtype, batch, height, width, heads, dim, n_win, topk, see
 
 def assert_routing_case(result, label, padded):
     assert result["backend"] == ["triton", ""], f"{label}: not on the kernel: {result['backend']}"
-    assert result["kernel_calls"] == 1 and result["padding_mask"] == padded, f"{label}: {result}"
+    assert result["kernel_calls"] == 1 and result["masked"] is padded, f"{label}: {result}"
     assert result["routing_is_bra_routing"] and result["reference_same_routing"], f"{label}: routing differs"
     for name in ("out", "dq", "dk", "dv"):
         r = result[name]
@@ -220,8 +222,8 @@ def test_biformer_small_routed_layers_run_on_kernel_gpu(size):
         logits.float().square().mean().backward()
     finally:
         bsk.block_sparse_attention_triton = triton_fn
-    assert layers == 26 and len(calls) == layers, (layers, len(calls))
-    assert sum(calls) == (18 if size == 224 else layers)  # 224: only the 4-token regions (stage 3) are padded
+    assert layers == 26 and len(calls) == layers and None not in calls, (layers, calls)
+    assert sum(calls) == (18 if size == 224 else layers)  # 224: only the 4-token regions (stage 3) are masked
     assert torch.isfinite(logits).all() and torch.isfinite(x.grad).all()
 
 

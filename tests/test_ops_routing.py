@@ -7,6 +7,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zoo.ops import bi_level_routing_attention, block_sparse_attention, bra_routing
+from zoo.ops.block_sparse.naive import block_sparse_attention_reference
 
 import zoo
 
@@ -141,23 +142,22 @@ def test_property_any_size_matches_oracle(h, w, n_win, data):
 
 
 def test_runs_on_block_sparse_indices_without_kv_copies(monkeypatch):
-    """The routed regions go to block_sparse_attention as block indices over region-ordered K/V."""
+    """The reference: the routed regions are block indices over one region-ordered copy of K/V."""
     import zoo.ops.routing.naive as naive
 
     calls = []
 
     def spy(q, k, v, **kwargs):
         calls.append((k.shape, kwargs))
-        return block_sparse_attention(q, k, v, **kwargs)
+        return block_sparse_attention_reference(q, k, v, **kwargs)
 
-    monkeypatch.setattr(naive, "block_sparse_attention", spy)
+    monkeypatch.setattr(naive, "block_sparse_attention_reference", spy)
     q = torch.randn(2, 9, 10, 2, 4)
     bi_level_routing_attention(q, q, q, 3, 4)
     ((k_shape, kwargs),) = calls
     assert k_shape == (2, 2, 9 * 12, 4)  # one region-ordered copy of K (3x4 regions), not topk of them
-    layout = kwargs["layout"]  # the routed regions, as checked lists (no host sync per call)
-    assert (layout.block_q, layout.block_k) == (12, 12) and layout.indices.shape == (2, 1, 9, 4)
-    assert torch.equal(layout.indices.sort(-1).values, bra_routing(q, q, 3, 4)[:, None].sort(-1).values.int())
+    assert kwargs["block_size"] == 12 and kwargs["block_indices"].shape == (2, 1, 9, 4)
+    assert torch.equal(kwargs["block_indices"].sort(-1).values, bra_routing(q, q, 3, 4)[:, None].sort(-1).values)
     assert kwargs["key_padding_mask"].shape == (1, 108) and int(kwargs["key_padding_mask"].sum()) == 18
 
 

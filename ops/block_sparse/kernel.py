@@ -33,6 +33,7 @@ backward, dq masks the same tiles; dk/dv of padded keys are stored as exact zero
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +60,51 @@ def _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, flag_ptr,
+def _rows(block, first, offs, N, n_w, img_h, img_w, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+          REGION_H: tl.constexpr, REGION_W: tl.constexpr):
+    """Slots `first + offs` of mask block `block`: (row, col, exists), int64.
+
+    Sequence: row = block * BLOCK + slot, col = 0. WINDOW (routing attention): block `block` is region
+    `block` of an `img_h x img_w` map cut into regions of REGION_H x REGION_W tokens, `n_w` per row,
+    row-major; slot s is the region's token (s // REGION_W, s % REGION_W); slots past the region's
+    tokens or the map's border do not exist. The kernels read the map in place: no region-ordered copy."""
+    slot = first + offs
+    if WINDOW:
+        row = ((block // n_w) * REGION_H + slot // REGION_W).to(tl.int64)
+        col = ((block % n_w) * REGION_W + slot % REGION_W).to(tl.int64)
+        exists = (slot < REGION_H * REGION_W) & (row < img_h) & (col < img_w)
+    else:
+        row = block.to(tl.int64) * BLOCK + slot
+        col = row * 0
+        exists = row < N
+    return row, col, exists
+
+
+@triton.jit
+def _offsets(row, col, s_n, s_w, WINDOW: tl.constexpr):
+    """Memory offsets of rows from `_rows` (a token's row and column strides in window mode)."""
+    if WINDOW:
+        return row * s_n + col * s_w
+    return row * s_n
+
+
+@triton.jit
+def _token(row, col, img_w, WINDOW: tl.constexpr):
+    """Index of a row in the per-token logsumexp / delta vectors (row-major map order in window mode)."""
+    if WINDOW:
+        return row * img_w + col
+    return row
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_ptr,
               MASK: tl.constexpr, HAS_KPM: tl.constexpr):
     """One BLOCK_N slice of keys: update the running max, normaliser and accumulator.
 
-    MASK: the slice may pass the end (the tail block): loads and scores masked per key. Otherwise the
-    loads are plain (pipelined) and, with HAS_KPM, only a slice whose flag says it holds padding masks
-    its scores."""
+    MASK: the slice holds keys that do not exist or are padding (`valid` says which): loads and scores
+    masked per key. Otherwise the loads are plain (pipelined) and, with HAS_KPM, only a slice whose flag
+    says it holds padding masks its scores."""
     if MASK:
-        valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
         k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
     else:
@@ -78,7 +115,7 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, 
         qk = tl.where(valid[None, :], qk, float("-inf"))
     elif HAS_KPM:
         if tl.load(flag_ptr) != 0:
-            padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+            padded = tl.load(kpm_ptrs) != 0
             qk = tl.where(padded[None, :], float("-inf"), qk)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if MASK or HAS_KPM:  # a slice of padded keys before any valid one: keep -inf - -inf from giving NaN
@@ -106,22 +143,26 @@ def _list_split(idx_ptr, CNT, last_block, N_LAST_PARTIAL: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,  # noqa: E741 (flash-attention names)
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_qb, s_qh, s_qn, s_qw, s_kb, s_kh, s_kn, s_kw, s_vb, s_vh, s_vn, s_vw, s_ob, s_oh, s_on, s_ow,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
-    H, N_Q, N_K, qk_scale,
+    H, N_Q, N_K, qk_scale, n_w, img_h, img_w,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_base = K + b * s_kb + h * s_kh + offs_d[:, None] + offs_n[None, :] * s_kn  # [D, BLOCK_N], K transposed
-    v_base = V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :]
+    q_row, q_col, row_ok = _rows(pid_m * BLOCK_M // BLOCK_Q, (pid_m * BLOCK_M) % BLOCK_Q, tl.arange(0, BLOCK_M), N_Q,
+                                 n_w, img_h, img_w, BLOCK_Q, WINDOW, REGION_H, REGION_W)
+    q = tl.load(Q + b * s_qb + h * s_qh + _offsets(q_row, q_col, s_qn, s_qw, WINDOW)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_head = K + b * s_kb + h * s_kh
+    v_head = V + b * s_vb + h * s_vh
+    k_base = k_head + offs_d[:, None] + offs_n[None, :] * s_kn  # [D, BLOCK_N], K transposed
+    v_base = v_head + offs_n[:, None] * s_vn + offs_d[None, :]
     idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
     cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
     last_block = tl.cdiv(N_K, BLOCK_K) - 1
@@ -134,22 +175,33 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
-        start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn, start_n,
-                                  offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr + start_n // BLOCK_N, False, HAS_KPM)
-    if n_full < cnt:  # the partial last key block: only its slices that hold keys
-        block_start = last_block * BLOCK_K
-        for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
-            start_n = (block_start + s * BLOCK_N).to(tl.int64)
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                                      start_n, offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr, True, HAS_KPM)
+        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+        if WINDOW:
+            row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
+                                   REGION_H, REGION_W)
+            k_ptrs = k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :]
+            v_ptrs = v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :]
+            start_n = block * 0
+        else:
+            start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
+            k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
+                                  tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
+    if K_PARTIAL:
+        if n_full < cnt:  # the partial last key block: only its slices that hold keys
+            block_start = last_block * BLOCK_K
+            for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
+                start_n = (block_start + s * BLOCK_N).to(tl.int64)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
+                                          _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM), qk_scale,
+                                          kpm_ptr + start_n + offs_n, tpad_ptr, True, HAS_KPM)
 
     empty = l_i == 0.0  # a row with no listed key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    tl.store(O + b * s_ob + h * s_oh + _offsets(q_row, q_col, s_on, s_ow, WINDOW)[:, None] + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + _token(q_row, q_col, img_w, WINDOW), lse, mask=row_ok)
 
 
 @triton.jit
@@ -258,11 +310,10 @@ def _fwd_kernel_tma(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_scale, kpm_ptr, flag_ptr,
+def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_ptr,
              MASK: tl.constexpr, HAS_KPM: tl.constexpr):
     """dq += (P * (dP - delta)) K for one BLOCK_N slice (masked keys: P = 0; MASK/HAS_KPM as in `_fwd_step`)."""
     if MASK:
-        valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=valid[None, :], other=0.0)
     else:
@@ -273,7 +324,7 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_sc
         p = tl.where(valid[None, :], p, 0.0)
     elif HAS_KPM:
         if tl.load(flag_ptr) != 0:
-            padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+            padded = tl.load(kpm_ptrs) != 0
             p = tl.where(padded[None, :], 0.0, p)
     dp = tl.dot(do, v)
     ds = p * (dp - delta[:, None])
@@ -283,25 +334,32 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, qk_sc
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, KPM, TPAD,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_qb, s_qh, s_qn, s_qw, s_kb, s_kh, s_kn, s_kw, s_vb, s_vh, s_vn, s_vw, s_ob, s_oh, s_on, s_ow,
+    s_gb, s_gh, s_gn, s_gw,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
-    H, N_Q, N_K, qk_scale, scale,
+    H, N_Q, N_K, qk_scale, scale, n_w, img_h, img_w,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]  # [BLOCK_N, D]
-    v_base = V + b * s_vb + h * s_vh + offs_d[:, None] + offs_n[None, :] * s_vn  # [D, BLOCK_N]
+    q_row, q_col, row_ok = _rows(pid_m * BLOCK_M // BLOCK_Q, (pid_m * BLOCK_M) % BLOCK_Q, tl.arange(0, BLOCK_M), N_Q,
+                                 n_w, img_h, img_w, BLOCK_Q, WINDOW, REGION_H, REGION_W)
+    q = tl.load(Q + b * s_qb + h * s_qh + _offsets(q_row, q_col, s_qn, s_qw, WINDOW)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_ob + h * s_oh + _offsets(q_row, q_col, s_on, s_ow, WINDOW)[:, None] + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    q_token = pid_bh.to(tl.int64) * N_Q + _token(q_row, q_col, img_w, WINDOW)
+    lse2 = tl.load(LSE + q_token, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + q_token, mask=row_ok, other=0.0)
+    k_head = K + b * s_kb + h * s_kh
+    v_head = V + b * s_vb + h * s_vh
+    k_base = k_head + offs_n[:, None] * s_kn + offs_d[None, :]  # [BLOCK_N, D]
+    v_base = v_head + offs_d[:, None] + offs_n[None, :] * s_vn  # [D, BLOCK_N]
     idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
     cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
     last_block = tl.cdiv(N_K, BLOCK_K) - 1
@@ -312,25 +370,35 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
-        start_n = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_K + (t % SUB) * BLOCK_N
-        dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn, start_n, offs_n,
-                      N_K, qk_scale, kpm_ptr, tpad_ptr + start_n // BLOCK_N, False, HAS_KPM)
-    if n_full < cnt:
-        block_start = last_block * BLOCK_K
-        for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
-            start_n = (block_start + s * BLOCK_N).to(tl.int64)
-            dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
-                          start_n, offs_n, N_K, qk_scale, kpm_ptr, tpad_ptr, True, HAS_KPM)
-    tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+        if WINDOW:
+            row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
+                                   REGION_H, REGION_W)
+            k_ptrs = k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :]
+            v_ptrs = v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :]
+            start_n = block * 0
+        else:
+            start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
+            k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
+        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
+                      tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
+    if K_PARTIAL:
+        if n_full < cnt:
+            block_start = last_block * BLOCK_K
+            for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
+                start_n = (block_start + s * BLOCK_N).to(tl.int64)
+                dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
+                              _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM), qk_scale,
+                              kpm_ptr + start_n + offs_n, tpad_ptr, True, HAS_KPM)
+    tl.store(DQ + b * s_gb + h * s_gh + _offsets(q_row, q_col, s_gn, s_gw, WINDOW)[:, None] + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, offs_m, N_Q, qk_scale,
+def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, valid, qk_scale,
                MASK: tl.constexpr, KV_AS_B: tl.constexpr):
-    """dv += P^T dO and dk += dS^T Q for one BLOCK_M slice of query rows (transposed tiles)."""
+    """dv += P^T dO and dk += dS^T Q for one BLOCK_M slice of query rows (`valid`: rows that exist, with MASK)."""
     if MASK:
-        valid = (start_m + offs_m) < N_Q
         q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
         do = tl.load(do_ptrs, mask=valid[:, None], other=0.0)
         lse2 = tl.load(lse_ptrs, mask=valid, other=float("inf")) * 1.4426950408889634
@@ -356,52 +424,70 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, off
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, TIDX, TCNT, KPM,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    s_qb, s_qh, s_qn, s_qw, s_kb, s_kh, s_kn, s_kw, s_vb, s_vh, s_vn, s_vw, s_ob, s_oh, s_on, s_ow,
+    s_gb, s_gh, s_gn, s_gw, s_ub, s_uh, s_un, s_uw,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb,
-    H, N_Q, N_K, qk_scale, scale,
+    H, N_Q, N_K, qk_scale, scale, n_w, img_h, img_w,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr, KV_AS_B: tl.constexpr, HAS_KPM: tl.constexpr,
+    WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
 ):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_Q // BLOCK_M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = offs_n < N_K
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    q_base = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :]
-    do_base = DO + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :]
-    lse_base = LSE + pid_bh.to(tl.int64) * N_Q + offs_m
-    delta_base = DELTA + pid_bh.to(tl.int64) * N_Q + offs_m
+    k_row, k_col, key_ok = _rows(pid_n * BLOCK_N // BLOCK_K, (pid_n * BLOCK_N) % BLOCK_K, tl.arange(0, BLOCK_N), N_K,
+                                 n_w, img_h, img_w, BLOCK_K, WINDOW, REGION_H, REGION_W)
+    k = tl.load(K + b * s_kb + h * s_kh + _offsets(k_row, k_col, s_kn, s_kw, WINDOW)[:, None] + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + _offsets(k_row, k_col, s_vn, s_vw, WINDOW)[:, None] + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    q_head = Q + b * s_qb + h * s_qh
+    do_head = DO + b * s_ob + h * s_oh
+    q_base = q_head + offs_m[:, None] * s_qn + offs_d[None, :]
+    do_base = do_head + offs_m[:, None] * s_on + offs_d[None, :]
+    lse_head = LSE + pid_bh.to(tl.int64) * N_Q
+    delta_head = DELTA + pid_bh.to(tl.int64) * N_Q
     idx_ptr = TIDX + b * s_ib + h * s_ih + (pid_n * BLOCK_N // BLOCK_K) * s_iq
     cnt = tl.load(TCNT + b * s_cb + h * s_ch + pid_n * BLOCK_N // BLOCK_K)
     last_block = tl.cdiv(N_Q, BLOCK_Q) - 1
     if HAS_KPM:  # padded keys: gradients exactly 0 (set at the store); a tile of padding only skips the work
-        padded = tl.load(KPM + b * s_mb + offs_n, mask=key_ok, other=1) != 0
+        padded = tl.load(KPM + b * s_mb + k_row, mask=key_ok, other=1) != 0
         cnt = tl.where(tl.sum(padded.to(tl.int32), 0) == BLOCK_N, 0, cnt)
     n_full = _list_split(idx_ptr, cnt, last_block, Q_PARTIAL)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for t in range(0, n_full * SUB):
-        start_m = tl.load(idx_ptr + t // SUB).to(tl.int64) * BLOCK_Q + (t % SUB) * BLOCK_M
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on, lse_base + start_m,
-                            delta_base + start_m, start_m, offs_m, N_Q, qk_scale, False, KV_AS_B)
-    if n_full < cnt:
-        block_start = last_block * BLOCK_Q
-        for s in range(0, tl.cdiv(N_Q - block_start, BLOCK_M)):
-            start_m = (block_start + s * BLOCK_M).to(tl.int64)
+        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+        if WINDOW:
+            row, col, q_ok = _rows(block, (t % SUB) * BLOCK_M, offs_m, N_Q, n_w, img_h, img_w, BLOCK_Q, WINDOW,
+                                   REGION_H, REGION_W)
+            token = row * img_w + col
+            dk, dv = _dkdv_step(dk, dv, k, v, q_head + (row * s_qn + col * s_qw)[:, None] + offs_d[None, :],
+                                do_head + (row * s_on + col * s_ow)[:, None] + offs_d[None, :], lse_head + token,
+                                delta_head + token, q_ok, qk_scale, WINDOW_MASK, KV_AS_B)
+        else:
+            start_m = block * BLOCK_Q + (t % SUB) * BLOCK_M
             dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
-                                lse_base + start_m, delta_base + start_m, start_m, offs_m, N_Q, qk_scale, True, KV_AS_B)
+                                lse_head + start_m + offs_m, delta_head + start_m + offs_m, offs_m < BLOCK_M,
+                                qk_scale, False, KV_AS_B)
+    if Q_PARTIAL:
+        if n_full < cnt:
+            block_start = last_block * BLOCK_Q
+            for s in range(0, tl.cdiv(N_Q - block_start, BLOCK_M)):
+                start_m = (block_start + s * BLOCK_M).to(tl.int64)
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
+                                    lse_head + start_m + offs_m, delta_head + start_m + offs_m,
+                                    (start_m + offs_m) < N_Q, qk_scale, True, KV_AS_B)
     if HAS_KPM:
         dk = tl.where(padded[:, None], 0.0, dk)
         dv = tl.where(padded[:, None], 0.0, dv)
-    out_off = offs_n[:, None] * s_kn + offs_d[None, :]
-    tl.store(DK + b * s_kb + h * s_kh + out_off, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=key_ok[:, None])
+    tl.store(DK + b * s_gb + h * s_gh + _offsets(k_row, k_col, s_gn, s_gw, WINDOW)[:, None] + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b * s_ub + h * s_uh + _offsets(k_row, k_col, s_un, s_uw, WINDOW)[:, None] + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
 
 @triton.jit
@@ -460,23 +546,46 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
 
 
 def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its last dim is contiguous and its elements fill their memory span (any dim order),
-    else a contiguous copy.
-
-    The kernels write dq/dk/dv (and o) with the strides of q/k/v, into `torch.empty_like` buffers;
-    `empty_like` keeps the strides only of such dense tensors. A view such as the v of a fused qkv
-    projection (`qkv.chunk(3, -1)`) has gaps, so it is copied.
-    """
-    expected = 1
-    for dim in sorted(range(t.ndim), key=t.stride):
-        if t.shape[dim] != 1 and t.stride(dim) != expected:
-            return t.contiguous()
-        expected *= t.shape[dim]
+    """`t` itself when its last dim is contiguous (any other strides: the kernels take them, and write
+    gradients with their own buffers' strides), else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _strides4(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+@dataclass(frozen=True)
+class RegionWindows:
+    """Mask blocks that are 2-D windows of a `[B, height, width, heads, D]` map (routing attention's regions).
+
+    Block r is region r (row-major, `n_w` per row) of `region_h x region_w` tokens; a block has
+    `block_q = block_k` slots, its tokens row-major first. `masked`: some slot holds no token (more slots
+    than tokens, or partial border regions), so every tile masks its missing slots.
+    """
+
+    n_w: int
+    region_h: int
+    region_w: int
+    masked: bool
+
+
+def _dims(t: torch.Tensor, window: RegionWindows | None) -> tuple[int, int, int]:
+    """(batch, heads, tokens) of `[B, H, N, D]`, or of a `[B, height, width, heads, D]` map in window mode."""
+    if window is None:
+        return t.shape[0], t.shape[1], t.shape[2]
+    return t.shape[0], t.shape[3], t.shape[1] * t.shape[2]
+
+
+def _strides(t: torch.Tensor, window: RegionWindows | None) -> tuple[int, int, int, int]:
+    """(batch, head, row, column) strides; a sequence has no column stride (0)."""
+    if window is None:
+        return t.stride(0), t.stride(1), t.stride(2), 0
+    return t.stride(0), t.stride(3), t.stride(1), t.stride(2)
+
+
+def _window_args(q: torch.Tensor, window: RegionWindows | None) -> tuple[tuple[int, int, int], dict[str, object]]:
+    """(n_w, height, width) kernel arguments and the window constexprs."""
+    if window is None:
+        return (1, 1, 1), dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1)
+    return (window.n_w, q.shape[1], q.shape[2]), dict(WINDOW=True, WINDOW_MASK=window.masked,
+                                                       REGION_H=window.region_h, REGION_W=window.region_w)
 
 
 def _list_strides(idx: torch.Tensor, cnt: torch.Tensor) -> tuple[int, ...]:
@@ -504,26 +613,29 @@ def padding_args(kpm: torch.Tensor | None, tile: int, like: torch.Tensor) -> tup
     return kpm, flags, kpm.stride(0) if kpm.shape[0] > 1 else 0, flags.stride(0) if kpm.shape[0] > 1 else 0
 
 
-def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None):
-    """Launch the forward kernel. q, k, v [B, H, N, D] (last dim contiguous); lists as in `BlockSparseLayout`;
-    kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero = padded key. The fwd config's optional `TMA` /
-    `WARP_SPECIALIZE` select `_fwd_kernel_tma` (where `tma_strides_ok`)."""
-    batch, heads, n_q, dim = q.shape
-    n_k = k.shape[2]
+def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None, window=None):
+    """Launch the forward kernel. q, k, v `[B, H, N, D]`, or `[B, height, width, heads, D]` maps with `window`
+    (last dim contiguous); lists as in `BlockSparseLayout`; kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero =
+    padded key (sequence mode only). Returns o (q's shape) and the float32 logsumexp `[B, H, N]`. The fwd config's
+    optional `TMA` / `WARP_SPECIALIZE` select `_fwd_kernel_tma` (sequence mode, where `tma_strides_ok`)."""
+    batch, heads, n_q = _dims(q, window)
+    n_k = _dims(k, window)[2]
+    dim = q.shape[-1]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
     _check_config(cfg, block_q, block_k)
     tma, warp_specialize = cfg.pop("TMA", False), cfg.pop("WARP_SPECIALIZE", False)
-    if tma and tma_strides_ok(q, k, v):  # else the pointer kernel: same results, no descriptors
+    if tma and window is None and tma_strides_ok(q, k, v):  # else the pointer kernel: same results
         return _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_specialize)
-    o = torch.empty_like(q)
+    o = torch.empty_like(q) if window is None else q.new_empty(q.shape)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
-    grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
+    geometry, window_consts = _window_args(q, window)
     _fwd_kernel[grid](
-        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
-        *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E,
-        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, HAS_KPM=kpm is not None,
-        **cfg,
+        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *(s for t in (q, k, v, o) for s in _strides(t, window)),
+        *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E, *geometry,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=window is None and n_k % block_k != 0,
+        HAS_KPM=kpm is not None, **window_consts, **cfg,
     )
     return o, lse
 
@@ -562,12 +674,12 @@ def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_spec
     n_k = k.shape[2]
     o = torch.empty_like(q)  # q's strides (aligned) or, for a q with gaps, contiguous (aligned: D in 32/64/128)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
-    grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
     if q.device.type == "cuda":
         _ensure_allocator()
     _fwd_kernel_tma[grid](
-        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
+        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *(s for t in (q, k, v, o) for s in _strides(t, None)[:3]),
         *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, HAS_KPM=kpm is not None,
         WARP_SPECIALIZE=bool(warp_specialize) and kpm is None, **cfg,  # see _fwd_kernel_tma
@@ -575,60 +687,69 @@ def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_spec
     return o, lse
 
 
-def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None, kpm=None):
+def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None, kpm=None,
+             window=None):
     """Launch the dq and dk/dv kernels; `t_idx`/`t_cnt` are `BlockSparseLayout.t_indices`/`t_counts`.
 
     A gradient `dlse` of the logsumexp (or None) enters through delta: d lse_i / d s_ij = p_ij, so
     dS = P * (dP - (rowsum(dO * O) - dlse)).
     """
     configs = config or default_config(block_q, block_k, q.shape[-1])
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = launch_delta(do, o, dlse)
-    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"], kpm)
-    dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"], kpm)
+    do = _kernel_layout(do)
+    delta = launch_delta(do, o, dlse, window)
+    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"], kpm, window)
+    dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"], kpm,
+                         window)
     return dq, dk, dv
 
 
-def launch_delta(do, o, dlse):
-    """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass."""
+def launch_delta(do, o, dlse, window=None):
+    """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass (per map token, row-major, in window mode)."""
+    if window is not None:  # the maps as [B, heads, height * width, D] sequences
+        o, do = (t.reshape(t.shape[0], -1, *t.shape[3:]).transpose(1, 2) for t in (o, do))
     batch, heads, n_q, dim = o.shape
     delta = torch.empty(batch, heads, n_q, device=o.device, dtype=torch.float32)
     rows = 64
     dlse_arg = delta if dlse is None else dlse.float().contiguous()
     _delta_kernel[(math.ceil(n_q / rows), batch * heads)](
-        o, do, dlse_arg, delta, *_strides4(o), *_strides4(do), heads, n_q,
+        o, do, dlse_arg, delta, *_strides(o, None)[:3], *_strides(do, None)[:3], heads, n_q,
         BLOCK_M=rows, HEAD_DIM=dim, HAS_DLSE=dlse is not None,
     )
     return delta
 
 
-def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None):
-    batch, heads, n_q, dim = q.shape
+def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None, window=None):
+    batch, heads, n_q = _dims(q, window)
+    n_k = _dims(k, window)[2]
     _check_config(cfg, block_q, block_k)
     dq = torch.empty_like(q)
-    grid = (math.ceil(n_q / block_q) * (block_q // cfg["BLOCK_M"]), batch * heads)
+    grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
+    geometry, window_consts = _window_args(q, window)
     _bwd_dq_kernel[grid](
-        q, k, v, do, dq, lse, delta, idx, cnt, kpm_arg, tpad, *_strides4(q), *_strides4(k), *_strides4(v),
-        *_strides4(do), *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, k.shape[2], scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=k.shape[2] % block_k != 0,
-        HAS_KPM=kpm is not None, **cfg,
+        q, k, v, do, dq, lse, delta, idx, cnt, kpm_arg, tpad,
+        *(s for t in (q, k, v, do, dq) for s in _strides(t, window)), *_list_strides(idx, cnt), s_mb, s_tb,
+        heads, n_q, n_k, scale * LOG2E, scale, *geometry,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=q.shape[-1], K_PARTIAL=window is None and n_k % block_k != 0,
+        HAS_KPM=kpm is not None, **window_consts, **cfg,
     )
     return dq
 
 
-def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg, kpm=None):
-    batch, heads, n_q, dim = q.shape
-    n_k = k.shape[2]
+def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg, kpm=None, window=None):
+    batch, heads, n_q = _dims(q, window)
+    n_k = _dims(k, window)[2]
     _check_config(cfg, block_q, block_k)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    grid = (math.ceil(n_k / block_k) * (block_k // cfg["BLOCK_N"]), batch * heads)
+    grid = (t_idx.shape[2] * (block_k // cfg["BLOCK_N"]), batch * heads)
     kpm_arg, _, s_mb, _ = padding_args(kpm, cfg["BLOCK_N"], t_cnt)
+    geometry, window_consts = _window_args(q, window)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, t_idx, t_cnt, kpm_arg, *_strides4(q), *_strides4(k), *_strides4(v),
-        *_strides4(do), *_list_strides(t_idx, t_cnt), s_mb, heads, n_q, n_k, scale * LOG2E, scale,
-        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, Q_PARTIAL=n_q % block_q != 0, HAS_KPM=kpm is not None,
-        **cfg,
+        q, k, v, do, dk, dv, lse, delta, t_idx, t_cnt, kpm_arg,
+        *(s for t in (q, k, v, do, dk, dv) for s in _strides(t, window)), *_list_strides(t_idx, t_cnt), s_mb,
+        heads, n_q, n_k, scale * LOG2E, scale, *geometry,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=q.shape[-1], Q_PARTIAL=window is None and n_q % block_q != 0,
+        HAS_KPM=kpm is not None, **window_consts, **cfg,
     )
     return dk, dv
 
@@ -638,21 +759,22 @@ class BlockSparseAttention(torch.autograd.Function):
     """Autograd wrapper: saves O and the logsumexp, recomputes P block by block in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, config, kpm):
+    def forward(ctx, q, k, v, layout, scale, config, kpm, window):
         q, k, v = (_kernel_layout(t) for t in (q, k, v))
-        o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config, kpm)
+        o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config, kpm,
+                         window)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (layout, scale, config, kpm)
+        ctx.args = (layout, scale, config, kpm, window)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        layout, scale, config, kpm = ctx.args
+        layout, scale, config, kpm, window = ctx.args
         do = torch.zeros_like(o) if do is None else do
         dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, *layout.transposed(),
-                              layout.block_q, layout.block_k, scale, config, kpm)
-        return dq, dk, dv, None, None, None, None
+                              layout.block_q, layout.block_k, scale, config, kpm, window)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def block_sparse_attention_triton(
@@ -663,12 +785,15 @@ def block_sparse_attention_triton(
     scale: float,
     config: dict | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    window: RegionWindows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of block-sparse attention over a checked `layout` (see `layout.block_sparse_layout`).
 
     Inputs are assumed checked (`zoo.ops.block_sparse_attention` does it). `config` overrides the
     tile shapes and launch settings (see `default_config`); it exists for tuning. `key_padding_mask`:
-    None or bool `[B|1, N_k]`, True = padded key (never attended, zero dk/dv).
+    None or bool `[B|1, N_k]`, True = padded key (never attended, zero dk/dv). `window`: q, k, v are
+    `[B, height, width, heads, D]` maps and the layout's blocks are their regions (`RegionWindows`);
+    out has the map's shape, lse is `[B, heads, height * width]`.
     """
     kpm = None if key_padding_mask is None else key_padding_mask.to(q.device, torch.uint8).contiguous()
-    return BlockSparseAttention.apply(q, k, v, layout, scale, config, kpm)
+    return BlockSparseAttention.apply(q, k, v, layout, scale, config, kpm, window)

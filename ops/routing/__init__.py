@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import autocast_cast
+from .._cost import is_counting_flops
+from ..block_sparse import BlockSparseLayout, _kernel_module
 from .naive import (
+    _check_inputs,
+    _route,
     bi_level_routing_attention_reference,
     bi_level_routing_backend,
     bra_routing,
+    has_empty_regions,
     region_geometry,
     region_slots,
+    region_token_valid,
 )
 
 
@@ -43,20 +50,34 @@ def bi_level_routing_attention(
         `[batch, height, width, heads, head_dim_v]` (and the routing if asked).
 
     Backend: on CUDA for float16/bfloat16 and head_dim 32/64/128 (`bi_level_routing_backend` says),
-    every region size runs on the Triton block-sparse kernel: a region takes `region_slots(R)` token
-    slots (16, 32, 64 or a multiple of 64: whole kernel tiles), the kernel's lists are the routed
-    regions themselves, and the extra slots (and the missing tokens of partial border regions) are
-    masked keys, masked in-kernel only in the tiles that hold them. Otherwise the exact PyTorch
-    reference of `zoo.ops.block_sparse_attention` runs, with exactly R slots per region.
+    the Triton block-sparse kernel runs with the routed regions as its lists and reads each region as a
+    2-D window of q, k, v in place (`RegionWindows`): no region-ordered copy, no padding of the map,
+    and K/V are never copied per routed region (the official gather holds `topk` copies). A region
+    takes `region_slots(R)` slots (16, 32, 64 or a multiple of 64: whole kernel tiles); slots past its
+    tokens and the missing tokens of partial border regions are masked in-kernel. Otherwise the exact
+    PyTorch reference runs (`bi_level_routing_attention_reference`, one region-ordered copy of q, k, v).
+    Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA), the routing included.
 
-    Memory: one region-ordered copy of q, k, v (padded to whole regions, and on the kernel path to
-    `region_slots(R)` slots per region: x 16/R for regions under 16 tokens, e.g. x4 for BiFormer's
-    2x2-token regions, ~3% for 37x37 ones), plus the output in that layout; nothing else grows with
-    `topk`: K and V are never copied per routed region (the official gather holds `topk` copies).
-    The kernel keeps only O and the log-sum-exp for backward; the reference's working set is bounded
-    by its chunking.
+    Memory (kernel path): the output, the routing and a float32 log-sum-exp per query and head.
     """
-    return bi_level_routing_attention_reference(q, k, v, n_win, topk, scale=scale, return_routing=return_routing)
-
-
-__all__ = ["bi_level_routing_attention", "bi_level_routing_backend", "bra_routing", "region_geometry", "region_slots"]
+    q, k, v = autocast_cast(q, k, v)
+    geometry = _check_inputs(q, k, v, n_win, topk, scale)
+    if is_counting_flops() or bi_level_routing_backend(q, k, v, n_win)[0] != "triton":
+        return bi_level_routing_attention_reference(q, k, v, n_win, topk, scale=scale, return_routing=return_routing)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    height, width = q.shape[1:3]
+    n_h, n_w, region_h, region_w = geometry
+    tokens = region_h * region_w
+    slots = region_slots(tokens)
+    routing = _route(q, k, geometry, region_token_valid(height, width, *geometry, device=q.device), topk, scale)
+    n = n_h * n_w * slots
+    if has_empty_regions(height, width, geometry):  # -1 picks: lists sorted, valid entries first
+        layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=False)
+    else:  # every pick is a region: the top-k lists as they are (in-range and distinct by construction)
+        lists = routing[:, None]
+        layout = BlockSparseLayout(lists, lists.new_full(lists.shape[:-1], topk), None, None, slots, slots, n, n)
+    kernel = _kernel_module()
+    window = kernel.RegionWindows(n_w, region_h, region_w,
+                                  masked=slots > tokens or (height, width) != (n_h * region_h, n_w * region_w))
+    out, _ = kernel.block_sparse_attention_triton(q, k, v, layout, scale, window=window)
+    return (out, routing) if return_routing else out

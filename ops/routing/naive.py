@@ -10,17 +10,12 @@ Algorithm (rayleizhu/BiFormer:ops/bra_legacy.py, the code of the released checkp
    routing weights are not applied.
 4. Token-to-token attention of each region's queries over all tokens of its routed regions.
 
-How it runs here: tokens are laid out region by region (one permutation copy), so region `r`
-is key/query block `r` of a sequence, and the routed regions are the block indices of
-`zoo.ops.block_sparse_attention`. K and V are never copied `topk` times (the official
-`torch.gather` copy, rayleizhu/BiFormer#21, is what made 600x500 inputs need ~100 GB).
-
-Where the Triton kernel can run (CUDA, float16/bfloat16, head_dim 32/64/128), each region gets
-`region_slots(R)` token slots instead of its R tokens: 16, 32 or 64, or the next multiple of 64
-(regions of 4 tokens take 16 slots, 37 x 37 = 1369 tokens take 1408), so that a region is a whole
-number of kernel tiles. The extra slots are zeros flagged in the key padding mask (never attended;
-the kernel masks only the tiles that hold them) and their query rows are dropped. Elsewhere a region
-keeps exactly its R slots and the PyTorch reference of block-sparse attention runs.
+How the reference runs: tokens are laid out region by region (one permutation copy, exactly R
+slots per region), so region `r` is key/query block `r` of a sequence, and the routed regions are
+the block indices of the PyTorch reference of `zoo.ops.block_sparse_attention`. K and V are never
+copied `topk` times (the official `torch.gather` copy, rayleizhu/BiFormer#21, is what made 600x500
+inputs need ~100 GB). The Triton path (`zoo.ops.bi_level_routing_attention`) needs no copy at all:
+the kernel reads each region as a 2-D window of the map.
 
 Sizes not divisible by `n_win`: regions are `ceil(H / n_win) x ceil(W / n_win)` (the official
 geometry), the bottom/right regions are partial. Their missing tokens are masked: they do not
@@ -39,7 +34,8 @@ import torch.nn.functional as F
 
 from .._checks import check_same, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
-from ..block_sparse import BlockSparseLayout, block_sparse_attention, block_sparse_backend
+from ..block_sparse import block_sparse_backend
+from ..block_sparse.naive import block_sparse_attention_reference
 
 LAYOUT = "[batch, height, width, heads, head_dim]"
 
@@ -58,46 +54,32 @@ def region_geometry(height: int, width: int, n_win: int | tuple[int, int]) -> tu
 
 
 def region_slots(region_tokens: int) -> int:
-    """Token slots per region on the Triton path: 16, 32 or 64, or the next multiple of 64 (whole kernel tiles)."""
+    """Token slots per region on the Triton path: 16, 32 or 64, or the next multiple of 64 (whole kernel tiles;
+    the kernel masks the slots past the region's tokens)."""
     for slots in (16, 32, 64):
         if region_tokens <= slots:
             return slots
     return -(-region_tokens // 64) * 64
 
 
-def to_regions(
-    x: torch.Tensor, n_h: int, n_w: int, region_h: int, region_w: int, slots: int | None = None
-) -> torch.Tensor:
-    """`[B, H, W, heads, D]` -> `[B, heads, n_h * n_w * slots, D]`, region by region, in one copy.
+def to_regions(x: torch.Tensor, n_h: int, n_w: int, region_h: int, region_w: int) -> torch.Tensor:
+    """`[B, H, W, heads, D]` -> `[B, heads, n_h * n_w * R, D]`, region by region (R = region_h * region_w), one copy.
 
-    Zero-pads the bottom/right to whole regions; region `r` (row-major) occupies rows
-    `r * S ... (r + 1) * S - 1` with its `R = region_h * region_w` tokens row-major first, then
-    `S - R` zero slots (`S = slots`, default R).
+    Zero-pads the bottom/right to whole regions; region `r` (row-major) occupies rows `r * R ... (r + 1) * R - 1`,
+    its tokens row-major.
     """
     batch, height, width, heads, dim = x.shape
-    tokens = region_h * region_w
-    slots = tokens if slots is None else slots
     if (height, width) != (n_h * region_h, n_w * region_w):
         x = F.pad(x, (0, 0, 0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))
     x = x.reshape(batch, n_h, region_h, n_w, region_w, heads, dim).permute(0, 5, 1, 3, 2, 4, 6)
-    if slots == tokens:
-        # contiguous: one copy either way, and torch.compile (aot) otherwise mis-tracks the strides of 1-token regions
-        return x.reshape(batch, heads, n_h * n_w * tokens, dim).contiguous()
-    out = x.new_empty(batch, heads, n_h * n_w, slots, dim)
-    out[:, :, :, tokens:].zero_()
-    out[:, :, :, :tokens].view(batch, heads, n_h, n_w, region_h, region_w, dim).copy_(x)
-    return out.view(batch, heads, n_h * n_w * slots, dim)
+    # contiguous: one copy either way, and torch.compile (aot) otherwise mis-tracks the strides of 1-token regions
+    return x.reshape(batch, heads, n_h * n_w * region_h * region_w, dim).contiguous()
 
 
-def from_regions(
-    x: torch.Tensor, height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int,
-    slots: int | None = None,
-) -> torch.Tensor:
-    """Inverse of `to_regions`: `[B, heads, N', D]` -> `[B, H, W, heads, D]` (padding and extra slots cropped)."""
+def from_regions(x: torch.Tensor, height: int, width: int, n_h: int, n_w: int, region_h: int, region_w: int
+                 ) -> torch.Tensor:
+    """Inverse of `to_regions`: `[B, heads, N', D]` -> `[B, H, W, heads, D]` (padding cropped)."""
     batch, heads, _, dim = x.shape
-    tokens = region_h * region_w
-    slots = tokens if slots is None else slots
-    x = x.reshape(batch, heads, n_h, n_w, slots, dim)[:, :, :, :, :tokens]
     x = x.reshape(batch, heads, n_h, n_w, region_h, region_w, dim).permute(0, 2, 4, 3, 5, 1, 6)
     return x.reshape(batch, n_h * region_h, n_w * region_w, heads, dim)[:, :height, :width]
 
@@ -115,33 +97,40 @@ def region_token_valid(height: int, width: int, n_h: int, n_w: int, region_h: in
     return valid.reshape(n_h * n_w, region_h * region_w)
 
 
-def _region_means(x: torch.Tensor, geometry: tuple[int, int, int, int], counts: torch.Tensor) -> torch.Tensor:
-    """`[B, H, W, heads, D]` -> `[B, n_regions, heads * D]`, mean over each region's real tokens.
+def has_empty_regions(height: int, width: int, geometry: tuple[int, int, int, int]) -> bool:
+    """Whether a region of the ceil-division geometry holds no token (tiny maps): it is never routed to."""
+    n_h, n_w, region_h, region_w = geometry
+    return (n_h - 1) * region_h >= height or (n_w - 1) * region_w >= width
+
+
+def _region_means(x: torch.Tensor, geometry: tuple[int, int, int, int], counts: torch.Tensor | None) -> torch.Tensor:
+    """`[B, H, W, heads, D]` -> `[B, n_regions, heads * D]`, mean over each region's real tokens
+    (`counts` of them per region; None when every region is whole: a plain mean, as the official code).
 
     Read from the map itself, so the routing does not depend on how the attention lays regions out.
     """
     n_h, n_w, region_h, region_w = geometry
     batch, height, width = x.shape[:3]
     x = x.flatten(3)
-    if (height, width) != (n_h * region_h, n_w * region_w):
-        x = F.pad(x, (0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))  # zeros add nothing
+    if counts is None:
+        return x.reshape(batch, n_h, region_h, n_w, region_w, -1).mean((2, 4)).reshape(batch, n_h * n_w, -1)
+    x = F.pad(x, (0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))  # zeros add nothing
     sums = x.reshape(batch, n_h, region_h, n_w, region_w, -1).sum((2, 4)).reshape(batch, n_h * n_w, -1)
     return sums / counts.clamp_min(1).to(sums.dtype)[:, None]
 
 
 def _route(q, k, geometry, valid, topk: int, scale: float) -> torch.Tensor:
     """Detached top-k routing from the `[B, H, W, heads, D]` maps: int64 `[B, n_regions, topk]`, -1 where the pick
-    is an empty region."""
-    counts = valid.sum(1)
+    is an empty region (only maps with empty regions have any)."""
+    n_h, n_w, region_h, region_w = geometry
+    counts = None if q.shape[1:3] == (n_h * region_h, n_w * region_w) else valid.sum(1)
     q_r = _region_means(q.detach(), geometry, counts)
     k_r = _region_means(k.detach(), geometry, counts)
     logits = (q_r * scale) @ k_r.transpose(-2, -1)  # [B, n_regions, n_regions]
-    nonempty = counts > 0
-    n_h, n_w, region_h, region_w = geometry
-    height, width = q.shape[1:3]
-    if (n_h - 1) * region_h >= height or (n_w - 1) * region_w >= width:  # some region holds no token
-        logits = logits.masked_fill(~nonempty, float("-inf"))
-    picks = logits.topk(topk, dim=-1).indices
+    if not has_empty_regions(q.shape[1], q.shape[2], geometry):
+        return logits.topk(topk, dim=-1).indices
+    nonempty = valid.any(1)
+    picks = logits.masked_fill(~nonempty, float("-inf")).topk(topk, dim=-1).indices
     keep = nonempty[picks] & nonempty[:, None]  # empty key regions and empty query regions list nothing
     return torch.where(keep, picks, -1)
 
@@ -192,19 +181,13 @@ def _macs(routing: torch.Tensor | None, valid: torch.Tensor, batch: int, topk: i
     return routing_macs + pairs * heads * (dim_qk + dim_v)
 
 
-def _slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_tokens: int) -> tuple[int, str, str]:
-    """(slots per region, backend, reason): `region_slots` where the block-sparse kernel runs, else R."""
-    slots = region_slots(region_tokens)
-    backend, reason = block_sparse_backend(q, k, v, slots, slots)
-    return (slots if backend == "triton" else region_tokens), backend, reason
-
-
 def bi_level_routing_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              n_win: int | tuple[int, int]) -> tuple[str, str]:
-    """("triton", "") when `bi_level_routing_attention` runs these inputs on the Triton block-sparse kernel,
-    else ("reference", the reason)."""
+    """("triton", "") when `bi_level_routing_attention` runs these inputs on the Triton block-sparse kernel
+    (regions of `region_slots(R)` token slots), else ("reference", the reason)."""
     _, _, region_h, region_w = region_geometry(q.shape[1], q.shape[2], n_win)
-    return _slots(q, k, v, region_h * region_w)[1:]
+    slots = region_slots(region_h * region_w)
+    return block_sparse_backend(q, k, v, slots, slots)
 
 
 def bi_level_routing_attention_reference(
@@ -216,13 +199,13 @@ def bi_level_routing_attention_reference(
     scale: float | None = None,
     return_routing: bool = False,
 ):
-    """Bi-level routing attention, exact. See `zoo.ops.bi_level_routing_attention`."""
+    """Bi-level routing attention, exact PyTorch. See `zoo.ops.bi_level_routing_attention`."""
     geometry = _check_inputs(q, k, v, n_win, topk, scale)
     height, width = q.shape[1:3]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     heads = q.shape[3]
     valid = region_token_valid(height, width, *geometry, device=q.device)
-    n_regions, tokens = valid.shape
+    tokens = valid.shape[1]
     full = (height, width) == (geometry[0] * geometry[2], geometry[1] * geometry[3])
     if is_counting_flops():  # with partial regions the exact count depends on the routing
         routing = None
@@ -233,15 +216,9 @@ def bi_level_routing_attention_reference(
         return (out, routing) if return_routing else out
 
     routing = _route(q, k, geometry, valid, topk, scale)
-    slots = _slots(q, k, v, tokens)[0]
-    q_regions, k_regions, v_regions = (to_regions(t, *geometry, slots) for t in (q, k, v))
-    padded = None
-    if not full or slots > tokens:  # missing tokens of partial regions and extra slots: never attended
-        padded = ~F.pad(valid, (0, slots - tokens)).reshape(1, -1)
-    n = n_regions * slots
-    # the picks are distinct regions in range by construction: no check (and no host sync) needed
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=grad)
-    out = block_sparse_attention(q_regions, k_regions, v_regions, layout=layout, scale=scale, key_padding_mask=padded)
-    out = from_regions(out, height, width, *geometry, slots)
+    q_regions, k_regions, v_regions = (to_regions(t, *geometry) for t in (q, k, v))
+    padded = None if full else ~valid.reshape(1, -1)  # missing tokens of partial regions: never attended
+    out = block_sparse_attention_reference(q_regions, k_regions, v_regions, block_indices=routing[:, None],
+                                           block_size=tokens, scale=scale, key_padding_mask=padded)
+    out = from_regions(out, height, width, *geometry)
     return (out, routing) if return_routing else out
