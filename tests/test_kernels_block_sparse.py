@@ -241,11 +241,12 @@ def test_layout_matches_lists_and_checks():
 
 
 @pytest.mark.parametrize("dim,blocks,window", [(32, (16, 16), None), (128, (1408, 1408), None),
-                                               (32, (16, 16), (2, 2, True)), (32, (64, 64), (8, 8, False))])
+                                               (32, (16, 16), (2, 2, True, True)), (32, (64, 64), (8, 8, False, False)),
+                                               (64, (64, 64), (6, 7, True, False))])
 def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
     """The interpreter runs the kernels as Python; this lowers them to an sm_90 cubin (no GPU needed), so a
     construct the compiler rejects (the runtime branch on padded tiles, small tiles, region windows) fails on
-    CPU too. `window`: (region_h, region_w, masked) of routing attention's in-place region windows."""
+    CPU too. `window`: (region_h, region_w, masked, packed) of routing attention's in-place region windows."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -253,15 +254,18 @@ def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
 
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i64", "CNT": "*i64", "TIDX": "*i32", "TCNT": "*i32",
                 "KPM": "*u8", "TPAD": "*u8", **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
-    config = bsk.default_config(*blocks, dim)
-    geometry = dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1) if window is None else dict(
-        WINDOW=True, WINDOW_MASK=window[2], REGION_H=window[0], REGION_W=window[1])
+    packed = window is not None and window[3]
+    config = bsk.packed_config(blocks[0], dim) if packed else bsk.default_config(*blocks, dim)
+    geometry = dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1, PACK=False) if window is None else dict(
+        WINDOW=True, WINDOW_MASK=window[2], REGION_H=window[0], REGION_W=window[1], PACK=packed)
     for fn, key in ((bsk._fwd_kernel, "fwd"), (bsk._bwd_dq_kernel, "dq"), (bsk._bwd_dkdv_kernel, "dkdv")):
         cfg = dict(config[key])
         options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
         partial = "Q_PARTIAL" if key == "dkdv" else "K_PARTIAL"
         constants = dict(BLOCK_Q=blocks[0], BLOCK_K=blocks[1], HEAD_DIM=dim, HAS_KPM=window is None,
                          **{partial: window is None}, **geometry, **cfg)
+        constexprs = {name for name, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
+        assert constexprs == set(constants), constexprs ^ set(constants)  # every constexpr given, no runtime flag
         signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
                      for name in fn.arg_names}
         compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),

@@ -143,12 +143,13 @@ def assert_routing_case(result, label, padded):
 # ------------------------------------------------------------------ CPU, Triton interpreter
 # (dtype, batch, height, width, heads, head_dim, n_win, topk, seed): every slot count rule and head_dim,
 # partial border regions (masked tokens inside the map), regions that fill their slots exactly (no mask),
-# 1-token regions (dense), regions larger than a tile.
+# 1-token regions (dense), regions larger than a tile, packed list tiles (regions of at most half their slots).
 INTERPRETER_GROUPS = [
     [
         ("float16", 1, 9, 11, 2, 32, 3, 2, 1),  # 3x4 = 12 tokens -> 16 slots, partial both sides
         ("float16", 2, 8, 8, 1, 64, 2, 2, 2),  # 4x4 = 16 tokens -> 16 slots: no padding at all
         ("float16", 1, 7, 7, 1, 128, 7, 49, 3),  # 1-token regions, every region routed: dense attention
+        ("float16", 1, 7, 9, 2, 64, 3, 4, 8),  # 3x3 = 9 tokens -> 16 slots, packed lists, partial regions
     ],
     [
         ("float16", 1, 14, 14, 2, 32, 7, 16, 4),  # BiFormer stage 3 at 224: 2x2 tokens -> 16 slots, topk 16

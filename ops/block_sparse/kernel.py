@@ -81,6 +81,22 @@ def _rows(block, first, offs, N, n_w, img_h, img_w, BLOCK: tl.constexpr, WINDOW:
 
 
 @triton.jit
+def _packed_rows(idx_ptr, cnt, first, offs, n_w, img_h, img_w, REGION_H: tl.constexpr, REGION_W: tl.constexpr):
+    """Positions `first + offs` of the concatenated tokens of a list's regions (window mode, PACK): (row, col,
+    exists), int64. Position p is token p % R of listed region p // R (R = REGION_H * REGION_W): a tile of small
+    regions holds the tokens of several of them, with no padding slots."""
+    R: tl.constexpr = REGION_H * REGION_W
+    pos = first + offs
+    entry = pos // R
+    listed = entry < cnt
+    region = tl.load(idx_ptr + entry, mask=listed, other=0)
+    slot = pos % R
+    row = ((region // n_w) * REGION_H + slot // REGION_W).to(tl.int64)
+    col = ((region % n_w) * REGION_W + slot % REGION_W).to(tl.int64)
+    return row, col, listed & (row < img_h) & (col < img_w)
+
+
+@triton.jit
 def _offsets(row, col, s_n, s_w, WINDOW: tl.constexpr):
     """Memory offsets of rows from `_rows` (a token's row and column strides in window mode)."""
     if WINDOW:
@@ -149,6 +165,7 @@ def _fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
     WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -174,19 +191,26 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for t in range(0, n_full * SUB):
-        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
-        if WINDOW:
-            row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
-                                   REGION_H, REGION_W)
-            k_ptrs = k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :]
-            v_ptrs = v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :]
-            start_n = block * 0
-        else:
-            start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
-            k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
-                                  tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
+    if PACK:  # small regions: each key tile packs the tokens of several listed regions
+        for t in range(0, tl.cdiv(cnt * (REGION_H * REGION_W), BLOCK_N)):
+            row, col, k_ok = _packed_rows(idx_ptr, cnt, t * BLOCK_N, offs_n, n_w, img_h, img_w, REGION_H, REGION_W)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :],
+                                      v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :], k_ok, qk_scale,
+                                      kpm_ptr, tpad_ptr, True, False)
+    else:
+        for t in range(0, n_full * SUB):
+            block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+            if WINDOW:
+                row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
+                                       REGION_H, REGION_W)
+                k_ptrs = k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :]
+                v_ptrs = v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :]
+                start_n = block * 0
+            else:
+                start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
+                k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
+                                      tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
     if K_PARTIAL:
         if n_full < cnt:  # the partial last key block: only its slices that hold keys
             block_start = last_block * BLOCK_K
@@ -341,6 +365,7 @@ def _bwd_dq_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
     WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -369,19 +394,26 @@ def _bwd_dq_kernel(
     tpad_ptr = TPAD + b * s_tb
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for t in range(0, n_full * SUB):
-        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
-        if WINDOW:
-            row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
-                                   REGION_H, REGION_W)
-            k_ptrs = k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :]
-            v_ptrs = v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :]
-            start_n = block * 0
-        else:
-            start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
-            k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
-                      tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
+    if PACK:
+        for t in range(0, tl.cdiv(cnt * (REGION_H * REGION_W), BLOCK_N)):
+            row, col, k_ok = _packed_rows(idx_ptr, cnt, t * BLOCK_N, offs_n, n_w, img_h, img_w, REGION_H, REGION_W)
+            dq = _dq_step(dq, q, do, lse2, delta, k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :],
+                          v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :], k_ok, qk_scale, kpm_ptr,
+                          tpad_ptr, True, False)
+    else:
+        for t in range(0, n_full * SUB):
+            block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+            if WINDOW:
+                row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
+                                       REGION_H, REGION_W)
+                k_ptrs = k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :]
+                v_ptrs = v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :]
+                start_n = block * 0
+            else:
+                start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
+                k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
+                          tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
     if K_PARTIAL:
         if n_full < cnt:
             block_start = last_block * BLOCK_K
@@ -431,6 +463,7 @@ def _bwd_dkdv_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_PARTIAL: tl.constexpr, KV_AS_B: tl.constexpr, HAS_KPM: tl.constexpr,
     WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -459,20 +492,28 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for t in range(0, n_full * SUB):
-        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
-        if WINDOW:
-            row, col, q_ok = _rows(block, (t % SUB) * BLOCK_M, offs_m, N_Q, n_w, img_h, img_w, BLOCK_Q, WINDOW,
-                                   REGION_H, REGION_W)
+    if PACK:  # small regions: each query tile packs the tokens of several query regions that list this one
+        for t in range(0, tl.cdiv(cnt * (REGION_H * REGION_W), BLOCK_M)):
+            row, col, q_ok = _packed_rows(idx_ptr, cnt, t * BLOCK_M, offs_m, n_w, img_h, img_w, REGION_H, REGION_W)
             token = row * img_w + col
             dk, dv = _dkdv_step(dk, dv, k, v, q_head + (row * s_qn + col * s_qw)[:, None] + offs_d[None, :],
                                 do_head + (row * s_on + col * s_ow)[:, None] + offs_d[None, :], lse_head + token,
-                                delta_head + token, q_ok, qk_scale, WINDOW_MASK, KV_AS_B)
-        else:
-            start_m = block * BLOCK_Q + (t % SUB) * BLOCK_M
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
-                                lse_head + start_m + offs_m, delta_head + start_m + offs_m, offs_m < BLOCK_M,
-                                qk_scale, False, KV_AS_B)
+                                delta_head + token, q_ok, qk_scale, True, KV_AS_B)
+    else:
+        for t in range(0, n_full * SUB):
+            block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+            if WINDOW:
+                row, col, q_ok = _rows(block, (t % SUB) * BLOCK_M, offs_m, N_Q, n_w, img_h, img_w, BLOCK_Q, WINDOW,
+                                       REGION_H, REGION_W)
+                token = row * img_w + col
+                dk, dv = _dkdv_step(dk, dv, k, v, q_head + (row * s_qn + col * s_qw)[:, None] + offs_d[None, :],
+                                    do_head + (row * s_on + col * s_ow)[:, None] + offs_d[None, :], lse_head + token,
+                                    delta_head + token, q_ok, qk_scale, WINDOW_MASK, KV_AS_B)
+            else:
+                start_m = block * BLOCK_Q + (t % SUB) * BLOCK_M
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base + start_m * s_qn, do_base + start_m * s_on,
+                                    lse_head + start_m + offs_m, delta_head + start_m + offs_m, offs_m < BLOCK_M,
+                                    qk_scale, False, KV_AS_B)
     if Q_PARTIAL:
         if n_full < cnt:
             block_start = last_block * BLOCK_Q
@@ -557,13 +598,18 @@ class RegionWindows:
 
     Block r is region r (row-major, `n_w` per row) of `region_h x region_w` tokens; a block has
     `block_q = block_k` slots, its tokens row-major first. `masked`: some slot holds no token (more slots
-    than tokens, or partial border regions), so every tile masks its missing slots.
+    than tokens, or partial border regions), so every tile masks its missing slots. `packed` (small
+    regions, at most half their slots used): the side that walks a list (keys in forward and dq, queries
+    in dk/dv) packs the tokens of consecutive listed regions into each tile instead of one padded region
+    per step (BiFormer's 2x2-token regions: one 64-key step instead of 16 steps of 16 slots, 4 of them
+    real); tiles then come from `packed_config`.
     """
 
     n_w: int
     region_h: int
     region_w: int
     masked: bool
+    packed: bool = False
 
 
 def _dims(t: torch.Tensor, window: RegionWindows | None) -> tuple[int, int, int]:
@@ -583,8 +629,8 @@ def _strides(t: torch.Tensor, window: RegionWindows | None) -> tuple[int, int, i
 def _window_args(q: torch.Tensor, window: RegionWindows | None) -> tuple[tuple[int, int, int], dict[str, object]]:
     """(n_w, height, width) kernel arguments and the window constexprs."""
     if window is None:
-        return (1, 1, 1), dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1)
-    return (window.n_w, q.shape[1], q.shape[2]), dict(WINDOW=True, WINDOW_MASK=window.masked,
+        return (1, 1, 1), dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1, PACK=False)
+    return (window.n_w, q.shape[1], q.shape[2]), dict(WINDOW=True, WINDOW_MASK=window.masked, PACK=window.packed,
                                                        REGION_H=window.region_h, REGION_W=window.region_w)
 
 
@@ -597,9 +643,23 @@ def _list_strides(idx: torch.Tensor, cnt: torch.Tensor) -> tuple[int, ...]:
     return sib, sih, idx.stride(2), scb, sch
 
 
-def _check_config(cfg: dict[str, int], block_q: int, block_k: int) -> None:
-    if block_q % cfg["BLOCK_M"] or block_k % cfg["BLOCK_N"]:
+def _check_config(cfg: dict[str, int], block_q: int, block_k: int, packed: str | None = None) -> None:
+    """Tiles must divide the mask blocks, except on a packed list side (`packed`: "BLOCK_M" or "BLOCK_N")."""
+    if (block_q % cfg["BLOCK_M"] and packed != "BLOCK_M") or (block_k % cfg["BLOCK_N"] and packed != "BLOCK_N"):
         raise ValueError(f"tile {cfg} must divide the mask blocks ({block_q}, {block_k})")
+
+
+def packed_config(block: int, head_dim: int) -> dict[str, dict[str, int]]:
+    """Tiles for `RegionWindows(packed=True)`: blocks (regions of `block` slots) on the owning side, 64 packed
+    tokens on the list side (not tuned beyond BiFormer's 2x2-token regions)."""
+    own = _tile(block)
+    return {"fwd": dict(BLOCK_M=own, BLOCK_N=64, num_warps=4, num_stages=2),
+            "dq": dict(BLOCK_M=own, BLOCK_N=64, num_warps=4, num_stages=2),
+            "dkdv": dict(BLOCK_M=64, BLOCK_N=own, num_warps=4, num_stages=2, KV_AS_B=False)}
+
+
+def _packed_side(window: RegionWindows | None, side: str) -> str | None:
+    return side if window is not None and window.packed else None
 
 
 def padding_args(kpm: torch.Tensor | None, tile: int, like: torch.Tensor) -> tuple:
@@ -622,7 +682,7 @@ def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None, w
     n_k = _dims(k, window)[2]
     dim = q.shape[-1]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
-    _check_config(cfg, block_q, block_k)
+    _check_config(cfg, block_q, block_k, _packed_side(window, "BLOCK_N"))
     tma, warp_specialize = cfg.pop("TMA", False), cfg.pop("WARP_SPECIALIZE", False)
     if tma and window is None and tma_strides_ok(q, k, v):  # else the pointer kernel: same results
         return _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_specialize)
@@ -721,7 +781,7 @@ def launch_delta(do, o, dlse, window=None):
 def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None, window=None):
     batch, heads, n_q = _dims(q, window)
     n_k = _dims(k, window)[2]
-    _check_config(cfg, block_q, block_k)
+    _check_config(cfg, block_q, block_k, _packed_side(window, "BLOCK_N"))
     dq = torch.empty_like(q)
     grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
@@ -739,7 +799,7 @@ def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, k
 def launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, cfg, kpm=None, window=None):
     batch, heads, n_q = _dims(q, window)
     n_k = _dims(k, window)[2]
-    _check_config(cfg, block_q, block_k)
+    _check_config(cfg, block_q, block_k, _packed_side(window, "BLOCK_M"))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = (t_idx.shape[2] * (block_k // cfg["BLOCK_N"]), batch * heads)
     kpm_arg, _, s_mb, _ = padding_args(kpm, cfg["BLOCK_N"], t_cnt)

@@ -77,7 +77,9 @@ def bi_level_routing_attention(
         lists = routing[:, None]
         layout = BlockSparseLayout(lists, lists.new_full(lists.shape[:-1], topk), None, None, slots, slots, n, n)
     kernel = _kernel_module()
-    window = kernel.RegionWindows(n_w, region_h, region_w,
+    packed = 2 * tokens <= slots  # small regions: list-side tiles pack several regions' tokens
+    window = kernel.RegionWindows(n_w, region_h, region_w, packed=packed,
                                   masked=slots > tokens or (height, width) != (n_h * region_h, n_w * region_w))
-    out, _ = kernel.block_sparse_attention_triton(q, k, v, layout, scale, window=window)
+    config = kernel.packed_config(slots, q.shape[-1]) if packed else None
+    out, _ = kernel.block_sparse_attention_triton(q, k, v, layout, scale, config=config, window=window)
     return (out, routing) if return_routing else out
