@@ -59,12 +59,14 @@ def dense_oracle(q, k, v, idx, block_q, block_k, scale, upcast, key_padding_mask
 
 
 def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, seed, device, kernel=True,
-               token_major=False, padding=None, fused=False):
+               token_major=False, padding=None, fused=False, tma=None):
     """Run one case; return a dict of errors and bounds (asserted by `assert_case`).
 
     token_major: q, k, v are `[B, N, H, D]` tensors seen as `[B, H, N, D]` (permuted, dense).
     fused: q, k, v are views of one `[B, N, 3, H, D]` projection (with gaps: dq/dk/dv cannot take their
     strides; the kernels write gradients with their own buffers' strides).
+    tma: None, or forward-config entries (e.g. `{"WARP_SPECIALIZE": True, "BLOCK_N": 16}`) that run the
+    forward through the TMA kernel (`TMA=True` added); kernel=True only.
     padding: None, or a key_padding_mask of shape "batch" `[B, N_k]` or "shared" `[1, N_k]`: random
     padded keys, key block 0 wholly padded (query blocks listing only it become empty rows), and the
     keys of block 1 all valid (a mask-free block among padded ones)."""
@@ -96,12 +98,16 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
         loss = (out.double() * do.double()).sum() + (torch.where(finite, lse, 0).double() * dlse.double()).sum()
         return [out, lse, *torch.autograd.grad(loss, leaves)]
 
+    config = None
     if kernel:  # the kernel itself (interpreter)
-        from zoo.ops.block_sparse.kernel import block_sparse_attention_triton
+        from zoo.ops.block_sparse.kernel import block_sparse_attention_triton, default_config
 
+        if tma is not None:
+            config = default_config(block_q, block_k, dim)
+            config["fwd"].update(tma, TMA=True)
         layout = block_sparse_layout(n_q, n_k, block_indices=idx, block_size=(block_q, block_k))
-        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale, key_padding_mask=kpm),
-                   [q, k, v])
+        fast = run(lambda a, b, c: block_sparse_attention_triton(a, b, c, layout, scale, config,
+                                                                 key_padding_mask=kpm), [q, k, v])
     else:  # the public dispatcher (GPU, or CPU with the interpreter and KERNEL_DEVICES widened)
         dispatched = block_sparse_backend(q, k, v, block_q, block_k)[0]
         fast = run(lambda a, b, c: block_sparse_attention(a, b, c, block_indices=idx, block_size=(block_q, block_k),
@@ -131,6 +137,16 @@ def check_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, density, se
             "nan": bool(torch.isnan(f).any()),
         }
     result["empty_row_zero"] = bool((fast[0][0, 0, :block_q] == 0).all())
+    if tma is not None:  # the TMA kernel ran (not the pointer fallback); its output equals the pointer kernel's
+        from zoo.ops.block_sparse.kernel import forward, tma_strides_ok
+
+        result["tma_ran"] = tma_strides_ok(q, k, v)
+        kpm8 = None if kpm is None else kpm.to(torch.uint8).contiguous()
+        pointer_cfg = dict(config, fwd={key: val for key, val in config["fwd"].items()
+                                        if key not in ("TMA", "WARP_SPECIALIZE")})
+        o_ptr, lse_ptr = forward(q, k, v, layout.indices, layout.counts, block_q, block_k, scale, pointer_cfg, kpm8)
+        result["tma_vs_pointer"] = {"out": (fast[0].double() - o_ptr.double()).abs().max().item(),
+                                    "lse": (fast[1] - lse_ptr).nan_to_num(posinf=0, neginf=0).abs().max().item()}
     result["backend"] = "triton" if kernel else dispatched
     return result
 
@@ -144,6 +160,10 @@ def assert_case(result, label):
         r = result[name]
         assert not r["nan"], f"{label}: NaN in {name}"
         assert r["kernel"] <= r["bound"], f"{label}: {name} error {r['kernel']:.3g} > bound {r['bound']:.3g} {r}"
+    if "tma_ran" in result:
+        assert result["tma_ran"], f"{label}: the TMA config fell back to the pointer kernel"
+        for name in ("out", "lse"):  # same tiles and order of operations: at most the kernel-vs-oracle bound apart
+            assert result["tma_vs_pointer"][name] <= result[name]["bound"], f"{label}: TMA != pointer {name} {result}"
 
 
 # ------------------------------------------------------------------ CPU, Triton interpreter
@@ -168,6 +188,15 @@ INTERPRETER_GROUPS = [
         ("float16", 2, 1, 161, 170, 32, 80, 80, 0.6, 8, {"padding": "batch"}),
         ("float16", 1, 2, 100, 100, 64, 16, 32, 0.5, 9, {"fused": True}),
         ("float16", 2, 1, 90, 77, 32, 32, 16, 0.5, 10, {"padding": "batch", "kernel": False}),  # via the dispatcher
+    ],
+    [  # the TMA forward (descriptors zero-fill past N): plain, warp-specialised loop (several tiles per block),
+        # token-major and fused-qkv (gapped) inputs, key padding (which turns warp specialisation off)
+        ("float16", 2, 1, 150, 133, 32, 64, 64, 0.6, 11, {"tma": {}}),
+        ("float16", 1, 2, 97, 129, 64, 32, 64, 0.6, 12, {"tma": {"WARP_SPECIALIZE": True, "BLOCK_N": 16},
+                                                          "token_major": True}),
+        ("float16", 2, 1, 83, 75, 32, 16, 16, 0.5, 13, {"tma": {}, "padding": "batch"}),
+        ("float16", 1, 1, 90, 90, 64, 32, 32, 0.5, 14, {"tma": {"WARP_SPECIALIZE": True}, "padding": "shared",
+                                                       "fused": True}),
     ],
 ]
 
@@ -244,6 +273,46 @@ def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
         assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024, (key, compiled.metadata.shared)
 
 
+def test_tma_needs_aligned_strides_else_pointer_kernel():
+    """TMA descriptors need 16-byte aligned bases and batch/head/row strides: otherwise `forward` runs the
+    pointer kernel (the same results), so a config with TMA=True accepts any input the pointer kernel does."""
+    from zoo.ops.block_sparse.kernel import tma_strides_ok
+
+    x = torch.randn(2, 3, 40, 64, dtype=torch.float16)
+    assert tma_strides_ok(x, x.transpose(1, 2).contiguous().transpose(1, 2))  # contiguous and token-major
+    flat = torch.randn(2 * 3 * 40 * 64 + 1, dtype=torch.float16)
+    shifted = flat[1:].view(2, 3, 40, 64)  # base 2 bytes past an aligned address
+    assert not tma_strides_ok(x, shifted)
+    rows = torch.randn(2, 3, 40, 68, dtype=torch.float16)[..., :64]  # row stride 136 bytes
+    assert not tma_strides_ok(rows)
+    assert tma_strides_ok(torch.randn(1, 1, 40, 72, dtype=torch.float16)[..., :64])  # 144 bytes: aligned
+
+
+@pytest.mark.parametrize("warp_specialize", [False, True])
+def test_tma_kernel_compiles_for_hopper_without_gpu(warp_specialize):
+    """The TMA forward lowers to an sm_90 cubin that copies tiles with the tensor-copy engine
+    (`cp.async.bulk.tensor`), within the shared memory of an H100; with warp specialisation at the
+    setting Triton's Hopper pass takes (4 warps, 2 stages: one producer, two consumer warpgroups)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.ops.block_sparse import kernel as bsk
+
+    fn = bsk._fwd_kernel_tma
+    pointers = {"LSE": "*fp32", "IDX": "*i32", "CNT": "*i32", "KPM": "*u8", "TPAD": "*u8",
+                **dict.fromkeys("QKVO", "*bf16")}
+    options = {"num_warps": 4, "num_stages": 2} if warp_specialize else {"num_warps": 8, "num_stages": 3}
+    constants = dict(BLOCK_Q=128, BLOCK_K=128, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=128, K_PARTIAL=True,
+                     HAS_KPM=not warp_specialize, WARP_SPECIALIZE=warp_specialize)
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
+                 for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+    assert "cp.async.bulk.tensor" in compiled.asm["ptx"] and compiled.metadata.shared <= 227 * 1024
+    if warp_specialize:  # the pass took the loop (4 warps -> 12; seen with triton 3.6, 3.7 and 3.9): a branch
+        # added before or inside the loop would make it leave the loop alone, silently
+        assert compiled.metadata.num_warps > options["num_warps"], compiled.metadata.num_warps
+
+
 # ------------------------------------------------------------------ GPU, real sizes
 def needs_cuda(test):
     """`pytest -m gpu` selects it; skipped without CUDA."""
@@ -285,6 +354,23 @@ def test_backend_choice_gpu():
     backend, reason = block_sparse_backend(q, q, q, 24, 128)
     assert backend == "reference" and "block_size" in reason
     assert block_sparse_backend(q, q, q, 16, 1408) == ("triton", "")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("tma", [{}, {"WARP_SPECIALIZE": True, "num_warps": 4, "num_stages": 2}])
+def test_tma_forward_gpu(dtype, dim, tma):
+    """The TMA forward (plain and warp-specialised) against the oracle and the pointer forward, odd lengths,
+    token-major inputs; and with a key padding mask (warp specialisation off)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need a Hopper GPU (older GPUs run them as pointer loads)")
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))
+    result = check_case(dtype, 2, 3, 4099, 4001, dim, 128, 128, 0.4, dim, "cuda", token_major=True, tma=tma)
+    assert_case(result, f"{dtype} d{dim} tma {tma}")
+    result = check_case(dtype, 2, 3, 3001, 3001, dim, 64, 64, 0.3, dim + 1, "cuda", padding="batch", tma=tma)
+    assert_case(result, f"{dtype} d{dim} tma {tma} padded")
 
 
 @needs_cuda
