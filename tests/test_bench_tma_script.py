@@ -12,12 +12,12 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_tma.py
 
 def test_every_variant_runs_and_matches_the_pointer_kernel():
     rows = run_interpreter(__file__, [])
-    assert [r["variant"] for r in rows][0] == "pointer default" and len(rows) > 5
+    assert [r["variant"] for r in rows][0] == "pointer 8w 3s" and len(rows) > 5
     for row in rows:
         assert "error" not in row, row
         assert row["lse_inf_match"] and row["max_abs_diff_lse"] < 1e-4, row
         assert row["max_abs_diff_out"] < 2e-3, row  # float16 rounding of a different summation order (tiles)
-    assert any(r["fwd"].get("WARP_SPECIALIZE") for r in rows) and any(r["fwd"].get("TMA") for r in rows)
+    assert any(r["fwd"].get("TMA") for r in rows) and not all(r["fwd"].get("TMA") for r in rows)
 
 
 if __name__ == "__main__":  # interpreter subprocess: the script's variants at a small size

@@ -19,11 +19,12 @@ the tensor cores); `default_config` holds the settings measured fastest on an H1
 A block larger than the tile is walked tile by tile (routing attention lists whole regions of, e.g.,
 1408 = 11 x 128 token slots).
 
-Hopper TMA (`config["fwd"]["TMA"] = True`, a tuning choice like the tiles): `_fwd_kernel_tma` loads Q/K/V
-tiles and stores O through tensor descriptors built on the device, one `[N, D]` descriptor per (batch, head)
-(they zero-fill rows past N, the same tail semantics); `WARP_SPECIALIZE` adds Triton's automatic warp
-specialisation of its loop (a producer warpgroup feeding two consumer warpgroups). Inputs whose strides TMA
-cannot take (not 16-byte aligned) run the pointer kernel. Backward is unchanged.
+Hopper TMA (`config["fwd"]["TMA"] = True`, a tuning choice like the tiles, on by default for head_dim 128 with
+128 x 128 tiles where it measured 4-7% faster on an H100): `_fwd_kernel_tma` loads Q/K/V tiles and stores O
+through tensor descriptors built on the device, one `[N, D]` descriptor per (batch, head) (they zero-fill rows
+past N, the same tail semantics). Inputs whose strides TMA cannot take (not 16-byte aligned) run the pointer
+kernel. Backward is unchanged. (Triton's warp specialisation of this loop was tried: faster, but its
+logsumexp came out wrong on the H100 with triton 3.6; BENCHMARKS.md.)
 
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
 flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
@@ -113,6 +114,25 @@ def _token(row, col, img_w, WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr):
+    """Fold one slice of scaled scores `qk` (log2 units, -inf = masked) and its values into the running max,
+    normaliser and accumulator.
+
+    MASKED: some score may be -inf (a slice of padded keys before any valid one), so a row can still be all
+    -inf: keep -inf - -inf from giving NaN."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_ptr,
               MASK: tl.constexpr, HAS_KPM: tl.constexpr):
     """One BLOCK_N slice of keys: update the running max, normaliser and accumulator.
@@ -133,16 +153,15 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_
         if tl.load(flag_ptr) != 0:
             padded = tl.load(kpm_ptrs) != 0
             qk = tl.where(padded[None, :], float("-inf"), qk)
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MASK or HAS_KPM:  # a slice of padded keys before any valid one: keep -inf - -inf from giving NaN
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    return _online_softmax(acc, l_i, m_i, qk, v, MASK or HAS_KPM)
+
+
+@triton.jit
+def _normalise(acc, l_i, m_i):
+    """(output, natural-log logsumexp) of the accumulated rows; a row with no listed key: output 0, lse -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    return out, tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
 
 
 @triton.jit
@@ -220,30 +239,10 @@ def _fwd_kernel(
                                           _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM), qk_scale,
                                           kpm_ptr + start_n + offs_n, tpad_ptr, True, HAS_KPM)
 
-    empty = l_i == 0.0  # a row with no listed key: output 0, lse -inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = _normalise(acc, l_i, m_i)
     tl.store(O + b * s_ob + h * s_oh + _offsets(q_row, q_col, s_on, s_ow, WINDOW)[:, None] + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + _token(q_row, q_col, img_w, WINDOW), lse, mask=row_ok)
-
-
-@triton.jit
-def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr):
-    """Fold one slice of scaled scores `qk` (log2 units, -inf = masked) and its values into the running max,
-    normaliser and accumulator (`_fwd_step`'s update, for kernels that load K/V themselves).
-
-    MASKED: some score may be -inf, so a row can still be all -inf: keep -inf - -inf from giving NaN."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MASKED:
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -253,7 +252,7 @@ def _fwd_kernel_tma(
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
     H, N_Q, N_K, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     """`_fwd_kernel` with Q/K/V tiles loaded (and O stored) through TMA tensor descriptors (Hopper).
 
@@ -261,12 +260,7 @@ def _fwd_kernel_tma(
     strides are free, e.g. token-major q/k/v): rows past N load as zeros and are not stored, which keeps the
     tail semantics of the pointer kernel. Masks (tail, key padding) act on the scores only; the values of
     masked keys are loaded as they are (zeros past N_k), as the pointer kernel does in its unmasked steps.
-
-    WARP_SPECIALIZE (no key padding mask): one loop over every listed tile, the tail's per-key mask applied
-    to every tile, with no branch before or inside the loop: Triton's Hopper warp specialisation (the
-    `nvgpu-warp-specialization` pass) leaves a loop alone when the function has a runtime `if` around it or
-    in it (seen compiling for sm_90 with triton 3.7), and takes it at num_warps=4 (one producer and two
-    consumer warpgroups). Otherwise the pointer kernel's split: whole tiles mask-free, then the tail."""
+    The pointer kernel's split: whole tiles mask-free, then the tail block's tiles masked per key."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
@@ -289,46 +283,29 @@ def _fwd_kernel_tma(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if WARP_SPECIALIZE:
-        tl.static_assert(not HAS_KPM, "the launcher turns warp specialisation off with a key padding mask")
-        n_tiles = cnt * SUB
-        if K_PARTIAL:  # compile-time branch; the list's last entry may be the partial block (masked load: no `if`)
-            tail = tl.load(idx_ptr + tl.maximum(cnt - 1, 0), mask=cnt > 0, other=-1)
-            n_tiles = tl.where(tail == last_block, (cnt - 1) * SUB + tail_tiles, n_tiles)
-        for t in tl.range(0, n_tiles, warp_specialize=True):
-            start_n = tl.load(idx_ptr + t // SUB) * BLOCK_K + (t % SUB) * BLOCK_N
+    kpm_ptr = KPM + b * s_mb
+    tpad_ptr = TPAD + b * s_tb
+    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
+    for t in range(0, n_full * SUB):
+        start_n = tl.load(idx_ptr + t // SUB) * BLOCK_K + (t % SUB) * BLOCK_N
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        qk = tl.dot(q, k.T) * qk_scale
+        if HAS_KPM:  # only a tile flagged as holding padding reads the per-key mask
+            if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:
+                padded = tl.load(kpm_ptr + start_n + offs_n) != 0
+                qk = tl.where(padded[None, :], float("-inf"), qk)
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, HAS_KPM)
+    if n_full < cnt:  # the partial last key block: only its tiles that hold keys, scores masked per key
+        for s in range(0, tail_tiles):
+            start_n = last_block * BLOCK_K + s * BLOCK_N
+            valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
-            qk = tl.dot(q, k.T) * qk_scale
-            if K_PARTIAL:  # every tile holds a key, so no row is all -inf
-                qk = tl.where((start_n + offs_n < N_K)[None, :], qk, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False)
-    else:
-        kpm_ptr = KPM + b * s_mb
-        tpad_ptr = TPAD + b * s_tb
-        n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
-        for t in range(0, n_full * SUB):
-            start_n = tl.load(idx_ptr + t // SUB) * BLOCK_K + (t % SUB) * BLOCK_N
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
-            qk = tl.dot(q, k.T) * qk_scale
-            if HAS_KPM:  # only a tile flagged as holding padding reads the per-key mask
-                if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:
-                    padded = tl.load(kpm_ptr + start_n + offs_n) != 0
-                    qk = tl.where(padded[None, :], float("-inf"), qk)
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, HAS_KPM)
-        if n_full < cnt:  # the partial last key block: only its tiles that hold keys, scores masked per key
-            for s in range(0, tail_tiles):
-                start_n = last_block * BLOCK_K + s * BLOCK_N
-                valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
-                k = k_desc.load([start_n, 0])
-                v = v_desc.load([start_n, 0])
-                qk = tl.where(valid[None, :], tl.dot(q, k.T) * qk_scale, float("-inf"))
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True)
+            qk = tl.where(valid[None, :], tl.dot(q, k.T) * qk_scale, float("-inf"))
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True)
 
-    empty = l_i == 0.0  # a row with no listed key: output 0, lse -inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = _normalise(acc, l_i, m_i)
     o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -574,7 +551,7 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
     """
     tq, tk = _tile(block_q), _tile(block_k)
     if head_dim > 64:
-        fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=3)
+        fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=3, TMA=tq == tk == 128)
         dq = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=2 if tq == tk == 128 else 3)
         # K/V as B operands pays at 64 keys per program (fewer spills), not at 128 (more): H100 sweep
         dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=tk, num_warps=8 if tk == 128 else 4, num_stages=3,
@@ -677,15 +654,14 @@ def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None, w
     """Launch the forward kernel. q, k, v `[B, H, N, D]`, or `[B, height, width, heads, D]` maps with `window`
     (last dim contiguous); lists as in `BlockSparseLayout`; kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero =
     padded key (sequence mode only). Returns o (q's shape) and the float32 logsumexp `[B, H, N]`. The fwd config's
-    optional `TMA` / `WARP_SPECIALIZE` select `_fwd_kernel_tma` (sequence mode, where `tma_strides_ok`)."""
+    optional `TMA` selects `_fwd_kernel_tma` (sequence mode, where `tma_strides_ok`)."""
     batch, heads, n_q = _dims(q, window)
     n_k = _dims(k, window)[2]
     dim = q.shape[-1]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
     _check_config(cfg, block_q, block_k, _packed_side(window, "BLOCK_N"))
-    tma, warp_specialize = cfg.pop("TMA", False), cfg.pop("WARP_SPECIALIZE", False)
-    if tma and window is None and tma_strides_ok(q, k, v):  # else the pointer kernel: same results
-        return _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_specialize)
+    if cfg.pop("TMA", False) and window is None and tma_strides_ok(q, k, v):  # else the pointer kernel: same results
+        return _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm)
     o = torch.empty_like(q) if window is None else q.new_empty(q.shape)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
@@ -728,7 +704,7 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_descriptor_scratch)
 
 
-def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_specialize):
+def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm):
     """`forward` through `_fwd_kernel_tma` (inputs already checked by `tma_strides_ok`)."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
@@ -742,7 +718,7 @@ def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, warp_spec
         q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *(s for t in (q, k, v, o) for s in _strides(t, None)[:3]),
         *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, HAS_KPM=kpm is not None,
-        WARP_SPECIALIZE=bool(warp_specialize) and kpm is None, **cfg,  # see _fwd_kernel_tma
+        **cfg,
     )
     return o, lse
 
