@@ -86,7 +86,7 @@ def bi_level_routing_attention(
         layout = BlockSparseLayout(lists, _full_counts(tuple(lists.shape[:-1]), topk, q.device), None, None, slots,
                                    slots, n, n)
     kernel = _kernel_module()
-    packed = 2 * tokens <= slots  # small regions: list-side tiles pack several regions' tokens
+    packed = 2 * tokens <= slots  # regions of <= 8 tokens (16 slots): list-side tiles pack several regions' tokens
     window = kernel.RegionWindows(n_w, region_h, region_w, packed=packed,
                                   masked=slots > tokens or (height, width) != (n_h * region_h, n_w * region_w))
     config = kernel.packed_config(slots, q.shape[-1]) if packed else None
