@@ -199,6 +199,28 @@ INTERPRETER_GROUPS = [
 ]
 
 
+def check_transpose(seed: int) -> bool:
+    """The one-launch Triton transpose of key lists equals `layout.transpose_lists` (unsorted lists with -1 holes,
+    lists shared by heads, more query blocks than one scan chunk)."""
+    from zoo.ops.block_sparse import kernel as bsk
+    from zoo.ops.block_sparse.layout import sort_lists, transpose_lists
+
+    gen = torch.Generator().manual_seed(seed)
+    same = True
+    for lead, n_qb, n_kb in (((2, 1), 150, 37), ((1, 3), 20, 200)):
+        idx = _random_lists(*lead, n_qb * 16, n_kb * 16, 16, 16, 0.2, gen, "cpu")
+        for lists in (idx, sort_lists(idx)[0]):  # raw (counts = full width) and sorted (counts = valid entries)
+            counts = (torch.full(lists.shape[:-1], lists.shape[-1]) if lists is idx else sort_lists(idx)[1])
+            got = bsk.transpose_lists(lists, counts, n_kb)
+            want = transpose_lists(lists, n_kb)
+            same &= all(torch.equal(g.long(), w.long()) for g, w in zip(got, want))
+    return same
+
+
+def test_transpose_lists_kernel_interpreter():
+    assert run_interpreter(__file__, [["transpose", 0]]) == [True]
+
+
 @pytest.mark.parametrize("group", range(len(INTERPRETER_GROUPS)))
 def test_kernel_matches_reference_interpreter(group):
     cases = INTERPRETER_GROUPS[group]
@@ -405,5 +427,6 @@ if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSO
     import zoo.ops.block_sparse as block_sparse
 
     block_sparse.KERNEL_DEVICES = ("cuda", "cpu")  # kernel=False cases: the public dispatcher takes the kernel
-    cases = json.loads(sys.argv[1])  # an 11th entry: options (token_major, padding, kernel)
-    print(json.dumps([check_case(*case[:10], device="cpu", **(case[10] if case[10:] else {})) for case in cases]))
+    cases = json.loads(sys.argv[1])  # an 11th entry: options (token_major, padding, kernel); or ["transpose", seed]
+    print(json.dumps([check_transpose(case[1]) if case[0] == "transpose" else
+                      check_case(*case[:10], device="cpu", **(case[10] if case[10:] else {})) for case in cases]))

@@ -509,6 +509,32 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _transpose_lists_kernel(IDX, CNT, TIDX, TCNT, s_ib, s_ih, s_iq, s_cb, s_ch, H_LISTS, n_q_blocks, n_k_blocks,
+                            MAX_K: tl.constexpr, CHUNK: tl.constexpr):
+    """Per-key-block query lists from per-query-block key lists, for one key block of one list head: scan the
+    query blocks in ascending order, keep those whose first `CNT` entries hold the key block, write them
+    compacted (a prefix sum gives each its slot), then -1 to the full width."""
+    key_block, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H_LISTS, pid_bh % H_LISTS
+    offs_q = tl.arange(0, CHUNK)
+    offs_k = tl.arange(0, MAX_K)
+    out = TIDX + (pid_bh.to(tl.int64) * n_k_blocks + key_block) * n_q_blocks
+    total = 0
+    for start in range(0, n_q_blocks, CHUNK):
+        rows = start + offs_q
+        ok = rows < n_q_blocks
+        cnt = tl.load(CNT + b * s_cb + h * s_ch + rows, mask=ok, other=0)
+        lists = tl.load(IDX + b * s_ib + h * s_ih + rows[:, None] * s_iq + offs_k[None, :],
+                        mask=offs_k[None, :] < cnt[:, None], other=-1)
+        hit = tl.max((lists == key_block).to(tl.int32), 1)
+        tl.store(out + total + tl.cumsum(hit, 0) - 1, rows, mask=hit > 0)
+        total += tl.sum(hit, 0)
+    for start in range(total, n_q_blocks, CHUNK):
+        tl.store(out + start + offs_q, -1, mask=start + offs_q < n_q_blocks)
+    tl.store(TCNT + pid_bh * n_k_blocks + key_block, total)
+
+
+@triton.jit
 def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,  # noqa: E741
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -741,6 +767,20 @@ def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k
     return dq, dk, dv
 
 
+def transpose_lists(indices: torch.Tensor, counts: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layout.transpose_lists` in one launch (the backward builds them from routing attention's per-call
+    lists: ~10 small PyTorch launches otherwise): int32 `[B|1, H|1, n_k_blocks, n_q_blocks]` ascending, -1
+    after the counts, and int32 counts."""
+    lead, n_q_blocks, max_k = tuple(indices.shape[:2]), indices.shape[2], indices.shape[3]
+    t_idx = torch.empty(*lead, n_k_blocks, n_q_blocks, device=indices.device, dtype=torch.int32)
+    t_cnt = torch.empty(*lead, n_k_blocks, device=indices.device, dtype=torch.int32)
+    width = triton.next_power_of_2(max(max_k, 1))
+    _transpose_lists_kernel[(n_k_blocks, lead[0] * lead[1])](
+        indices, counts, t_idx, t_cnt, *_list_strides(indices, counts), lead[1], n_q_blocks, n_k_blocks, MAX_K=width, CHUNK=max(16, min(128, 4096 // width)), num_warps=4,
+    )
+    return t_idx, t_cnt
+
+
 def launch_delta(do, o, dlse, window=None):
     """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass (per map token, row-major, in window mode)."""
     if window is not None:  # the maps as [B, heads, height * width, D] sequences
@@ -810,7 +850,8 @@ class BlockSparseAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         layout, scale, config, kpm, window = ctx.args
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, *layout.transposed(),
+        t_idx, t_cnt = layout.transposed(transpose_lists)
+        dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, t_idx, t_cnt,
                               layout.block_q, layout.block_k, scale, config, kpm, window)
         return dq, dk, dv, None, None, None, None, None
 

@@ -66,10 +66,13 @@ class BlockSparseLayout:
         t_idx, t_cnt = transpose_lists(idx, math.ceil(n_k / block_k)) if transpose else (None, None)
         return cls(idx, cnt, t_idx, t_cnt, block_q, block_k, n_q, n_k)
 
-    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t_indices, t_counts), built on first use if the layout was made without them."""
+    def transposed(self, build=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_indices, t_counts), built on first use if the layout was made without them; `build(indices,
+        counts, n_k_blocks)` replaces `transpose_lists` (the Triton kernel's one-launch version)."""
         if self.t_indices is None:
-            t_idx, t_cnt = transpose_lists(self.indices, math.ceil(self.n_k / self.block_k))
+            n_k_blocks = math.ceil(self.n_k / self.block_k)
+            t_idx, t_cnt = (transpose_lists(self.indices, n_k_blocks) if build is None
+                            else build(self.indices, self.counts, n_k_blocks))
             object.__setattr__(self, "t_indices", t_idx)  # a cache: the lists themselves never change
             object.__setattr__(self, "t_counts", t_cnt)
         return self.t_indices, self.t_counts
