@@ -105,7 +105,8 @@ def block_sparse_attention(
     if backend == "reference":
         return block_sparse_attention_reference(q, k, v, **args)
     if layout is None:
-        layout = BlockSparseLayout.from_checked(indices, block_q, block_k, q.shape[2], k.shape[2])
+        # the transposed lists (backward only) are built by the kernel on the first backward
+        layout = BlockSparseLayout.from_checked(indices, block_q, block_k, q.shape[2], k.shape[2], transpose=False)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, layout, scale,
                                                               key_padding_mask=key_padding_mask)
