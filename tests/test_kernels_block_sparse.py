@@ -273,8 +273,7 @@ def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
     from zoo.ops.block_sparse import kernel as bsk
 
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i64", "CNT": "*i64", "TIDX": "*i32", "TCNT": "*i32",
-                "KPM": "*u8", "TPAD": "*u8", "ORDER": "*i32",
-                **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
+                "KPM": "*u8", "TPAD": "*u8", **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
     packed = window is not None and window[3]
     config = bsk.packed_config(blocks[0], dim) if packed else bsk.default_config(*blocks, dim)
     geometry = dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1, PACK=False) if window is None else dict(
@@ -286,8 +285,6 @@ def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
         partial = "Q_PARTIAL" if key == "dkdv" else "K_PARTIAL"
         constants = dict(BLOCK_Q=blocks[0], BLOCK_K=blocks[1], HEAD_DIM=dim, HAS_KPM=window is None,
                          **{partial: window is None}, **geometry, **cfg)
-        if key != "dkdv":  # query tiles in the layout's order (longest lists first)
-            constants["ORDERED"] = window is None
         constexprs = {name for name, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
         assert constexprs == set(constants), constexprs ^ set(constants)  # every constexpr given, no runtime flag
         signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
@@ -321,12 +318,12 @@ def test_tma_kernel_compiles_for_hopper_without_gpu():
     from zoo.ops.block_sparse import kernel as bsk
 
     fn = bsk._fwd_kernel_tma
-    pointers = {"LSE": "*fp32", "IDX": "*i32", "CNT": "*i32", "KPM": "*u8", "TPAD": "*u8", "ORDER": "*i32",
+    pointers = {"LSE": "*fp32", "IDX": "*i32", "CNT": "*i32", "KPM": "*u8", "TPAD": "*u8",
                 **dict.fromkeys("QKVO", "*bf16")}
     cfg = dict(bsk.default_config(128, 128, 128)["fwd"])
     assert cfg.pop("TMA")  # the default for head_dim 128 with 128 x 128 tiles
     options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    constants = dict(BLOCK_Q=128, BLOCK_K=128, HEAD_DIM=128, K_PARTIAL=True, HAS_KPM=True, ORDERED=True, **cfg)
+    constants = dict(BLOCK_Q=128, BLOCK_K=128, HEAD_DIM=128, K_PARTIAL=True, HAS_KPM=True, **cfg)
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if "scale" in name else "i32")
                  for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)

@@ -52,16 +52,6 @@ TILES = (128, 64, 32, 16)
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _program(ORDER, SUB: tl.constexpr, ORDERED: tl.constexpr):
-    """(query tile, batch x head) of this program. ORDERED: the grid is (batch x head, query tiles) and query
-    tile r runs block ORDER[r // SUB] (longest lists first: the last wave of programs is short)."""
-    if ORDERED:
-        r = tl.program_id(1)
-        return tl.load(ORDER + r // SUB) * SUB + r % SUB, tl.program_id(0)
-    return tl.program_id(0), tl.program_id(1)
-
-
-@triton.jit
 def _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM: tl.constexpr):
     """Keys of one BLOCK_N slice that exist and are not padding."""
     valid = (start_n + offs_n) < N_K
@@ -187,16 +177,16 @@ def _list_split(idx_ptr, CNT, last_block, N_LAST_PARTIAL: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD, ORDER,  # noqa: E741 (flash-attention names)
+    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,  # noqa: E741 (flash-attention names)
     s_qb, s_qh, s_qn, s_qw, s_kb, s_kh, s_kn, s_kw, s_vb, s_vh, s_vn, s_vw, s_ob, s_oh, s_on, s_ow,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
     H, N_Q, N_K, qk_scale, n_w, img_h, img_w,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
     WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
-    PACK: tl.constexpr, ORDERED: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    pid_m, pid_bh = _program(ORDER, BLOCK_Q // BLOCK_M, ORDERED)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -257,12 +247,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_kernel_tma(
-    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD, ORDER,  # noqa: E741 (flash-attention names)
+    Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,  # noqa: E741 (flash-attention names)
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
     H, N_Q, N_K, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr, ORDERED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):
     """`_fwd_kernel` with Q/K/V tiles loaded (and O stored) through TMA tensor descriptors (Hopper).
 
@@ -271,7 +261,7 @@ def _fwd_kernel_tma(
     tail semantics of the pointer kernel. Masks (tail, key padding) act on the scores only; the values of
     masked keys are loaded as they are (zeros past N_k), as the pointer kernel does in its unmasked steps.
     The pointer kernel's split: whole tiles mask-free, then the tail block's tiles masked per key."""
-    pid_m, pid_bh = _program(ORDER, BLOCK_Q // BLOCK_M, ORDERED)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     q_desc = tl.make_tensor_descriptor(Q + b * s_qb + h * s_qh, shape=[N_Q, HEAD_DIM], strides=[s_qn, 1],
@@ -344,7 +334,7 @@ def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, KPM, TPAD, ORDER,
+    Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, KPM, TPAD,
     s_qb, s_qh, s_qn, s_qw, s_kb, s_kh, s_kn, s_kw, s_vb, s_vh, s_vn, s_vw, s_ob, s_oh, s_on, s_ow,
     s_gb, s_gh, s_gn, s_gw,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_tb,
@@ -352,9 +342,9 @@ def _bwd_dq_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, K_PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
     WINDOW: tl.constexpr, WINDOW_MASK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr,
-    PACK: tl.constexpr, ORDERED: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    pid_m, pid_bh = _program(ORDER, BLOCK_Q // BLOCK_M, ORDERED)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -647,14 +637,6 @@ def _window_args(q: torch.Tensor, window: RegionWindows | None) -> tuple[tuple[i
                                                        REGION_H=window.region_h, REGION_W=window.region_w)
 
 
-def _query_grid(n_rows: int, batch_heads: int, order: torch.Tensor | None, like: torch.Tensor):
-    """(grid, ORDER, ORDERED) for kernels over query tiles: longest lists first when the layout has an order
-    (and the tiles fit CUDA's grid y limit), else the natural order."""
-    if order is None or n_rows > 65535:
-        return (n_rows, batch_heads), like, False
-    return (batch_heads, n_rows), order, True
-
-
 def _list_strides(idx: torch.Tensor, cnt: torch.Tensor) -> tuple[int, ...]:
     """Strides of [B|1, H|1, n_blocks, max] lists and [B|1, H|1, n_blocks] counts; 0 where broadcast."""
     sib = idx.stride(0) if idx.shape[0] > 1 else 0
@@ -696,29 +678,28 @@ def padding_args(kpm: torch.Tensor | None, tile: int, like: torch.Tensor) -> tup
     return kpm, flags, kpm.stride(0) if kpm.shape[0] > 1 else 0, flags.stride(0) if kpm.shape[0] > 1 else 0
 
 
-def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None, window=None, order=None):
+def forward(q, k, v, idx, cnt, block_q, block_k, scale, config=None, kpm=None, window=None):
     """Launch the forward kernel. q, k, v `[B, H, N, D]`, or `[B, height, width, heads, D]` maps with `window`
     (last dim contiguous); lists as in `BlockSparseLayout`; kpm: None or contiguous uint8 `[B|1, N_k]`, nonzero =
     padded key (sequence mode only). Returns o (q's shape) and the float32 logsumexp `[B, H, N]`. The fwd config's
-    optional `TMA` selects `_fwd_kernel_tma` (sequence mode, where `tma_strides_ok`). `order`: the layout's
-    launch order of query blocks (None: natural)."""
+    optional `TMA` selects `_fwd_kernel_tma` (sequence mode, where `tma_strides_ok`)."""
     batch, heads, n_q = _dims(q, window)
     n_k = _dims(k, window)[2]
     dim = q.shape[-1]
     cfg = dict((config or default_config(block_q, block_k, dim))["fwd"])
     _check_config(cfg, block_q, block_k, _packed_side(window, "BLOCK_N"))
-    grid, order_arg, ordered = _query_grid(idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads, order, cnt)
     if cfg.pop("TMA", False) and window is None and tma_strides_ok(q, k, v):  # else the pointer kernel: same results
-        return _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, grid, order_arg, ordered)
+        return _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm)
     o = torch.empty_like(q) if window is None else q.new_empty(q.shape)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
     geometry, window_consts = _window_args(q, window)
     _fwd_kernel[grid](
-        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, order_arg, *(s for t in (q, k, v, o) for s in _strides(t, window)),
+        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *(s for t in (q, k, v, o) for s in _strides(t, window)),
         *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E, *geometry,
         BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=window is None and n_k % block_k != 0,
-        HAS_KPM=kpm is not None, ORDERED=ordered, **window_consts, **cfg,
+        HAS_KPM=kpm is not None, **window_consts, **cfg,
     )
     return o, lse
 
@@ -751,27 +732,27 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_descriptor_scratch)
 
 
-def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm, grid, order_arg, ordered):
-    """`forward` through `_fwd_kernel_tma` (inputs already checked by `tma_strides_ok`; grid and order as
-    `_query_grid` gives them)."""
+def _forward_tma(q, k, v, idx, cnt, block_q, block_k, scale, cfg, kpm):
+    """`forward` through `_fwd_kernel_tma` (inputs already checked by `tma_strides_ok`)."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     o = torch.empty_like(q)  # q's strides (aligned) or, for a q with gaps, contiguous (aligned: D in 32/64/128)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
     if q.device.type == "cuda":
         _ensure_allocator()
     _fwd_kernel_tma[grid](
-        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, order_arg,
-        *(s for t in (q, k, v, o) for s in _strides(t, None)[:3]), *_list_strides(idx, cnt), s_mb, s_tb, heads,
-        n_q, n_k, scale * LOG2E, BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0,
-        HAS_KPM=kpm is not None, ORDERED=ordered, **cfg,
+        q, k, v, o, lse, idx, cnt, kpm_arg, tpad, *(s for t in (q, k, v, o) for s in _strides(t, None)[:3]),
+        *_list_strides(idx, cnt), s_mb, s_tb, heads, n_q, n_k, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=dim, K_PARTIAL=n_k % block_k != 0, HAS_KPM=kpm is not None,
+        **cfg,
     )
     return o, lse
 
 
 def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k, scale, config=None, kpm=None,
-             window=None, order=None):
+             window=None):
     """Launch the dq and dk/dv kernels; `t_idx`/`t_cnt` are `BlockSparseLayout.t_indices`/`t_counts`.
 
     A gradient `dlse` of the logsumexp (or None) enters through delta: d lse_i / d s_ij = p_ij, so
@@ -780,7 +761,7 @@ def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k
     configs = config or default_config(block_q, block_k, q.shape[-1])
     do = _kernel_layout(do)
     delta = launch_delta(do, o, dlse, window)
-    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"], kpm, window, order)
+    dq = launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, configs["dq"], kpm, window)
     dk, dv = launch_dkdv(do, q, k, v, lse, delta, t_idx, t_cnt, block_q, block_k, scale, configs["dkdv"], kpm,
                          window)
     return dq, dk, dv
@@ -815,20 +796,20 @@ def launch_delta(do, o, dlse, window=None):
     return delta
 
 
-def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None, window=None, order=None):
+def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None, window=None):
     batch, heads, n_q = _dims(q, window)
     n_k = _dims(k, window)[2]
     _check_config(cfg, block_q, block_k, _packed_side(window, "BLOCK_N"))
     dq = torch.empty_like(q)
-    grid, order_arg, ordered = _query_grid(idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads, order, cnt)
+    grid = (idx.shape[2] * (block_q // cfg["BLOCK_M"]), batch * heads)
     kpm_arg, tpad, s_mb, s_tb = padding_args(kpm, cfg["BLOCK_N"], cnt)
     geometry, window_consts = _window_args(q, window)
     _bwd_dq_kernel[grid](
-        q, k, v, do, dq, lse, delta, idx, cnt, kpm_arg, tpad, order_arg,
+        q, k, v, do, dq, lse, delta, idx, cnt, kpm_arg, tpad,
         *(s for t in (q, k, v, do, dq) for s in _strides(t, window)), *_list_strides(idx, cnt), s_mb, s_tb,
         heads, n_q, n_k, scale * LOG2E, scale, *geometry,
         BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=q.shape[-1], K_PARTIAL=window is None and n_k % block_k != 0,
-        HAS_KPM=kpm is not None, ORDERED=ordered, **window_consts, **cfg,
+        HAS_KPM=kpm is not None, **window_consts, **cfg,
     )
     return dq
 
@@ -859,7 +840,7 @@ class BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, scale, config, kpm, window):
         q, k, v = (_kernel_layout(t) for t in (q, k, v))
         o, lse = forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config, kpm,
-                         window, layout.order)
+                         window)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (layout, scale, config, kpm, window)
         return o, lse
@@ -871,7 +852,7 @@ class BlockSparseAttention(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do
         t_idx, t_cnt = layout.transposed(transpose_lists)
         dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, t_idx, t_cnt,
-                              layout.block_q, layout.block_k, scale, config, kpm, window, layout.order)
+                              layout.block_q, layout.block_k, scale, config, kpm, window)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -897,5 +878,5 @@ def block_sparse_attention_triton(
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         q, k, v = (_kernel_layout(t) for t in (q, k, v))  # inference: no autograd node (host time of small calls)
         return forward(q, k, v, layout.indices, layout.counts, layout.block_q, layout.block_k, scale, config, kpm,
-                       window, layout.order)
+                       window)
     return BlockSparseAttention.apply(q, k, v, layout, scale, config, kpm, window)

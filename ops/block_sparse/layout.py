@@ -42,9 +42,7 @@ class BlockSparseLayout:
 
     indices int32 `[B|1, H|1, ceil(n_q/block_q), max_k]` ascending, -1 after the `counts` valid entries;
     t_indices / t_counts the same per key block (query blocks that list it), for the backward pass
-    (`transposed()`; None until then for a layout built with `transpose=False`); order: int32 query blocks
-    by decreasing list length over all batches/heads (the kernels launch the longest first, so the last
-    wave of programs is short: radial masks range from 61 to 256 key blocks per query block), or None.
+    (`transposed()`; None until then for a layout built with `transpose=False`).
     """
 
     indices: torch.Tensor
@@ -55,20 +53,18 @@ class BlockSparseLayout:
     block_k: int
     n_q: int
     n_k: int
-    order: torch.Tensor | None = None
 
     @classmethod
     def from_checked(cls, indices: torch.Tensor, block_q: int, block_k: int, n_q: int, n_k: int,
-                     transpose: bool = True, ordered: bool = True) -> BlockSparseLayout:
+                     transpose: bool = True) -> BlockSparseLayout:
         """Build from lists already checked by `resolve_block_indices` (no host sync).
 
         `transpose=False` defers the per-key-block lists to the first backward: a per-call layout
-        (routing attention's) under `no_grad` never builds them. `ordered=False` skips the launch order.
+        (routing attention's) under `no_grad` never builds them.
         """
         idx, cnt = sort_lists(indices)
         t_idx, t_cnt = transpose_lists(idx, math.ceil(n_k / block_k)) if transpose else (None, None)
-        order = cnt.sum((0, 1)).argsort(descending=True, stable=True).to(torch.int32) if ordered else None
-        return cls(idx, cnt, t_idx, t_cnt, block_q, block_k, n_q, n_k, order)
+        return cls(idx, cnt, t_idx, t_cnt, block_q, block_k, n_q, n_k)
 
     def transposed(self, build=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_indices, t_counts), built on first use if the layout was made without them; `build(indices,

@@ -80,7 +80,7 @@ def bi_level_routing_attention(
     routing = _route(q, k, geometry, region_token_valid(height, width, *geometry, device=q.device), topk, scale)
     n = n_h * n_w * slots
     if has_empty_regions(height, width, geometry):  # -1 picks: lists sorted, valid entries first
-        layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=False, ordered=False)
+        layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=False)
     else:  # every pick is a region: the top-k lists as they are (in-range and distinct by construction)
         lists = routing[:, None]
         layout = BlockSparseLayout(lists, _full_counts(tuple(lists.shape[:-1]), topk, q.device), None, None, slots,
