@@ -5,7 +5,7 @@ The sparsity pattern is a list of key blocks per query block (`block_indices`, t
 listed key blocks with an online softmax (exp2, the scale folded with log2(e)); it writes the
 output and the natural-log logsumexp. Backward is two kernels, so that no atomics are needed:
 dq walks the same per-query-block lists, dk/dv walk the transposed lists (query blocks per key
-block), which are built on the GPU from the forward lists.
+block), which are built on the GPU from the forward lists (`transpose_lists`, one launch).
 
 Any sequence length: the lists are sorted ascending, so the only partial key block (the last
 one) is the last entry of a list; every other entry runs an unmasked inner step, only the tail
@@ -25,6 +25,13 @@ through tensor descriptors built on the device, one `[N, D]` descriptor per (bat
 past N, the same tail semantics). Inputs whose strides TMA cannot take (not 16-byte aligned) run the pointer
 kernel. Backward is unchanged. (Triton's warp specialisation of this loop was tried: faster, but its
 logsumexp came out wrong on the H100 with triton 3.6; BENCHMARKS.md.)
+
+Region windows (`RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]` maps and block r is
+region r, a 2-D window of the map; every kernel computes its tiles' addresses from the region and slot
+(`_rows`), so no region-ordered copy exists; missing slots (a region's padding slots, the missing tokens of
+border regions) are masked; with `packed`, the list side of each kernel fills a tile with the tokens of
+several small listed regions (`_packed_rows`). Gradients are written with their own buffers' strides, so
+views with gaps (a fused qkv projection's q/k/v) are read in place too.
 
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
 flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
