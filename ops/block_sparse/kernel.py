@@ -105,6 +105,35 @@ def _packed_rows(idx_ptr, cnt, first, offs, n_w, img_h, img_w, REGION_H: tl.cons
 
 
 @triton.jit
+def _key_tile(t, idx_ptr, cnt, offs_n, N_K, n_w, img_h, img_w, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              WINDOW: tl.constexpr, PACK: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr):
+    """Key tile `t` of a query tile's list (forward and dq): (row, col, exists, start_n). Sequence: keys
+    start_n + offs_n (row/col unused, the caller adds start_n to its pointers); window: the tile's map rows and
+    columns (slots of one listed region, or with PACK the tokens of several)."""
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    if PACK:
+        row, col, exists = _packed_rows(idx_ptr, cnt, t * BLOCK_N, offs_n, n_w, img_h, img_w, REGION_H, REGION_W)
+        start_n = t * 0
+    else:
+        block = tl.load(idx_ptr + t // SUB).to(tl.int64)
+        start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
+        row, col, exists = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
+                                 REGION_H, REGION_W)
+        if WINDOW:
+            start_n = block * 0
+    return row, col, exists, start_n
+
+
+@triton.jit
+def _key_steps(cnt, n_full, SUB: tl.constexpr, PACK: tl.constexpr, REGION_TOKENS: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """How many key tiles `_key_tile` walks: whole blocks' tiles, or with PACK the packed tokens' tiles."""
+    if PACK:
+        return tl.cdiv(cnt * REGION_TOKENS, BLOCK_N)
+    return n_full * SUB
+
+
+@triton.jit
 def _offsets(row, col, s_n, s_w, WINDOW: tl.constexpr):
     """Memory offsets of rows from `_rows` (a token's row and column strides in window mode)."""
     if WINDOW:
@@ -217,26 +246,16 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if PACK:  # small regions: each key tile packs the tokens of several listed regions
-        for t in range(0, tl.cdiv(cnt * (REGION_H * REGION_W), BLOCK_N)):
-            row, col, k_ok = _packed_rows(idx_ptr, cnt, t * BLOCK_N, offs_n, n_w, img_h, img_w, REGION_H, REGION_W)
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :],
-                                      v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :], k_ok, qk_scale,
-                                      kpm_ptr, tpad_ptr, True, False)
-    else:
-        for t in range(0, n_full * SUB):
-            block = tl.load(idx_ptr + t // SUB).to(tl.int64)
-            if WINDOW:
-                row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
-                                       REGION_H, REGION_W)
-                k_ptrs = k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :]
-                v_ptrs = v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :]
-                start_n = block * 0
-            else:
-                start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
-                k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
-                                      tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
+    for t in range(0, _key_steps(cnt, n_full, SUB, PACK, REGION_H * REGION_W, BLOCK_N)):
+        row, col, k_ok, start_n = _key_tile(t, idx_ptr, cnt, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, BLOCK_N, WINDOW,
+                                            PACK, REGION_H, REGION_W)
+        if WINDOW:
+            k_ptrs = k_head + offs_d[:, None] + (row * s_kn + col * s_kw)[None, :]
+            v_ptrs = v_head + (row * s_vn + col * s_vw)[:, None] + offs_d[None, :]
+        else:
+            k_ptrs, v_ptrs = k_base + start_n * s_kn, v_base + start_n * s_vn
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
+                                  tpad_ptr + start_n // BLOCK_N, WINDOW_MASK or PACK, HAS_KPM)
     if K_PARTIAL:
         if n_full < cnt:  # the partial last key block: only its slices that hold keys
             block_start = last_block * BLOCK_K
@@ -378,26 +397,16 @@ def _bwd_dq_kernel(
     tpad_ptr = TPAD + b * s_tb
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if PACK:
-        for t in range(0, tl.cdiv(cnt * (REGION_H * REGION_W), BLOCK_N)):
-            row, col, k_ok = _packed_rows(idx_ptr, cnt, t * BLOCK_N, offs_n, n_w, img_h, img_w, REGION_H, REGION_W)
-            dq = _dq_step(dq, q, do, lse2, delta, k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :],
-                          v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :], k_ok, qk_scale, kpm_ptr,
-                          tpad_ptr, True, False)
-    else:
-        for t in range(0, n_full * SUB):
-            block = tl.load(idx_ptr + t // SUB).to(tl.int64)
-            if WINDOW:
-                row, col, k_ok = _rows(block, (t % SUB) * BLOCK_N, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, WINDOW,
-                                       REGION_H, REGION_W)
-                k_ptrs = k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :]
-                v_ptrs = v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :]
-                start_n = block * 0
-            else:
-                start_n = block * BLOCK_K + (t % SUB) * BLOCK_N
-                k_ptrs, v_ptrs, k_ok = k_base + start_n * s_kn, v_base + start_n * s_vn, offs_n < BLOCK_N
-            dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
-                          tpad_ptr + start_n // BLOCK_N, WINDOW_MASK, HAS_KPM)
+    for t in range(0, _key_steps(cnt, n_full, SUB, PACK, REGION_H * REGION_W, BLOCK_N)):
+        row, col, k_ok, start_n = _key_tile(t, idx_ptr, cnt, offs_n, N_K, n_w, img_h, img_w, BLOCK_K, BLOCK_N, WINDOW,
+                                            PACK, REGION_H, REGION_W)
+        if WINDOW:
+            k_ptrs = k_head + (row * s_kn + col * s_kw)[:, None] + offs_d[None, :]
+            v_ptrs = v_head + offs_d[:, None] + (row * s_vn + col * s_vw)[None, :]
+        else:
+            k_ptrs, v_ptrs = k_base + start_n * s_kn, v_base + start_n * s_vn
+        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ok, qk_scale, kpm_ptr + start_n + offs_n,
+                      tpad_ptr + start_n // BLOCK_N, WINDOW_MASK or PACK, HAS_KPM)
     if K_PARTIAL:
         if n_full < cnt:
             block_start = last_block * BLOCK_K

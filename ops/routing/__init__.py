@@ -92,3 +92,6 @@ def bi_level_routing_attention(
     config = kernel.packed_config(slots, q.shape[-1]) if packed else None
     out, _ = kernel.block_sparse_attention_triton(q, k, v, layout, scale, config=config, window=window)
     return (out, routing) if return_routing else out
+
+
+__all__ = ["bi_level_routing_attention", "bi_level_routing_backend", "bra_routing", "region_geometry", "region_slots"]
