@@ -125,10 +125,11 @@ def stage_dit(args, root: Path, summary: dict, classifier) -> None:
 
 def score_video(args, cfg, attention: str, export: str, classifier) -> dict:
     """Per-frame digit accuracy of `--videos-per-class` videos per class drawn from `export` (+ a GIF)."""
-    from zoo import digits, dit, media
+    from zoo import digits, dit, media, weights
     from zoo.lightning.diffusion import create_generator
 
     model = create_generator("video_dit_s_2", checkpoint_path=export).to(args.device).eval()
+    shift = weights.read_export_config(export)["pretrained_cfg"]["flow_shift"]  # as `zoo generate-video --checkpoint` samples it
     labels = torch.arange(10).repeat_interleave(args.videos_per_class)
     g = torch.Generator(device=args.device).manual_seed(0)
     if torch.cuda.is_available():
@@ -136,7 +137,7 @@ def score_video(args, cfg, attention: str, export: str, classifier) -> dict:
     start = time.perf_counter()
     with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
         v = dit.sample_video(model, labels.tolist(), num_steps=args.video_sample_steps, guidance_scale=args.video_guidance,
-                             scheduler="euler", shift=cfg.diffusion.objective_kwargs.get("shift", 3.0), generator=g, progress=False)
+                             scheduler="euler", shift=shift, generator=g, progress=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

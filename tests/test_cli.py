@@ -109,6 +109,36 @@ def test_generate_from_exported_checkpoint(capsys, tmp_path):
     assert "tiny.safetensors" in err
 
 
+@pytest.mark.parametrize("strip, extra, expected", [(False, [], 1.5), (False, ["--shift", "4"], 4.0), (True, [], 3.0)])
+def test_generate_video_samples_with_the_exports_training_shift(capsys, tmp_path, monkeypatch, strip, extra, expected):
+    """An export of a flow run records its shift; generate-video samples with it (--shift wins; older exports: 3.0)."""
+    import json
+
+    from zoo import dit
+    from zoo.lightning.config import load_config
+    from zoo.lightning.diffusion import DiffusionModule
+    from zoo.lightning.train import export_model
+
+    cfg = load_config(None, ["task=diffusion", "model.name=video_dit_tiny", "data.video=true", "data.frames=4", "data.image_size=8",
+                             "data.num_classes=4", "diffusion.objective_kwargs={shift: 1.5}"])
+    torch.manual_seed(0)
+    module = DiffusionModule("video_dit_tiny", dict(in_channels=1, num_classes=4, input_size=[4, 8, 8]), objective="flow",
+                             objective_kwargs=dict(cfg.diffusion.objective_kwargs))
+    path = export_model(cfg, module, tmp_path / "tiny_video.safetensors")
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["pretrained_cfg"]["flow_shift"] == 1.5
+    if strip:  # as written before exports recorded the shift
+        del meta["pretrained_cfg"]["flow_shift"]
+        sidecar.write_text(json.dumps(meta))
+    shifts, sample_video = [], dit.sample_video
+    monkeypatch.setattr(dit, "sample_video", lambda *a, shift, **kw: shifts.append(shift) or sample_video(*a, shift=shift, **kw))
+    code, _, err = run(capsys, "generate-video", "--model", "video_dit_tiny", "--checkpoint", str(path), "--classes", "0", "3",
+                       "--steps", "2", "--quiet", *extra, "--out", str(tmp_path / "v.gif"))
+    assert code == 0, err
+    assert shifts == [expected]
+
+
 # ---------------------------------------------------------------- classify
 
 def test_classify_exported_checkpoint_prints_top5(capsys, tmp_path):

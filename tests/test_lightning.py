@@ -340,6 +340,7 @@ def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
     meta = json.loads(Path(result["export"]).with_suffix(".json").read_text())
     assert meta["pretrained_cfg"]["input_size"] == ([1, 4, 8, 8] if kind == "video" else [1, 8, 8])
+    assert meta["pretrained_cfg"].get("flow_shift") == (1.0 if kind == "video" else None)  # the shift it trained with
 
 
 def test_fsdp_wraps_blocks_and_refuses_ema():

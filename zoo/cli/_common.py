@@ -101,8 +101,9 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
                            prefer: str | None = None) -> tuple[str, dict]:
     """Load --checkpoint or the registered weights into `model` (any attention backend).
 
-    Returns the source and the weights' cfg (the registered entry's, else {}): sampling settings
-    the weights were trained with, such as `flow_shift`.
+    Returns the source and the weights' cfg (the registered entry's, or the `pretrained_cfg` that
+    `zoo.weights.export` wrote next to --checkpoint, else {}): sampling settings the weights were
+    trained with, such as `flow_shift`.
 
     A checkpoint trained with one attention loads into another (`load_state_dict_any_attention`),
     so dense weights run with radial / SLA / NA when no fine-tuned ones are registered.
@@ -116,6 +117,7 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
         if not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint {args.checkpoint}: no such file")
         state, source, converter = weights.read_checkpoint(args.checkpoint), args.checkpoint, None
+        cfg = (weights.read_export_config(args.checkpoint) or {}).get("pretrained_cfg", {})
     else:
         w = registered_weights(name, entry, prefer)
         if w is None:

@@ -241,7 +241,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", default="euler", choices=["euler", "unipc"], help="flow-matching scheduler")
     p.add_argument("--shift", type=float, default=None,
-                   help="timestep shift (Wan's); default: the registered weights' `flow_shift`, else 3.0")
+                   help="timestep shift (Wan's); default: the shift the weights were trained with (`flow_shift` in the "
+                   "registered cfg or in the JSON beside a --checkpoint export), else 3.0 (exports that predate it)")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", "-o", default="video.mp4", help="output .mp4 or .gif")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model constructor argument (repeatable)")

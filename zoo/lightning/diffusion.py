@@ -23,6 +23,14 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 SampleFn = Callable[..., torch.Tensor]
 
 OBJECTIVES = ("ddpm", "flow")
+DEFAULT_FLOW_SHIFT = 3.0  # flow's `shift` when objective_kwargs give none (`zoo generate-video`'s fallback too)
+
+
+def _auto(objective: str, model: nn.Module) -> str:
+    """`auto` -> flow for video models (5-D inputs), ddpm otherwise."""
+    if objective != "auto":
+        return objective
+    return "flow" if len(getattr(model, "input_size", ())) == 3 else "ddpm"
 
 
 def resolve_objective(objective: str, model: nn.Module, options: dict | None = None) -> tuple[LossFn, SampleFn]:
@@ -36,8 +44,7 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
     from zoo import dit
 
     options = dict(options or {})
-    if objective == "auto":
-        objective = "flow" if len(getattr(model, "input_size", ())) == 3 else "ddpm"
+    objective = _auto(objective, model)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; use one of auto, {', '.join(OBJECTIVES)}")
     if objective == "ddpm":
@@ -58,7 +65,7 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
     unknown = set(options) - {"scheduler", "shift"}
     if unknown:
         raise ValueError(f"unknown flow options {sorted(unknown)}; known: scheduler, shift")
-    shift, scheduler = float(options.get("shift", 3.0)), options.get("scheduler", "euler")
+    shift, scheduler = float(options.get("shift", DEFAULT_FLOW_SHIFT)), options.get("scheduler", "euler")
     flow = dit.FlowMatching(shift=shift)
 
     def flow_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,6 +123,11 @@ class DiffusionModule(pl.LightningModule):
         if model is None:
             model = create_generator(model_name, pretrained, checkpoint_path, **dict(model_kwargs or {}))
         self.model = model
+        # the shift our flow loss trains with (None for DDPM or a given loss_fn): exports record it as `flow_shift`,
+        # so `zoo generate-video --checkpoint` samples with the schedule the weights learnt
+        self.flow_shift: float | None = None
+        if loss_fn is None and _auto(objective, model) == "flow":
+            self.flow_shift = float(dict(objective_kwargs or {}).get("shift", DEFAULT_FLOW_SHIFT))
         if loss_fn is None or sample_fn is None:
             default_loss, default_sample = resolve_objective(objective, model, objective_kwargs)
             loss_fn, sample_fn = loss_fn or default_loss, sample_fn or default_sample

@@ -121,7 +121,8 @@ def last_checkpoint(cfg: DictConfig) -> Path | None:
 
 
 def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) -> Path:
-    """Write the trained network through `zoo.weights.export`, its pretrained_cfg carrying the data's preprocessing."""
+    """Write the trained network through `zoo.weights.export`, its pretrained_cfg carrying the data's preprocessing
+    (and, for flow models, the `flow_shift` they trained with)."""
     from zoo import weights
 
     model = module.model
@@ -134,6 +135,8 @@ def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) 
                     std=tuple(d.std) * (d.channels if len(d.std) == 1 else 1), num_classes=d.num_classes)
     if cfg.task == "classify":
         cfg_dict.update(crop_pct=1.0, crop_mode="center")  # digits fill the frame: no centre crop
+    if getattr(module, "flow_shift", None) is not None:  # the sampling schedule must match the trained one
+        cfg_dict["flow_shift"] = module.flow_shift
     model.pretrained_cfg = cfg_dict
     return weights.export(model, path, architecture=getattr(model, "zoo_architecture", None) or cfg.model.name.partition(".")[0])
 
