@@ -150,18 +150,19 @@ def _token(row, col, img_w, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr):
-    """Fold one slice of scaled scores `qk` (log2 units, -inf = masked) and its values into the running max,
-    normaliser and accumulator.
+def _online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr):
+    """Fold one slice of raw scores `qk` (q . k, -inf = masked) and its values into the running max (log2
+    units: scores x `qk_scale`), normaliser and accumulator. The scale is applied inside the exponent, one
+    fused multiply-add per score (the max commutes with a positive scale), as Triton's attention tutorial does.
 
     MASKED: some score may be -inf (a slice of padded keys before any valid one), so a row can still be all
     -inf: keep -inf - -inf from giving NaN."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -182,14 +183,14 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, k) * qk_scale
+    qk = tl.dot(q, k)
     if MASK:
         qk = tl.where(valid[None, :], qk, float("-inf"))
     elif HAS_KPM:
         if tl.load(flag_ptr) != 0:
             padded = tl.load(kpm_ptrs) != 0
             qk = tl.where(padded[None, :], float("-inf"), qk)
-    return _online_softmax(acc, l_i, m_i, qk, v, MASK or HAS_KPM)
+    return _online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASK or HAS_KPM)
 
 
 @triton.jit
@@ -316,20 +317,20 @@ def _fwd_kernel_tma(
         start_n = tl.load(idx_ptr + t // SUB) * BLOCK_K + (t % SUB) * BLOCK_N
         k = k_desc.load([start_n, 0])
         v = v_desc.load([start_n, 0])
-        qk = tl.dot(q, k.T) * qk_scale
+        qk = tl.dot(q, k.T)
         if HAS_KPM:  # only a tile flagged as holding padding reads the per-key mask
             if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:
                 padded = tl.load(kpm_ptr + start_n + offs_n) != 0
                 qk = tl.where(padded[None, :], float("-inf"), qk)
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, HAS_KPM)
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, HAS_KPM)
     if n_full < cnt:  # the partial last key block: only its tiles that hold keys, scores masked per key
         for s in range(0, tail_tiles):
             start_n = last_block * BLOCK_K + s * BLOCK_N
             valid = _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM)
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
-            qk = tl.where(valid[None, :], tl.dot(q, k.T) * qk_scale, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True)
+            qk = tl.where(valid[None, :], tl.dot(q, k.T), float("-inf"))
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
 
     out, lse = _normalise(acc, l_i, m_i)
     o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
