@@ -211,7 +211,7 @@ def check_transpose(seed: int) -> bool:
         idx = _random_lists(*lead, n_qb * 16, n_kb * 16, 16, 16, 0.2, gen, "cpu")
         for lists in (idx, sort_lists(idx)[0]):  # raw (counts = full width) and sorted (counts = valid entries)
             counts = (torch.full(lists.shape[:-1], lists.shape[-1]) if lists is idx else sort_lists(idx)[1])
-            got = bsk.transpose_lists(lists, counts, n_kb)
+            got = bsk.launch_transpose(lists, counts, n_kb)
             want = transpose_lists(lists, n_kb)
             same &= all(torch.equal(g.long(), w.long()) for g, w in zip(got, want))
     return same

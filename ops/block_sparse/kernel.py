@@ -5,7 +5,7 @@ The sparsity pattern is a list of key blocks per query block (`block_indices`, t
 listed key blocks with an online softmax (exp2, the scale folded with log2(e)); it writes the
 output and the natural-log logsumexp. Backward is two kernels, so that no atomics are needed:
 dq walks the same per-query-block lists, dk/dv walk the transposed lists (query blocks per key
-block), which are built on the GPU from the forward lists (`transpose_lists`, one launch).
+block), which are built on the GPU from the forward lists (`launch_transpose`, one launch).
 
 Any sequence length: the lists are sorted ascending, so the only partial key block (the last
 one) is the last entry of a list; every other entry runs an unmasked inner step, only the tail
@@ -213,6 +213,22 @@ def _list_split(idx_ptr, CNT, last_block, N_LAST_PARTIAL: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(IDX, CNT, pid_m, pid_bh, H, N_Q, N_K, n_w, img_h, img_w, s_ib, s_ih, s_iq, s_cb, s_ch,
+                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, K_PARTIAL: tl.constexpr,
+                WINDOW: tl.constexpr, REGION_H: tl.constexpr, REGION_W: tl.constexpr):
+    """What the forward and dq programs share: (b, h, query rows and columns, which exist, this query block's
+    list pointer, its count, how many of its entries are whole key blocks)."""
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    q_block = pid_m * BLOCK_M // BLOCK_Q
+    q_row, q_col, row_ok = _rows(q_block, (pid_m * BLOCK_M) % BLOCK_Q, tl.arange(0, BLOCK_M), N_Q, n_w, img_h, img_w,
+                                 BLOCK_Q, WINDOW, REGION_H, REGION_W)
+    idx_ptr = IDX + b * s_ib + h * s_ih + q_block * s_iq
+    cnt = tl.load(CNT + b * s_cb + h * s_ch + q_block)
+    n_full = _list_split(idx_ptr, cnt, tl.cdiv(N_K, BLOCK_K) - 1, K_PARTIAL)
+    return b, h, q_row, q_col, row_ok, idx_ptr, cnt, n_full
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX, CNT, KPM, TPAD,  # noqa: E741 (flash-attention names)
     s_qb, s_qh, s_qn, s_qw, s_kb, s_kh, s_kn, s_kw, s_vb, s_vh, s_vn, s_vw, s_ob, s_oh, s_on, s_ow,
@@ -224,22 +240,18 @@ def _fwd_kernel(
     PACK: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    b, h, q_row, q_col, row_ok, idx_ptr, cnt, n_full = _query_tile(
+        IDX, CNT, pid_m, pid_bh, H, N_Q, N_K, n_w, img_h, img_w, s_ib, s_ih, s_iq, s_cb, s_ch, BLOCK_Q, BLOCK_K,
+        BLOCK_M, K_PARTIAL, WINDOW, REGION_H, REGION_W)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_row, q_col, row_ok = _rows(pid_m * BLOCK_M // BLOCK_Q, (pid_m * BLOCK_M) % BLOCK_Q, tl.arange(0, BLOCK_M), N_Q,
-                                 n_w, img_h, img_w, BLOCK_Q, WINDOW, REGION_H, REGION_W)
     q = tl.load(Q + b * s_qb + h * s_qh + _offsets(q_row, q_col, s_qn, s_qw, WINDOW)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_head = K + b * s_kb + h * s_kh
     v_head = V + b * s_vb + h * s_vh
     k_base = k_head + offs_d[:, None] + offs_n[None, :] * s_kn  # [D, BLOCK_N], K transposed
     v_base = v_head + offs_n[:, None] * s_vn + offs_d[None, :]
-    idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
-    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
-    last_block = tl.cdiv(N_K, BLOCK_K) - 1
-    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
 
     kpm_ptr = KPM + b * s_mb
     tpad_ptr = TPAD + b * s_tb
@@ -259,7 +271,7 @@ def _fwd_kernel(
                                   tpad_ptr + start_n // BLOCK_N, WINDOW_MASK or PACK, HAS_KPM)
     if K_PARTIAL:
         if n_full < cnt:  # the partial last key block: only its slices that hold keys
-            block_start = last_block * BLOCK_K
+            block_start = (tl.cdiv(N_K, BLOCK_K) - 1) * BLOCK_K  # the partial last key block
             for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
                 start_n = (block_start + s * BLOCK_N).to(tl.int64)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base + start_n * s_kn, v_base + start_n * s_vn,
@@ -289,7 +301,9 @@ def _fwd_kernel_tma(
     masked keys are loaded as they are (zeros past N_k), as the pointer kernel does in its unmasked steps.
     The pointer kernel's split: whole tiles mask-free, then the tail block's tiles masked per key."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    b, h, offs_m, _, row_ok, idx_ptr, cnt, n_full = _query_tile(
+        IDX, CNT, pid_m, pid_bh, H, N_Q, N_K, 1, 1, 1, s_ib, s_ih, s_iq, s_cb, s_ch, BLOCK_Q, BLOCK_K, BLOCK_M,
+        K_PARTIAL, False, 1, 1)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     q_desc = tl.make_tensor_descriptor(Q + b * s_qb + h * s_qh, shape=[N_Q, HEAD_DIM], strides=[s_qn, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
@@ -299,11 +313,8 @@ def _fwd_kernel_tma(
                                        block_shape=[BLOCK_N, HEAD_DIM])
     o_desc = tl.make_tensor_descriptor(O + b * s_ob + h * s_oh, shape=[N_Q, HEAD_DIM], strides=[s_on, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     q = q_desc.load([pid_m * BLOCK_M, 0])
-    idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
-    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
     last_block = tl.cdiv(N_K, BLOCK_K) - 1
     tail_tiles = tl.cdiv(N_K - last_block * BLOCK_K, BLOCK_N)  # tiles of the last key block that hold keys
 
@@ -312,7 +323,6 @@ def _fwd_kernel_tma(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kpm_ptr = KPM + b * s_mb
     tpad_ptr = TPAD + b * s_tb
-    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
     for t in range(0, n_full * SUB):
         start_n = tl.load(idx_ptr + t // SUB) * BLOCK_K + (t % SUB) * BLOCK_N
         k = k_desc.load([start_n, 0])
@@ -334,7 +344,7 @@ def _fwd_kernel_tma(
 
     out, lse = _normalise(acc, l_i, m_i)
     o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -372,12 +382,12 @@ def _bwd_dq_kernel(
     PACK: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    b, h, q_row, q_col, row_ok, idx_ptr, cnt, n_full = _query_tile(
+        IDX, CNT, pid_m, pid_bh, H, N_Q, N_K, n_w, img_h, img_w, s_ib, s_ih, s_iq, s_cb, s_ch, BLOCK_Q, BLOCK_K,
+        BLOCK_M, K_PARTIAL, WINDOW, REGION_H, REGION_W)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_row, q_col, row_ok = _rows(pid_m * BLOCK_M // BLOCK_Q, (pid_m * BLOCK_M) % BLOCK_Q, tl.arange(0, BLOCK_M), N_Q,
-                                 n_w, img_h, img_w, BLOCK_Q, WINDOW, REGION_H, REGION_W)
     q = tl.load(Q + b * s_qb + h * s_qh + _offsets(q_row, q_col, s_qn, s_qw, WINDOW)[:, None] + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * s_ob + h * s_oh + _offsets(q_row, q_col, s_on, s_ow, WINDOW)[:, None] + offs_d[None, :],
@@ -389,10 +399,6 @@ def _bwd_dq_kernel(
     v_head = V + b * s_vb + h * s_vh
     k_base = k_head + offs_n[:, None] * s_kn + offs_d[None, :]  # [BLOCK_N, D]
     v_base = v_head + offs_d[:, None] + offs_n[None, :] * s_vn  # [D, BLOCK_N]
-    idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
-    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
-    last_block = tl.cdiv(N_K, BLOCK_K) - 1
-    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
 
     kpm_ptr = KPM + b * s_mb
     tpad_ptr = TPAD + b * s_tb
@@ -410,7 +416,7 @@ def _bwd_dq_kernel(
                       tpad_ptr + start_n // BLOCK_N, WINDOW_MASK or PACK, HAS_KPM)
     if K_PARTIAL:
         if n_full < cnt:
-            block_start = last_block * BLOCK_K
+            block_start = (tl.cdiv(N_K, BLOCK_K) - 1) * BLOCK_K  # the partial last key block
             for s in range(0, tl.cdiv(N_K - block_start, BLOCK_N)):
                 start_n = (block_start + s * BLOCK_N).to(tl.int64)
                 dq = _dq_step(dq, q, do, lse2, delta, k_base + start_n * s_kn, v_base + start_n * s_vn,
@@ -784,7 +790,7 @@ def backward(do, dlse, q, k, v, o, lse, idx, cnt, t_idx, t_cnt, block_q, block_k
     return dq, dk, dv
 
 
-def transpose_lists(indices: torch.Tensor, counts: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_transpose(indices: torch.Tensor, counts: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`layout.transpose_lists` in one launch (the backward builds them from routing attention's per-call
     lists: ~10 small PyTorch launches otherwise): int32 `[B|1, H|1, n_k_blocks, n_q_blocks]` ascending, -1
     after the counts, and int32 counts."""
@@ -867,7 +873,7 @@ class BlockSparseAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         layout, scale, config, kpm, window = ctx.args
         do = torch.zeros_like(o) if do is None else do
-        t_idx, t_cnt = layout.transposed(transpose_lists)
+        t_idx, t_cnt = layout.transposed(launch_transpose)
         dq, dk, dv = backward(do, dlse, q, k, v, o, lse, layout.indices, layout.counts, t_idx, t_cnt,
                               layout.block_q, layout.block_k, scale, config, kpm, window)
         return dq, dk, dv, None, None, None, None, None

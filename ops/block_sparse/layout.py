@@ -9,6 +9,7 @@ per-query-block lists plus the transposed per-key-block lists that the backward 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class BlockSparseLayout:
         t_idx, t_cnt = transpose_lists(idx, math.ceil(n_k / block_k)) if transpose else (None, None)
         return cls(idx, cnt, t_idx, t_cnt, block_q, block_k, n_q, n_k)
 
-    def transposed(self, build=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def transposed(self, build: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_indices, t_counts), built on first use if the layout was made without them; `build(indices,
         counts, n_k_blocks)` replaces `transpose_lists` (the Triton kernel's one-launch version)."""
         if self.t_indices is None:

@@ -18,6 +18,7 @@ from .naive import (
     region_geometry,
     region_slots,
     region_token_valid,
+    whole_regions,
 )
 
 
@@ -88,7 +89,7 @@ def bi_level_routing_attention(
     kernel = _kernel_module()
     packed = 2 * tokens <= slots  # regions of <= 8 tokens (16 slots): list-side tiles pack several regions' tokens
     window = kernel.RegionWindows(n_w, region_h, region_w, packed=packed,
-                                  masked=slots > tokens or (height, width) != (n_h * region_h, n_w * region_w))
+                                  masked=slots > tokens or not whole_regions(height, width, geometry))
     config = kernel.packed_config(slots, q.shape[-1]) if packed else None
     out, _ = kernel.block_sparse_attention_triton(q, k, v, layout, scale, config=config, window=window)
     return (out, routing) if return_routing else out

@@ -97,6 +97,12 @@ def region_token_valid(height: int, width: int, n_h: int, n_w: int, region_h: in
     return valid.reshape(n_h * n_w, region_h * region_w)
 
 
+def whole_regions(height: int, width: int, geometry: tuple[int, int, int, int]) -> bool:
+    """Whether the map divides into whole regions (no partial border region)."""
+    n_h, n_w, region_h, region_w = geometry
+    return (height, width) == (n_h * region_h, n_w * region_w)
+
+
 def has_empty_regions(height: int, width: int, geometry: tuple[int, int, int, int]) -> bool:
     """Whether a region of the ceil-division geometry holds no token (tiny maps): it is never routed to."""
     n_h, n_w, region_h, region_w = geometry
@@ -122,8 +128,7 @@ def _region_means(x: torch.Tensor, geometry: tuple[int, int, int, int], counts: 
 def _route(q, k, geometry, valid, topk: int, scale: float) -> torch.Tensor:
     """Detached top-k routing from the `[B, H, W, heads, D]` maps: int64 `[B, n_regions, topk]`, -1 where the pick
     is an empty region (only maps with empty regions have any)."""
-    n_h, n_w, region_h, region_w = geometry
-    counts = None if q.shape[1:3] == (n_h * region_h, n_w * region_w) else valid.sum(1)
+    counts = None if whole_regions(q.shape[1], q.shape[2], geometry) else valid.sum(1)
     q_r = _region_means(q.detach(), geometry, counts)
     k_r = _region_means(k.detach(), geometry, counts)
     logits = (q_r * scale) @ k_r.transpose(-2, -1)  # [B, n_regions, n_regions]
@@ -206,7 +211,7 @@ def bi_level_routing_attention_reference(
     heads = q.shape[3]
     valid = region_token_valid(height, width, *geometry, device=q.device)
     tokens = valid.shape[1]
-    full = (height, width) == (geometry[0] * geometry[2], geometry[1] * geometry[3])
+    full = whole_regions(height, width, geometry)
     if is_counting_flops():  # with partial regions the exact count depends on the routing
         routing = None
         if not full or return_routing:
