@@ -301,9 +301,7 @@ def _fwd_kernel_tma(
     masked keys are loaded as they are (zeros past N_k), as the pointer kernel does in its unmasked steps.
     The pointer kernel's split: whole tiles mask-free, then the tail block's tiles masked per key."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h, offs_m, _, row_ok, idx_ptr, cnt, n_full = _query_tile(
-        IDX, CNT, pid_m, pid_bh, H, N_Q, N_K, 1, 1, 1, s_ib, s_ih, s_iq, s_cb, s_ch, BLOCK_Q, BLOCK_K, BLOCK_M,
-        K_PARTIAL, False, 1, 1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
     q_desc = tl.make_tensor_descriptor(Q + b * s_qb + h * s_qh, shape=[N_Q, HEAD_DIM], strides=[s_qn, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
@@ -313,8 +311,11 @@ def _fwd_kernel_tma(
                                        block_shape=[BLOCK_N, HEAD_DIM])
     o_desc = tl.make_tensor_descriptor(O + b * s_ob + h * s_oh, shape=[N_Q, HEAD_DIM], strides=[s_on, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     q = q_desc.load([pid_m * BLOCK_M, 0])
+    idx_ptr = IDX + b * s_ib + h * s_ih + (pid_m * BLOCK_M // BLOCK_Q) * s_iq
+    cnt = tl.load(CNT + b * s_cb + h * s_ch + pid_m * BLOCK_M // BLOCK_Q)
     last_block = tl.cdiv(N_K, BLOCK_K) - 1
     tail_tiles = tl.cdiv(N_K - last_block * BLOCK_K, BLOCK_N)  # tiles of the last key block that hold keys
 
@@ -323,6 +324,7 @@ def _fwd_kernel_tma(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kpm_ptr = KPM + b * s_mb
     tpad_ptr = TPAD + b * s_tb
+    n_full = _list_split(idx_ptr, cnt, last_block, K_PARTIAL)
     for t in range(0, n_full * SUB):
         start_n = tl.load(idx_ptr + t // SUB) * BLOCK_K + (t % SUB) * BLOCK_N
         k = k_desc.load([start_n, 0])
@@ -344,7 +346,7 @@ def _fwd_kernel_tma(
 
     out, lse = _normalise(acc, l_i, m_i)
     o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
 @triton.jit
