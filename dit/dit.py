@@ -79,7 +79,10 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoid(256) -> Linear -> SiLU -> Linear."""
+    """Sinusoid(256) -> Linear -> SiLU -> Linear.
+
+    The float32 sinusoid is cast to the weights' dtype (as diffusers does), so a model moved to
+    bf16/fp16 as a whole runs; under autocast the weights stay float32 and nothing changes."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -87,7 +90,7 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -111,6 +111,8 @@ def breakdown(q, k, v, w, bm, block) -> dict[str, float]:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("the SLA benchmark times CUDA kernels: it needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = "cuda"
     torch.manual_seed(0)
@@ -208,7 +210,7 @@ if __name__ == "__main__":
     p.add_argument("--negligible", type=float, default=0.0)
     p.add_argument("--linear-on", dest="linear_on", choices=("marginal", "all"), default="marginal")
     p.add_argument("--feature-map", dest="feature_map", choices=("softmax", "elu", "relu"), default="softmax")
-    p.add_argument("--blocks", nargs="+", default=["64x64"], type=lambda x: tuple(int(n) for n in x.split("x")),
+    p.add_argument("--blocks", nargs="+", default=[(64, 64)], type=lambda x: tuple(int(n) for n in x.split("x")),
                    help="block sizes (q x k) of the block map, e.g. 64x64 128x64")
     p.add_argument("--sweep", action="store_true", help="try launch configs first and keep the fastest")
     p.add_argument("--out", default="")
