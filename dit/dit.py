@@ -393,6 +393,9 @@ def to_diffusers(model: DiT):
     """
     from diffusers import DiTTransformer2DModel
 
+    if not isinstance(model, DiT):
+        raise TypeError(f"to_diffusers converts the image DiT (zoo.dit.DiT) to DiTTransformer2DModel; got "
+                        f"{type(model).__name__}, which has no diffusers counterpart: export it with zoo.weights.export")
     hidden = model.pos_embed.shape[-1]
     if (model.attention != "dense" or model.input_size[0] != model.input_size[1] or model.null_class is None
             or model.blocks[0].mlp.fc1.out_features != 4 * hidden):

@@ -285,3 +285,8 @@ def test_whole_model_in_bf16_runs_and_matches_float32(name, shape):
     assert out.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits (unit roundoff 2^-9 = 2e-3), accumulated over a dozen layers
     assert ((out.float() - ref).norm() / ref.norm()).item() < 5e-2
+
+
+def test_to_diffusers_on_a_video_dit_is_a_clear_error():
+    with pytest.raises(TypeError, match="no diffusers counterpart"):
+        zoo.dit.to_diffusers(VideoDiT(**TINY))
