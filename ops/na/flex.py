@@ -36,6 +36,10 @@ from .naive import BoolArg, IntArg, check_against_shape, normalize_args
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
 
 
+def _at_most(x: torch.Tensor, bound: torch.Tensor | int) -> torch.Tensor:
+    return torch.minimum(x, bound) if isinstance(bound, torch.Tensor) else x.clamp_max(bound)
+
+
 def _axis_window(i: torch.Tensor, length: int, kernel: int, dilation: int, stride: int, causal: bool):
     """Group, in-group index and inclusive window [lo, hi] (group coordinates) of coordinate `i` on one axis."""
     if dilation > 1:
@@ -44,10 +48,10 @@ def _axis_window(i: torch.Tensor, length: int, kernel: int, dilation: int, strid
     else:
         group, inner, group_len = None, i, length
     if causal:
-        leader = inner if stride == 1 else torch.minimum((inner // stride) * stride + stride - 1, group_len - 1)
+        leader = inner if stride == 1 else _at_most((inner // stride) * stride + stride - 1, group_len - 1)
         return group, inner, leader - kernel + 1, inner
-    leader = inner if stride == 1 else torch.minimum((inner // stride) * stride + stride // 2, group_len - 1)
-    start = torch.minimum((leader - kernel // 2).clamp_min(0), group_len - kernel)
+    leader = inner if stride == 1 else _at_most((inner // stride) * stride + stride // 2, group_len - 1)
+    start = _at_most((leader - kernel // 2).clamp_min(0), group_len - kernel)
     return group, inner, start, start + kernel - 1
 
 
