@@ -377,6 +377,9 @@ def main(argv=None) -> dict:
     device = args.device
     if device == "cuda" and (not torch.cuda.is_available() or triton is None):
         raise SystemExit("benchmark_na times CUDA kernels: it needs a CUDA GPU and Triton (or --device cpu --quick)")
+    # every row is a new shape for the compiled Flex (fwd, and fwd+bwd): past Dynamo's default limit of 8
+    # recompilations it would fall back to eager Flex, which materialises the scores
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; zoo backend {args.zoo_backend!r}; quick {args.quick}")
     table = QUICK_ROWS if args.quick else OP_ROWS
