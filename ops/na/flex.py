@@ -16,7 +16,7 @@ reference gathers from per-axis tables; tests/test_ops_na_flex.py checks one aga
   base-2 statistics), as the reference.
 
 Tokens are not permuted: the block mask is built on the row-major order, as NATTEN's Flex backend does
-without tile shapes. Block masks are cached by `_block_mask`, an `functools.lru_cache` on a pure
+without tile shapes. Block masks are cached by `_block_mask`, a `functools.lru_cache` on a pure
 function of the geometry (no other module state); the compiled `flex_attention` is cached likewise.
 
 Limits (`flex_can_run` reports them): Flex has no backward on CPU/MPS, and its compiled GPU kernels
