@@ -433,3 +433,26 @@ def test_token_counts_need_no_block_multiple():
     apply_attention(model, RadialAttentionConfig(block_size=16, decay_factor=0.2))
     out = run(model, wan_inputs(frames=3, height=10, width=14))
     assert torch.isfinite(out).all()
+
+
+def test_benchmark_script_quick_mode(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import pathlib
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_pipelines.py"
+    spec = importlib.util.spec_from_file_location("benchmark_pipelines", script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--rows", "wan-tiny", "--json", str(tmp_path / "out.json")])
+    results = rows[0].results
+    assert results["baseline"] == "native"
+    for name in ("radial", "sla", "na"):
+        assert results[name]["ms"] > 0 and results[name]["step_speedup"] > 0, results[name]
+    assert json.loads((tmp_path / "out.json").read_text())["wan-tiny"]["tokens"] == 24
+    table = bench.summary(rows, None)
+    assert any("| wan-tiny |  |  | radial |" in line for line in table)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "nope"])
