@@ -241,12 +241,9 @@ def run_row(row: Row, args, device: torch.device, dtype: torch.dtype) -> None:
         layers = len(model.blocks) if row.model == "wan" else (len(model.transformer_blocks)
                                                                  + len(model.single_transformer_blocks))
         res["attention_share"] = layers * dense_attention / base_ms
-        print(f"  self-attention alone per layer: " + ", ".join(
+        print("  self-attention alone per layer: " + ", ".join(
             f"{k} {v:.2f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in res["attention_ms"].items())
             + f"; dense attention share of the step {res['attention_share']:.0%}", flush=True)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def summary(rows: list[Row], args) -> list[str]:
@@ -323,7 +320,8 @@ def main(argv=None) -> list[Row]:
         except Exception as err:  # noqa: BLE001 - the next row still runs
             row.results["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             print(f"  {row.name}: error {row.results['error']}", flush=True)
-            if device.type == "cuda":
+        finally:
+            if device.type == "cuda":  # the row's model is gone: give its memory back before the next row
                 torch.cuda.empty_cache()
     print("\n".join(summary(rows, args)), flush=True)
     if args.json:

@@ -230,12 +230,16 @@ def test_sparse_attention_equals_masked_sdpa(kind, layout):
         allowed[:, : seq.n_video] = neighborhood_token_mask(seq.grid, (3, 2, 3))
     else:  # SLA with its zero-initialised projection: exactly softmax over the critical blocks
         sparse = build_sparse_attention(SLAConfig(topk=0.3, block_size=8), head_dim=16, mask_model="wan")
-        block_map = ops.sla_block_map(seq.video(q), seq.video_then_text(k), 0.3, block_size=8)
-        if seq.n_text:
-            block_map[..., seq.n_video // 8:] = 1
-        allowed = blocks_to_tokens(block_map == 1, seq.n_video, n_keys, 8, 8)
-        if seq.key_padding is not None:  # the plugin ranks each prompt's valid keys alone
-            pytest.skip("SLA ranks blocks per prompt over its valid keys; covered by the unpadded layouts")
+        keys = seq.video_then_text(k)
+        allowed = torch.zeros(2, 2, seq.n_video, n_keys, dtype=torch.bool)
+        for b in range(2):  # blocks are ranked per prompt over its own valid keys
+            valid = torch.ones(n_keys, dtype=torch.bool)
+            if seq.key_padding is not None:
+                valid[seq.n_video:] = ~seq.key_padding[b]
+            block_map = ops.sla_block_map(seq.video(q)[b : b + 1], keys[b : b + 1, :, valid], 0.3, block_size=8)
+            if seq.n_text:
+                block_map[..., seq.n_video // 8:] = 1  # text key blocks are always critical
+            allowed[b][..., valid] = blocks_to_tokens(block_map[0] == 1, seq.n_video, int(valid.sum()), 8, 8)
     out = sparse(q, k, v, seq)
     torch.testing.assert_close(out, reference(q, k, v, allowed, seq), atol=1e-10, rtol=1e-10)
 
@@ -456,3 +460,46 @@ def test_benchmark_script_quick_mode(tmp_path, monkeypatch):
     assert any("| wan-tiny |  |  | radial |" in line for line in table)
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "nope"])
+
+
+# ---------------------------------------------------------------- interplay with diffusers features
+
+
+@pytest.mark.slow
+def test_compile_repeated_blocks_without_per_step_recompiles():
+    from torch._dynamo.utils import counters
+
+    model = tiny_wan()
+    apply_attention(model, RadialAttentionConfig(block_size=8, decay_factor=0.2, dense_layers=1, dense_timesteps=2))
+    steps = [{**wan_inputs(), "timestep": torch.tensor([t])} for t in (900, 700, 500, 300, 100)]
+    eager = [run(model, args) for args in steps]
+    model.compile_repeated_blocks(backend="eager")  # traces the blocks with dynamo (inductor needs a compiler)
+    compiled = [run(model, args) for args in steps[:3]]
+    graphs = counters["stats"]["unique_graphs"]
+    compiled += [run(model, args) for args in steps[3:]]
+    assert counters["stats"]["unique_graphs"] == graphs  # later sparse steps reuse the graphs: no recompile
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+def test_group_offloading_keeps_the_plugin_outputs():
+    args = wan_inputs()
+    plain, offloaded = tiny_wan(), tiny_wan()
+    for model in (plain, offloaded):
+        apply_attention(model, RadialAttentionConfig(block_size=8, decay_factor=0.2, dense_layers=1))
+    offloaded.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1)
+    assert torch.equal(run(offloaded, args), run(plain, args))
+    remove_attention(offloaded)
+    assert "group_offloading" in offloaded.blocks[0]._diffusers_hook.hooks  # the other hooks stay
+
+
+def test_lora_adapters_pass_through_the_sparse_path():
+    peft = pytest.importorskip("peft")
+    model = tiny_wan()
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    args = wan_inputs()
+    stock = run(model, args)
+    apply_attention(model, NeighborhoodAttentionConfig(kernel_size=64))  # full kernel: must equal stock + LoRA
+    torch.testing.assert_close(run(model, args), stock, **TOL)
+    model.disable_adapters()
+    assert not torch.allclose(run(model, args), stock)  # the LoRA weights were in play

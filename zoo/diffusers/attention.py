@@ -48,6 +48,7 @@ class JointSequence:
 class SparseAttention(nn.Module):
     """Base: splits video and text rows, runs `video_rows` for the video and dense attention for the text."""
 
+    @torch.compiler.disable  # the zoo kernels and the per-geometry mask caches run eagerly
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: JointSequence,
                 backend=None) -> torch.Tensor:
         out_video = self.video_rows(seq.video(q), seq.video_then_text(k), seq.video_then_text(v), seq)

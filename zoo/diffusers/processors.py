@@ -64,6 +64,7 @@ class ZooAttnProcessor(nn.Module):
         if hasattr(self.stock, "_parallel_config"):
             self.stock._parallel_config = value
 
+    @torch.compiler.disable  # a per-step decision: no recompile per step under compile_repeated_blocks
     def runs_sparse(self) -> bool:
         if self.state.grid is None:
             raise RuntimeError("zoo attention processors run inside the transformer's forward (its hook reads the "
