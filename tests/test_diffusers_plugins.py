@@ -207,41 +207,64 @@ SEQUENCES = {
 }
 
 
-@pytest.mark.parametrize("layout", list(SEQUENCES))
-@pytest.mark.parametrize("kind", ["radial", "sla", "na"])
-def test_sparse_attention_equals_masked_sdpa(kind, layout):
-    seq = SEQUENCES[layout]()
-    n = seq.n_video + seq.n_text
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64) for _ in range(3))
+def sparse_and_allowed(kind: str, seq: JointSequence, q, k, block: int):
+    """The plugin's sparse attention for `kind` and its video rows' allowed keys, built independently."""
     frames, h, w = seq.grid
     n_keys = seq.n_video + seq.n_text
     if kind == "radial":
-        config = RadialAttentionConfig(decay_factor=0.5, block_size=8)
         mask_model = "wan" if not seq.n_text else "hunyuan"
-        sparse = build_sparse_attention(config, head_dim=16, mask_model=mask_model)
-        blocks = ops.radial_block_mask(frames, h * w, 0.5, block_size=8, model=mask_model, text_tokens=seq.n_text)
-        allowed = blocks_to_tokens(blocks, n_keys, n_keys, 8, 8)[: seq.n_video]
+        sparse = build_sparse_attention(RadialAttentionConfig(decay_factor=0.5, block_size=block), head_dim=q.shape[-1],
+                                        mask_model=mask_model)
+        blocks = ops.radial_block_mask(frames, h * w, 0.5, block_size=block, model=mask_model, text_tokens=seq.n_text)
+        allowed = blocks_to_tokens(blocks, n_keys, n_keys, block, block)[: seq.n_video]
         assert not allowed[:, : seq.n_video].all()  # a mask with holes
     elif kind == "na":
-        sparse = build_sparse_attention(NeighborhoodAttentionConfig(kernel_size=(3, 2, 3)), head_dim=16,
+        sparse = build_sparse_attention(NeighborhoodAttentionConfig(kernel_size=(3, 2, 3)), head_dim=q.shape[-1],
                                         mask_model="wan")
         allowed = torch.ones(seq.n_video, n_keys, dtype=torch.bool)
         allowed[:, : seq.n_video] = neighborhood_token_mask(seq.grid, (3, 2, 3))
     else:  # SLA with its zero-initialised projection: exactly softmax over the critical blocks
-        sparse = build_sparse_attention(SLAConfig(topk=0.3, block_size=8), head_dim=16, mask_model="wan")
+        sparse = build_sparse_attention(SLAConfig(topk=0.3, block_size=block), head_dim=q.shape[-1], mask_model="wan")
         keys = seq.video_then_text(k)
-        allowed = torch.zeros(2, 2, seq.n_video, n_keys, dtype=torch.bool)
-        for b in range(2):  # blocks are ranked per prompt over its own valid keys
+        allowed = torch.zeros(q.shape[0], q.shape[1], seq.n_video, n_keys, dtype=torch.bool)
+        for b in range(q.shape[0]):  # blocks are ranked per prompt over its own valid keys
             valid = torch.ones(n_keys, dtype=torch.bool)
             if seq.key_padding is not None:
-                valid[seq.n_video:] = ~seq.key_padding[b]
-            block_map = ops.sla_block_map(seq.video(q)[b : b + 1], keys[b : b + 1, :, valid], 0.3, block_size=8)
+                valid[seq.n_video:] = ~seq.key_padding[b].cpu()
+            block_map = ops.sla_block_map(seq.video(q)[b : b + 1], keys[b : b + 1, :, valid.to(q.device)], 0.3,
+                                          block_size=block).cpu()
             if seq.n_text:
-                block_map[..., seq.n_video // 8:] = 1  # text key blocks are always critical
-            allowed[b][..., valid] = blocks_to_tokens(block_map[0] == 1, seq.n_video, int(valid.sum()), 8, 8)
-    out = sparse(q, k, v, seq)
-    torch.testing.assert_close(out, reference(q, k, v, allowed, seq), atol=1e-10, rtol=1e-10)
+                block_map[..., seq.n_video // block:] = 1  # text key blocks are always critical
+            allowed[b][..., valid] = blocks_to_tokens(block_map[0] == 1, seq.n_video, int(valid.sum()), block, block)
+    return sparse, allowed
+
+
+@pytest.mark.parametrize("layout", list(SEQUENCES))
+@pytest.mark.parametrize("kind", ["radial", "sla", "na"])
+def test_sparse_attention_equals_masked_sdpa(kind, layout):
+    seq = SEQUENCES[layout]()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, seq.n_video + seq.n_text, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    sparse, allowed = sparse_and_allowed(kind, seq, q, k, block=8)
+    torch.testing.assert_close(sparse(q, k, v, seq), reference(q, k, v, allowed, seq), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("text", [False, True])
+@pytest.mark.parametrize("kind", ["radial", "sla"])
+def test_sparse_attention_kernels_on_gpu(kind, text):
+    """The Triton kernels in bf16 (the GPU path) against the float64 masked reference; bf16 rounding tolerance."""
+    padding = torch.tensor([[False] * 40, [False] * 25 + [True] * 15], device="cuda") if text else None
+    seq = JointSequence((5, 12, 20), 40 if text else 0, False, padding)  # 1,200 video tokens: partial blocks
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, seq.n_video + seq.n_text, 64, generator=g).to("cuda", torch.bfloat16)
+               for _ in range(3))  # head_dim 64: a size the kernels take
+    sparse, allowed = sparse_and_allowed(kind, seq, q, k, block=64)
+    out = sparse.cuda()(q, k, v, seq).double().cpu()
+    cpu_seq = JointSequence(seq.grid, seq.n_text, False, None if padding is None else padding.cpu())
+    expected = reference(*(t.double().cpu() for t in (q, k, v)), allowed, cpu_seq)
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
 
 
 # ---------------------------------------------------------------- steps, resolutions, independence
