@@ -526,3 +526,24 @@ def test_lora_adapters_pass_through_the_sparse_path():
     torch.testing.assert_close(run(model, args), stock, **TOL)
     model.disable_adapters()
     assert not torch.allclose(run(model, args), stock)  # the LoRA weights were in play
+
+
+def test_step_is_read_from_positional_calls_of_each_model():
+    model, args = tiny_cogvideox(), cogvideox_inputs()  # CogVideoX takes the timestep third
+    apply_attention(model, RadialAttentionConfig(**ALL_DENSE))
+    state = model.transformer_blocks[0].attn1.processor.state
+    for step, t in zip((0, 0, 1), (900, 900, 500)):
+        with torch.no_grad():
+            model(args["hidden_states"], args["encoder_hidden_states"], torch.tensor([t, t]),
+                  image_rotary_emb=args["image_rotary_emb"])
+        assert (state.grid, state.step) == ((5, 4, 8), step)
+
+
+def test_context_parallel_on_a_sparse_step_is_a_clear_error():
+    model = tiny_wan()
+    apply_attention(model, RadialAttentionConfig(block_size=8))
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = object()  # what enable_parallelism sets
+    assert model.blocks[0].attn1.processor.stock._parallel_config is not None  # it reaches the stock processor
+    with pytest.raises(RuntimeError, match="context parallelism"):
+        run(model, wan_inputs())

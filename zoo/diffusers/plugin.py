@@ -10,13 +10,14 @@ models (or pipelines) in one process are independent.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from torch import nn
 
 from zoo.diffusers.attention import build_sparse_attention
@@ -98,17 +99,30 @@ class _TransformerHook(ModelHook):
         super().__init__()
         self.spec, self.state = spec, state
         self.contexts = StateManager(_NoState)  # `cache_context` sets the pipeline's CacheContext here
+        self.signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module):
+        self.signature = inspect.signature(type(module).forward)  # CogVideoX takes timestep third
+        return module
+
+    def _context(self) -> CacheContext | None:
+        try:
+            return self.contexts.context
+        except ValueError:  # no cache context: this pipeline (or a direct call) gives none
+            return None
 
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.state.grid = self.spec.grid(module, hidden_states)
-        context = self.contexts._context
+        call = self.signature.bind_partial(module, *args, **kwargs).arguments
+        self.state.grid = self.spec.grid(module, call["hidden_states"])
+        timestep, context = call.get("timestep"), self._context()
         if module.training and torch.is_grad_enabled():
             self.state.step = None  # fine-tuning: sparse
         elif context is not None and context.step_index is not None:
             self.state.step = context.step_index
+        elif timestep is None:
+            raise ValueError(f"{self.spec.class_name} was called without a timestep: the zoo attention plugin "
+                             "needs it (or a cache_context with step_index) to know the sampler step")
         else:  # sampling lowers the timestep every step; a higher one starts a new generation
             t = float(torch.as_tensor(timestep).max())
             last = self.state.last_timestep
