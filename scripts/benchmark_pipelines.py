@@ -148,7 +148,8 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
 def dense_backends(device: torch.device) -> list[str]:
     if device.type != "cuda":
         return ["native"]
-    backends = ["_native_cudnn", "_native_flash"]
+    # HunyuanVideo passes a key-padding mask, which the flash kernels refuse: "native" (SDPA's own pick) still runs
+    backends = ["_native_cudnn", "_native_flash", "native"]
     if importlib.util.find_spec("flash_attn_interface"):
         backends.append("_flash_3")
     if importlib.util.find_spec("flash_attn"):
@@ -327,7 +328,10 @@ def main(argv=None) -> list[Row]:
     if args.json:
         partial = f"{args.json}.partial"
         with open(partial, "w", encoding="utf-8") as f:  # atomic: write beside, fsync, rename
-            json.dump({r.name: r.results for r in rows}, f, indent=1, default=str)
+            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            report = {"command": " ".join(["python", "scripts/benchmark_pipelines.py", *(argv or sys.argv[1:])]),
+                      "device": device_name, "torch": torch.__version__, "rows": {r.name: r.results for r in rows}}
+            json.dump(report, f, indent=1, default=str)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, args.json)

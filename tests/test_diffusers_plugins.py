@@ -108,6 +108,13 @@ def full_configs():
 # ---------------------------------------------------------------- configs
 
 
+def test_inside_zoo_diffusers_diffusers_is_the_library():
+    import zoo.diffusers.attention as plugin_attention
+
+    assert not diffusers.__file__.startswith(str(__import__("pathlib").Path(plugin_attention.__file__).parent))
+    assert plugin_attention.dispatch_attention_fn.__module__ == "diffusers.models.attention_dispatch"
+
+
 def test_configs_validate_and_round_trip():
     for config in (RadialAttentionConfig(decay_factor=0.2, dense_timesteps=12, dense_layers=1),
                    SLAConfig(topk=0.1, block_size=(128, 64)), NeighborhoodAttentionConfig(kernel_size=(3, 5, 7))):
@@ -478,7 +485,8 @@ def test_benchmark_script_quick_mode(tmp_path, monkeypatch):
     assert results["baseline"] == "native"
     for name in ("radial", "sla", "na"):
         assert results[name]["ms"] > 0 and results[name]["step_speedup"] > 0, results[name]
-    assert json.loads((tmp_path / "out.json").read_text())["wan-tiny"]["tokens"] == 24
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["rows"]["wan-tiny"]["tokens"] == 24 and report["device"] == "cpu" and "--quick" in report["command"]
     table = bench.summary(rows, None)
     assert any("| wan-tiny |  |  | radial |" in line for line in table)
     with pytest.raises(SystemExit):
