@@ -24,7 +24,9 @@ from zoo.diffusers import (  # noqa: E402
     SLAConfig,
     apply_attention,
     convert_turbowan_sla_keys,
+    from_video_dit,
     remove_attention,
+    to_video_dit,
 )
 from zoo.diffusers.attention import JointSequence, build_sparse_attention  # noqa: E402
 
@@ -128,6 +130,22 @@ def test_configs_validate_and_round_trip():
         with pytest.raises(ValueError, match=field) as err:
             make()
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("config", [RadialAttentionConfig(decay_factor=0.5, block_size=16, dense_layers=1,
+                                                          dense_timesteps=3),
+                                    SLAConfig(topk=0.2, block_size=16), NeighborhoodAttentionConfig(kernel_size=3)],
+                         ids=["radial", "sla", "na"])
+def test_configs_convert_to_and_from_the_zoo_video_dit(config):
+    from zoo.dit.attention import build_backend
+
+    attention, options = to_video_dit(config)
+    backend = build_backend(attention, head_dim=16, grid=(3, 4, 4), layer_index=1, options=options)
+    assert backend.name == config.kind
+    assert from_video_dit(attention, {**options, "mask_model": "wan"}) == config
+    if config.kind != "radial":
+        with pytest.raises(ValueError, match="dense_layers"):
+            to_video_dit(type(config).from_dict({**config.to_dict(), "dense_layers": 1}))
 
 
 def test_unsupported_models_and_misuse_are_one_line_errors():

@@ -9,7 +9,13 @@ Supported: `WanTransformer3DModel`, `HunyuanVideoTransformer3DModel`, `CogVideoX
 """
 from __future__ import annotations
 
-from zoo.diffusers.config import NeighborhoodAttentionConfig, RadialAttentionConfig, SLAConfig
+from zoo.diffusers.config import (
+    NeighborhoodAttentionConfig,
+    RadialAttentionConfig,
+    SLAConfig,
+    from_video_dit,
+    to_video_dit,
+)
 from zoo.diffusers.plugin import HOOK_NAME, apply_attention, convert_turbowan_sla_keys, remove_attention
 
 __all__ = [
@@ -19,5 +25,7 @@ __all__ = [
     "SLAConfig",
     "apply_attention",
     "convert_turbowan_sla_keys",
+    "from_video_dit",
     "remove_attention",
+    "to_video_dit",
 ]

@@ -133,3 +133,32 @@ class NeighborhoodAttentionConfig(_PluginConfig):
 
 
 CONFIGS = (RadialAttentionConfig, SLAConfig, NeighborhoodAttentionConfig)
+
+
+_VIDEO_DIT_NAMES = {"radial": RadialAttentionConfig, "sla": SLAConfig, "na": NeighborhoodAttentionConfig}
+
+
+def to_video_dit(config: _PluginConfig) -> tuple[str, dict[str, Any]]:
+    """(`attention`, `attention_kwargs`) that give the zoo's `VideoDiT` the same attention as `config`.
+
+    The VideoDiT SLA and NA backends have no dense layers or steps: a config with either is an error.
+    """
+    options = dataclasses.asdict(config)
+    if config.kind != "radial":
+        if config.dense_layers or config.dense_timesteps:
+            raise ValueError(f"VideoDiT's {config.kind} backend has no dense_layers/dense_timesteps; set them to 0")
+        del options["dense_layers"], options["dense_timesteps"]
+    if config.kind == "radial":
+        del options["legacy"]
+        if config.legacy:
+            raise ValueError("VideoDiT's radial backend has no legacy rule; use legacy=False")
+    return config.kind, options
+
+
+def from_video_dit(attention: str, attention_kwargs: dict[str, Any] | None = None) -> _PluginConfig:
+    """The plugin config of a VideoDiT's `attention` / `attention_kwargs` (`mask_model` is dropped: the
+    plugin takes the mask rule from the diffusers model it is applied to)."""
+    if attention not in _VIDEO_DIT_NAMES:
+        raise ValueError(f"attention must be one of {sorted(_VIDEO_DIT_NAMES)} to become a plugin, got {attention!r}")
+    options = {k: v for k, v in (attention_kwargs or {}).items() if k != "mask_model"}
+    return _VIDEO_DIT_NAMES[attention].from_dict(options)
