@@ -292,6 +292,24 @@ def test_sparse_attention_kernels_on_gpu(kind, text):
     torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", [RadialAttentionConfig(block_size=512), SLAConfig(topk=1.0, block_size=64)],
+                         ids=["radial", "sla"])
+def test_full_mask_plugin_equals_stock_on_gpu_kernels(config):
+    """A bf16 Wan block on CUDA: the plugin's Triton path with a full mask against the stock cuDNN/flash path."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=64).eval().to("cuda", torch.bfloat16)
+    args = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in wan_inputs(frames=4, height=16, width=14).items()}  # 4 x 8 x 7 = 224 tokens, partial block
+    args["timestep"] = args["timestep"].cuda()
+    stock = run(model, args)
+    apply_attention(model, config)
+    torch.testing.assert_close(run(model, args), stock, atol=3e-2, rtol=3e-2)
+
+
 # ---------------------------------------------------------------- steps, resolutions, independence
 
 
