@@ -527,6 +527,14 @@ def test_benchmark_script_quick_mode(tmp_path, monkeypatch):
     assert any("| wan-tiny |  |  | radial |" in line for line in table)
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "nope"])
+    # the verdicts: judged against the fastest dense step (here a flash-attn-4 estimate below cuDNN's)
+    row = bench.ROWS["wan14b-720p"]()
+    row.results.update(tokens=75600, baseline="_native_cudnn", dense={"_native_cudnn": {"ms": 1000.0, "peak_mib": 1}},
+                       schedule={"steps": 50, "dense_steps": 12}, fa4_step_estimate_ms=900.0,
+                       radial={"ms": 450.0, "peak_mib": 1, "step_speedup": 2.2, "schedule_speedup": 1.7})
+    radial_line = next(line for line in bench.summary([row], None) if "| radial |" in line)
+    assert "step 2.00x >= 2.0x: TARGET MET" in radial_line  # 900 / 450
+    assert "schedule 1.61x >= 1.7x: TARGET MISSED" in radial_line  # 50 * 900 / (12 * 900 + 38 * 450)
 
 
 # ---------------------------------------------------------------- interplay with diffusers features
