@@ -339,6 +339,17 @@ def test_dense_steps_and_layers_from_timestep_changes():
     assert model.blocks[0].attn1.processor.state.step == 0
 
 
+def test_per_token_timesteps_of_wan22_ti2v():
+    model = tiny_wan()
+    apply_attention(model, RadialAttentionConfig(block_size=8, dense_timesteps=1))
+    calls = count_sparse_calls(model)
+    for t in (900, 700):  # expand_timesteps: one timestep per token, the first frame's tokens at 0
+        timestep = torch.full((1, 5 * 4 * 8), t)
+        timestep[:, : 4 * 8] = 0
+        run(model, {**wan_inputs(), "timestep": timestep})
+    assert calls == {1: 2}
+
+
 def test_step_from_cache_context():
     model = tiny_wan()
     apply_attention(model, NeighborhoodAttentionConfig(kernel_size=3, dense_timesteps=5))
@@ -426,8 +437,13 @@ def test_sla_projection_saves_loads_and_converts():
 @pytest.mark.parametrize("config", [RadialAttentionConfig(block_size=8, decay_factor=0.2, dense_timesteps=3),
                                     SLAConfig(topk=0.25, block_size=8), NeighborhoodAttentionConfig(kernel_size=3)],
                          ids=["radial", "sla", "na"])
-def test_training_a_tiny_wan_through_the_plugin(config):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_a_tiny_wan_through_the_plugin(config, checkpointing):
+    if checkpointing and not isinstance(config, RadialAttentionConfig):
+        pytest.skip("gradient checkpointing is checked once (radial): the processors do not depend on the kind")
     model = tiny_wan().train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     apply_attention(model, config)
     calls = count_sparse_calls(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -444,7 +460,8 @@ def test_training_a_tiny_wan_through_the_plugin(config):
         assert grads["blocks.1.attn1.to_q.weight"].abs().sum() > 0
         optimizer.step()
         losses.append(loss.item())
-    assert calls == {None: 4 * 2}  # every training call is sparse, in both layers (dense_timesteps do not apply)
+    # every training call is sparse, in both layers (checkpointing runs each forward again in backward)
+    assert calls == {None: 4 * 2 * (2 if checkpointing else 1)}  # dense_timesteps do not apply
     assert losses[-1] < losses[0]
     if isinstance(config, SLAConfig):
         assert model.blocks[1].attn1.processor.sparse.sla.proj_l.weight.abs().sum() > 0  # learned
