@@ -1,0 +1,31 @@
+"""diffusers plugins: radial, SLA and 3-D neighborhood attention inside diffusers' video transformers.
+
+    from zoo.diffusers import RadialAttentionConfig, apply_attention, remove_attention
+    apply_attention(pipe.transformer, RadialAttentionConfig(decay_factor=0.2, dense_timesteps=12, dense_layers=1))
+    video = pipe(prompt, num_frames=81).frames[0]
+    remove_attention(pipe.transformer)  # the stock model again
+
+Supported: `WanTransformer3DModel`, `HunyuanVideoTransformer3DModel`, `CogVideoXTransformer3DModel`.
+"""
+from __future__ import annotations
+
+from zoo.diffusers.config import (
+    NeighborhoodAttentionConfig,
+    RadialAttentionConfig,
+    SLAConfig,
+    from_video_dit,
+    to_video_dit,
+)
+from zoo.diffusers.plugin import HOOK_NAME, apply_attention, convert_turbowan_sla_keys, remove_attention
+
+__all__ = [
+    "HOOK_NAME",
+    "NeighborhoodAttentionConfig",
+    "RadialAttentionConfig",
+    "SLAConfig",
+    "apply_attention",
+    "convert_turbowan_sla_keys",
+    "from_video_dit",
+    "remove_attention",
+    "to_video_dit",
+]

@@ -1,0 +1,204 @@
+"""`apply_attention` / `remove_attention`: the plugins installed through diffusers' own hooks.
+
+One hook name (`HOOK_NAME`) on the transformer and on every attention module it changes:
+- the transformer's hook (stateful, so `cache_context` and `maybe_free_model_hooks` reach it)
+  reads the latent grid and the sampler step before each forward;
+- each attention module's hook saves the module's processor and installs a zoo processor;
+  removing the hook puts the saved processor object back.
+Everything lives on the model instance: no class, pipeline or module-level state changes, so two
+models (or pipelines) in one process are independent.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from torch import nn
+
+from zoo.diffusers.attention import build_sparse_attention
+from zoo.diffusers.config import CONFIGS, SLAConfig
+from zoo.diffusers.processors import (
+    CogVideoXSparseAttnProcessor,
+    HunyuanVideoSparseAttnProcessor,
+    RunState,
+    WanSparseAttnProcessor,
+    ZooAttnProcessor,
+)
+
+HOOK_NAME = "zoo_attention"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one diffusers transformer lays out its video attention."""
+
+    class_name: str
+    attention: str  # regex over named_modules() names; group 1 = block kind, group 2 = block index
+    processor: type[ZooAttnProcessor]
+    mask_model: str  # radial rule: 'wan' has the frame-0 sink
+
+    def grid(self, model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, height, width) tokens after patchify, from the latent entering the transformer."""
+        cfg = model.config
+        if self.class_name == "WanTransformer3DModel":
+            (_, _, f, h, w), (pt, ph, pw) = hidden_states.shape, cfg.patch_size
+        elif self.class_name == "HunyuanVideoTransformer3DModel":
+            (_, _, f, h, w), pt, ph = hidden_states.shape, cfg.patch_size_t, cfg.patch_size
+            pw = ph
+        else:  # CogVideoX: [B, F, C, H, W]
+            (_, f, _, h, w), pt, ph = hidden_states.shape, cfg.patch_size_t or 1, cfg.patch_size
+            pw = ph
+        return f // pt, h // ph, w // pw
+
+    def layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, int]]:
+        """(name, attention module, block index) of the self-attention layers the plugin replaces.
+
+        HunyuanVideo counts its single-stream blocks after the dual-stream ones.
+        """
+        offsets = {"single_transformer_blocks": len(getattr(model, "transformer_blocks", ()))}
+        for name, module in model.named_modules():
+            match = re.fullmatch(self.attention, name)
+            if match:
+                yield name, module, offsets.get(match.group(1), 0) + int(match.group(2))
+
+
+SPECS = (
+    ModelSpec("WanTransformer3DModel", r"(blocks)\.(\d+)\.attn1", WanSparseAttnProcessor, "wan"),
+    ModelSpec("HunyuanVideoTransformer3DModel", r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn",
+              HunyuanVideoSparseAttnProcessor, "hunyuan"),
+    ModelSpec("CogVideoXTransformer3DModel", r"(transformer_blocks)\.(\d+)\.attn1", CogVideoXSparseAttnProcessor,
+              "hunyuan"),
+)
+
+
+def _spec(module: nn.Module) -> ModelSpec:
+    for spec in SPECS:
+        if any(cls.__name__ == spec.class_name and cls.__module__.startswith("diffusers.") for cls in type(module).__mro__):
+            return spec
+    supported = ", ".join(s.class_name for s in SPECS)
+    hint = " (pass pipe.transformer, and pipe.transformer_2 for Wan2.2 A14B)" if hasattr(module, "components") else ""
+    raise TypeError(f"zoo attention plugins support diffusers' {supported}; got {type(module).__name__}{hint}")
+
+
+class _NoState(BaseState):
+    def reset(self) -> None:
+        pass
+
+
+class _TransformerHook(ModelHook):
+    """Before each transformer forward: the latent grid, and the step (cache context or timestep changes)."""
+
+    _is_stateful = True
+
+    def __init__(self, spec: ModelSpec, state: RunState) -> None:
+        super().__init__()
+        self.spec, self.state = spec, state
+        self.contexts = StateManager(_NoState)  # `cache_context` sets the pipeline's CacheContext here
+        self.signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module):
+        self.signature = inspect.signature(type(module).forward)  # CogVideoX takes timestep third
+        return module
+
+    def _context(self) -> CacheContext | None:
+        try:
+            return self.contexts.context
+        except ValueError:  # no cache context: this pipeline (or a direct call) gives none
+            return None
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        call = self.signature.bind_partial(module, *args, **kwargs).arguments
+        self.state.grid = self.spec.grid(module, call["hidden_states"])
+        timestep, context = call.get("timestep"), self._context()
+        if module.training and torch.is_grad_enabled():
+            self.state.step = None  # fine-tuning: sparse
+        elif context is not None and context.step_index is not None:
+            self.state.step = context.step_index
+        elif timestep is None:
+            raise ValueError(f"{self.spec.class_name} was called without a timestep: the zoo attention plugin "
+                             "needs it (or a cache_context with step_index) to know the sampler step")
+        else:  # sampling lowers the timestep every step; a higher one starts a new generation
+            t = float(torch.as_tensor(timestep).max())
+            last = self.state.last_timestep
+            self.state.step = 0 if last is None or t > last or self.state.step is None else (
+                self.state.step + (t < last))
+            self.state.last_timestep = t
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.state.reset()
+        self.contexts.reset()
+        return module
+
+
+class _ProcessorHook(ModelHook):
+    """Installs `processor` on an attention module; removing the hook restores the saved one."""
+
+    def __init__(self, processor: ZooAttnProcessor) -> None:
+        super().__init__()
+        self.processor = processor
+
+    def initialize_hook(self, module):
+        module.set_processor(self.processor)
+        return module
+
+    def deinitalize_hook(self, module):  # (sic) diffusers' spelling
+        module.set_processor(self.processor.stock)
+        return module
+
+
+def apply_attention(module: nn.Module, config) -> None:
+    """Run `config`'s sparse attention in the self-attention layers of a diffusers video transformer.
+
+    `module`: a `WanTransformer3DModel` (Wan2.1/2.2, T2V/I2V: only `attn1` changes, cross-attention
+    keeps its processor), `HunyuanVideoTransformer3DModel` (video rows sparse, text rows and
+    columns dense, token refiner untouched) or `CogVideoXTransformer3DModel`. `config`: a
+    `RadialAttentionConfig`, `SLAConfig` or `NeighborhoodAttentionConfig`. Fuse QKV projections
+    before applying (CogVideoX's `fuse_qkv_projections` replaces every processor).
+    """
+    if not isinstance(config, CONFIGS):
+        names = ", ".join(c.__name__ for c in CONFIGS)
+        raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
+    spec = _spec(module)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError("zoo attention is already applied to this model: call remove_attention(model) first")
+    state, policy = RunState(), config.policy
+    sparse, processors = None, []
+    for _, attn, layer_index in spec.layers(module):
+        if sparse is None or isinstance(config, SLAConfig):  # radial and NA have no weights: one shared
+            sparse = build_sparse_attention(config, head_dim=attn.to_q.out_features // attn.heads,
+                                            mask_model=spec.mask_model).to(attn.to_q.weight.device)
+        processors.append((attn, spec.processor(attn.processor, sparse, layer_index, policy, state)))
+    if not processors:
+        raise ValueError(f"found no self-attention layers matching {spec.attention!r} in this {spec.class_name}")
+    registry.register_hook(_TransformerHook(spec, state), HOOK_NAME)
+    for attn, processor in processors:
+        HookRegistry.check_if_exists_or_initialize(attn).register_hook(_ProcessorHook(processor), HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+
+
+def remove_attention(module: nn.Module) -> None:
+    """Undo `apply_attention`: every replaced attention module gets its original processor object back."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(HOOK_NAME) is None:
+        raise ValueError("no zoo attention is applied to this model (apply_attention(model, config) installs one)")
+    registry.remove_hook(HOOK_NAME, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+def convert_turbowan_sla_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-format TurboWan state dict with its SLA projections renamed for the SLA plugin.
+
+    `blocks.N.attn1.attn_op.local_attn.proj_l.{weight,bias}` -> `blocks.N.attn1.processor.sparse.sla.proj_l.*`;
+    every other key is kept. Load into a model with `apply_attention(model, SLAConfig(...))` applied.
+    """
+    pattern = re.compile(r"(blocks\.\d+\.attn1)\.attn_op\.local_attn\.(proj_l\.(?:weight|bias))")
+    return {pattern.sub(r"\1.processor.sparse.sla.\2", key): value for key, value in state_dict.items()}
+
