@@ -55,7 +55,7 @@ setup(
         "train": TRAIN,
         "diffusion": DIFFUSION,
         "video": VIDEO,
-        "dev": TRAIN + DIFFUSION + VIDEO + ["pytest", "pytest-xdist", "hypothesis", "ruff"],
+        "dev": TRAIN + DIFFUSION + VIDEO + ["peft", "pytest", "pytest-xdist", "hypothesis", "ruff"],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},
 )
