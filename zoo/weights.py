@@ -14,6 +14,7 @@ import json
 import os
 import pickletools
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -313,7 +314,8 @@ def load_tensors_only(path: str | os.PathLike, mmap: bool = False) -> Any:
         except Exception as e:
             raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
     try:
-        with torch.serialization.safe_globals(PICKLE_ALLOW_LIST):
+        with torch.serialization.safe_globals(PICKLE_ALLOW_LIST), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:
         refused = _refused_global(path)
