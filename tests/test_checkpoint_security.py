@@ -221,6 +221,10 @@ def test_every_shipped_file_has_a_matching_sha256_and_others_say_unknown():
     for w in registered:
         assert w.sha256_status == w.sha256 if w.sha256 else w.sha256_status.startswith("unknown offline"), w.name
     assert sum(w.sha256 is None for w in registered) > 0  # the hub/URL files never downloaded here
+    info = zoo.model_info("nat_mini", with_flops=False)["pretrained"]  # what `zoo info` prints
+    assert info["nat_mini.in1k"]["sha256"].startswith("unknown offline")
+    assert zoo.model_info("biformer_mnist", with_flops=False)["pretrained"]["biformer_mnist.mnist"]["sha256"] == \
+        weights.get_weights("biformer_mnist.mnist").sha256
 
 
 def test_hash_unknown_file_is_recorded_on_first_use_and_checked_after(tmp_path, monkeypatch):

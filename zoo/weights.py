@@ -541,7 +541,13 @@ def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
 def read_export_config(path: str | os.PathLike) -> dict | None:
     """The JSON `export` wrote next to `path`, if any."""
     sidecar = Path(path).with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    if not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text())
+    except (ValueError, OSError) as e:
+        raise WeightsError(f"{sidecar}: the export's JSON is unreadable ({type(e).__name__}: {e}); "
+                           "delete it to load the weights with the model's default arguments") from None
 
 
 def _jsonable(cfg: dict) -> dict:
