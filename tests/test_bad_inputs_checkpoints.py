@@ -8,10 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import toy_models  # noqa: F401  (registers zootest_toynet)
 import torch
-from test_checkpoint_security import Payload
+import toy_models  # noqa: F401  (registers zootest_toynet)
 from safetensors.torch import save_file
+from test_checkpoint_security import Payload
 
 import zoo
 from zoo import weights

@@ -11,8 +11,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
-import toy_models  # noqa: F401  (registers zootest_toynet)
 import torch
+import toy_models  # noqa: F401  (registers zootest_toynet)
 
 import zoo
 from zoo import weights
