@@ -58,7 +58,7 @@ CASES = {
     "wrong model's state dict": lambda t: (p := _torch_file(t / "x.pth", {"conv.weight": torch.ones(1)}), p, "missing keys"),
     "mis-shaped keys": lambda t: (p := _torch_file(t / "x.pth", _state(**{"head.weight": torch.ones(3, 16)})), p,
                                   "head.weight: checkpoint (3, 16) vs model (1000, 16)"),
-    "nonexistent path": lambda t: (t / "missing.pth", t / "missing.pth", "no such checkpoint file"),
+    "nonexistent path": lambda t: (t / "missing.pth", t / "missing.pth", "no such file"),
     "directory instead of file": lambda t: ((t / "dir.pth").mkdir() or t / "dir.pth", t / "dir.pth", "is a directory"),
     "unreadable export JSON": lambda t: (p := _export_with_bad_json(t), p.with_suffix(".json"), "JSON is unreadable"),
 }

@@ -1,15 +1,18 @@
 """Pretrained-weight registry: where each checkpoint lives, how to check it, how to convert it.
 
 Every pretrained `arch.tag` names one source (URL, HF hub repo + filename, or a local file
-shipped in the package), its licence, an optional sha256 and a converter from the official
-layout to ours. Loading downloads into the cache (`ZOO_CACHE`, else `<torch hub dir>/attnzoo`),
-verifies, converts, and checks every key and shape *before* touching the model, so a bad file
-leaves the model exactly as it was.
+shipped in the package), its licence, its sha256 (every shipped file has one; a hub/URL file
+never downloaded here has None, "unknown offline": its hash is recorded on first use and checked
+after) and a converter from the official layout to ours. Loading downloads into the cache
+(`ZOO_CACHE`, else `<torch hub dir>/attnzoo`), verifies, reads tensors only (never pickled code:
+`load_tensors_only`), converts, and checks every key and shape *before* touching the model, so a
+bad file leaves the model exactly as it was. Files are written atomically (`atomic_path`).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import pickletools
@@ -22,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -301,7 +304,7 @@ def load_tensors_only(path: str | os.PathLike, mmap: bool = False) -> Any:
     if path.is_dir():
         raise WeightsError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
-        raise WeightsError(f"{path}: no such checkpoint file")
+        raise WeightsError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(9)
     if not head:
@@ -315,7 +318,8 @@ def load_tensors_only(path: str | os.PathLike, mmap: bool = False) -> Any:
             raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
     try:
         with torch.serialization.safe_globals(PICKLE_ALLOW_LIST), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
+            # a plain pickle or a TorchScript archive: weights_only refuses both, and so do we below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol|.*looks like a TorchScript archive")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:
         refused = _refused_global(path)
@@ -340,28 +344,26 @@ def _first_line(e: BaseException) -> str:
 def _refused_global(path: Path) -> str | None:
     """The first global the file's pickle names outside torch's and our allow-list, read from its
     opcodes without running them; None if it names none (then the file is not a pickle at all)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in PICKLE_ALLOW_LIST}
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                pickles = [archive.read(n) for n in archive.namelist() if n.endswith("data.pkl")]
+                names = [n for data in archive.namelist() if data.endswith("data.pkl")
+                         for n in _pickled_globals(io.BytesIO(archive.read(data)))]
         else:
-            pickles = [path.read_bytes()]
+            with open(path, "rb") as f:
+                names = list(_pickled_globals(f))
     except (OSError, zipfile.BadZipFile):
         return None
-    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in PICKLE_ALLOW_LIST}
-    for name in (n for data in pickles for n in _pickled_globals(data)):
-        module = name.partition(".")[0]
-        if name not in allowed and module not in ("torch", "collections") and name not in _PLAIN_BUILTINS:
+    for name in names:
+        if name not in allowed and name.partition(".")[0] not in ("torch", "collections") and name not in _PLAIN_BUILTINS:
             return name
     return None
 
 
-def _pickled_globals(data: bytes) -> Iterator[str]:
-    """The `module.name` of every GLOBAL / STACK_GLOBAL in the pickles that `data` starts with
+def _pickled_globals(stream: BinaryIO) -> Iterator[str]:
+    """The `module.name` of every GLOBAL / STACK_GLOBAL in the pickles `stream` starts with
     (legacy torch files are several pickles in a row)."""
-    import io
-
-    stream = io.BytesIO(data)
     for _ in range(5):  # legacy torch.save: magic number, protocol, system info, the object, storage keys
         strings: list[str | None] = []
         memo: dict[int, str | None] = {}

@@ -145,14 +145,13 @@ def _model_identity(cfg: DictConfig) -> dict[str, Any]:
     return identity
 
 
-def _check_same_model(checkpoint: dict[str, Any], cfg: DictConfig, where: str) -> None:
+def _check_same_model(checkpoint: dict[str, Any], cfg: DictConfig, where: str, fix: str) -> None:
     """Refuse a checkpoint of another network before anything is written (a state-dict error would come later)."""
     saved = checkpoint.get("hyper_parameters") or {}
     differs = {k: saved.get(k) for k, v in _model_identity(cfg).items() if saved.get(k) != v}
     if differs:
         ours = {k: v for k, v in _model_identity(cfg).items() if k in differs}
-        raise ConfigError(f"{where} holds a run of another model ({differs}; this config: {ours}): "
-                          "choose another output_dir, or set resume=false and delete its checkpoints")
+        raise ConfigError(f"{where} holds a run of another model ({differs}; this config: {ours}): {fix}")
 
 
 def _readable(path: Path) -> dict[str, Any] | str:
@@ -183,7 +182,7 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
             break
         unreadable.append(checkpoint)
     if newest:
-        _check_same_model(newest[1], cfg, f"output_dir {cfg.output_dir}")
+        _check_same_model(newest[1], cfg, f"output_dir {cfg.output_dir}", f"choose another output_dir, or delete {folder}")
     if isinstance(cfg.resume, str):
         path = Path(cfg.resume)
         if not path.is_file():
@@ -191,7 +190,7 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
         checkpoint = _readable(path)
         if isinstance(checkpoint, str):
             raise ConfigError(f"config key 'resume': {checkpoint}")
-        _check_same_model(checkpoint, cfg, f"resume={path}")
+        _check_same_model(checkpoint, cfg, f"resume={path}", "resume from a checkpoint of this model")
         return path
     if not cfg.resume:
         return None
@@ -230,13 +229,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.output_dir)
-    ckpt = resume_checkpoint(cfg)
+    ckpt = resume_checkpoint(cfg)  # what is refused (another model's run, a bad checkpoint) is refused before any write
     module = build_module(cfg)
+    data = build_datamodule(cfg.data)
     save_config(cfg, out / "config.yaml")
     weights.remove_partial_files(out / "checkpoints")
     if cfg.trainer.compile:
         module.model = torch.compile(module.model)
-    data = build_datamodule(cfg.data)
     trainer = build_trainer(cfg, module)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
