@@ -132,6 +132,7 @@ def model_info(model_name: str, with_flops: bool = True) -> dict[str, Any]:
         info["flops"] = flops(model)
     info["pretrained"] = {
         n: {"source": _weights.get_weights(n).describe(), "license": _weights.get_weights(n).license,
+            "sha256": _weights.get_weights(n).sha256_status,
             **{k: v for k, v in _weights.get_weights(n).cfg.items() if k in ("top1", "input_size", "description")}}
         for n in list_pretrained(entry.name)
     }

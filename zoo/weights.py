@@ -1,23 +1,31 @@
 """Pretrained-weight registry: where each checkpoint lives, how to check it, how to convert it.
 
 Every pretrained `arch.tag` names one source (URL, HF hub repo + filename, or a local file
-shipped in the package), its licence, an optional sha256 and a converter from the official
-layout to ours. Loading downloads into the cache (`ZOO_CACHE`, else `<torch hub dir>/attnzoo`),
-verifies, converts, and checks every key and shape *before* touching the model, so a bad file
-leaves the model exactly as it was.
+shipped in the package), its licence, its sha256 (every shipped file has one; a hub/URL file
+never downloaded here has None, "unknown offline": its hash is recorded on first use and checked
+after) and a converter from the official layout to ours. Loading downloads into the cache
+(`ZOO_CACHE`, else `<torch hub dir>/attnzoo`), verifies, reads tensors only (never pickled code:
+`load_tensors_only`), converts, and checks every key and shape *before* touching the model, so a
+bad file leaves the model exactly as it was. Files are written atomically (`atomic_path`).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import io
 import json
 import os
-import pickle
-import types
-from collections.abc import Callable
+import pickletools
+import tempfile
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -48,7 +56,7 @@ class Weights:
     hf_filename: str | None = None
     package_file: str | None = None  # a file shipped inside the zoo package (zoo/pretrained/...)
     file: str | None = None  # an absolute local path
-    sha256: str | None = None
+    sha256: str | None = None  # None: unknown offline (a hub/URL file never downloaded here); see `sha256_status`
     license: str | None = None
     converter: Converter | None = None
     cfg: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +70,13 @@ class Weights:
                 # share links (https://cloud.tsinghua.edu.cn/f/<id>/?dl=1) name no file: use the entry's
                 return name if "." in name else f"{self.name}.pth"
         raise WeightsError(f"{self.name} has no source")
+
+    @property
+    def sha256_status(self) -> str:
+        """The registered sha256, or what is checked instead when it is unknown offline."""
+        if self.sha256:
+            return self.sha256
+        return "unknown offline: recorded beside the cached file on first use and checked on every later load"
 
     def describe(self) -> str:
         if self.package_file:
@@ -214,6 +229,23 @@ def verify_sha256(path: str | os.PathLike, expected: str | None) -> None:
         )
 
 
+def fetch_verified(weights: Weights, progress: bool = True) -> Path:
+    """`fetch`, then check the file: against the registered sha256, or, for a cached hub/URL file
+    whose hash is unknown offline, against the one recorded beside it (`<file>.sha256`) on first use,
+    so a file replaced or corrupted later is refused. Loading it stays tensors-only either way."""
+    path = fetch(weights, progress=progress)
+    if weights.sha256 or weights.package_file or weights.file:
+        verify_sha256(path, weights.sha256)
+        return path
+    record = path.with_name(path.name + ".sha256")
+    if record.is_file():
+        verify_sha256(path, record.read_text().strip())
+    else:
+        with atomic_path(record) as tmp:
+            tmp.write_text(sha256_of(path) + "\n")
+    return path
+
+
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module")
 
 
@@ -224,19 +256,7 @@ def read_checkpoint(path: str | os.PathLike) -> StateDict:
     `module.`, `_orig_mod.` and (for Lightning checkpoints) `model.` prefixes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such checkpoint file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = _torch_load(path)
-    except WeightsError:
-        raise
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(e).__name__}: {e})") from e
+    state = load_tensors_only(path)
     lightning = isinstance(state, dict) and "pytorch-lightning_version" in state
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}} is not seen, but {"state_dict": {...}} is
         if isinstance(state, dict):
@@ -254,53 +274,113 @@ def read_checkpoint(path: str | os.PathLike) -> StateDict:
     return dict(state)
 
 
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # official checkpoints often pickle their argparse Namespace next to the weights
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise
-        import argparse
+class _ConfigNode:
+    """Stand-in for a pickled yacs `CfgNode` (a dict subclass): it unpickles as an OrderedDict of
+    its items, a container torch's weights-only unpickler fills (it refuses dict subclasses)."""
 
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                pass
+    def __new__(cls, *args: Any) -> Any:
+        return OrderedDict()
+
+
+# What torch's weights-only unpickler accepts besides tensors, numbers, strings and plain containers:
+# the argparse Namespace that official training scripts pickle next to the weights, and the yacs
+# config of the Swin-codebase ones (Agent / FLatten / InLine), read as a plain dict.
+PICKLE_ALLOW_LIST = [argparse.Namespace, (_ConfigNode, "yacs.config.CfgNode")]
+_SAFETENSORS_SUFFIX = ".safetensors"
+# globals torch's weights-only unpickler accepts that are neither torch's nor containers
+_PLAIN_BUILTINS = frozenset({"builtins.set", "builtins.frozenset", "builtins.bytearray", "builtins.complex", "_codecs.encode"})
+
+
+def load_tensors_only(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """Read any checkpoint file as tensors and plain containers, never running code it pickles.
+
+    safetensors is read as such; every `torch.save` format (zip and legacy) goes through
+    `torch.load(weights_only=True)`, whose unpickler builds only tensors, storages, numbers,
+    strings and containers, plus `PICKLE_ALLOW_LIST`. Anything else (a plain pickle, a pickled
+    class or function) is refused with one line naming the file and, when found, the global.
+    `mmap` maps zip checkpoints instead of reading them (a cheap validity check).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise WeightsError(f"{path}: is empty, not a checkpoint (an interrupted download or save?): delete it")
+    if path.suffix == _SAFETENSORS_SUFFIX or _looks_like_safetensors(head):
+        from safetensors.torch import load_file
+
         try:
-            # the Swin-codebase checkpoints (Agent / FLatten / InLine ...) pickle their yacs config
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_config_pickle)
-        except Exception:
-            raise WeightsError(
-                    f"{path}: contains pickled objects other than tensors; it was not loaded "
-                    "(convert it to safetensors, or load a trusted file with torch.load and pass the state dict)"
-                ) from e
+            return load_file(str(path))
+        except Exception as e:
+            raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt ({_first_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals(PICKLE_ALLOW_LIST), warnings.catch_warnings():
+            # a plain pickle or a TorchScript archive: weights_only refuses both, and so do we below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol|.*looks like a TorchScript archive")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as e:
+        refused = _refused_global(path)
+        if refused:
+            raise WeightsError(f"{path}: refused: it holds pickled objects other than tensors ({refused}); only weights "
+                               "load, never pickled code: re-save the state dict as safetensors") from None
+        raise WeightsError(f"{path}: not a readable torch checkpoint, truncated or corrupt ({_first_line(e)})") from None
 
 
-class _ConfigNode(dict):
-    """Stand-in for a pickled yacs `CfgNode` (a dict subclass); only its items are kept."""
-
-    def __setstate__(self, state) -> None:
-        pass
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors files open with an 8-byte header length and the header's JSON `{`."""
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30
 
 
-class _ConfigUnpickler(pickle.Unpickler):
-    """An allow-list unpickler: tensors and storages, plain containers, argparse / yacs configs."""
-
-    _ALLOWED = {("collections", "OrderedDict"), ("argparse", "Namespace"), ("torch", "Size"), ("torch", "device")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("yacs.config", "CfgNode"):
-            return _ConfigNode
-        torch_ok = module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
-        rebuild_ok = module in ("torch._utils", "torch._tensor") and name.startswith("_rebuild")
-        if (module, name) in self._ALLOWED or torch_ok or rebuild_ok:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+def _first_line(e: BaseException) -> str:
+    """The exception's first non-empty line that says something (torch's weights-only errors open with advice)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue", "Check the documentation"))]
+    return f"{type(e).__name__}: {(specific or lines or [''])[0]}"
 
 
-_config_pickle = types.SimpleNamespace(Unpickler=_ConfigUnpickler, load=pickle.load, __name__="zoo_config_pickle")
+def _refused_global(path: Path) -> str | None:
+    """The first global the file's pickle names outside torch's and our allow-list, read from its
+    opcodes without running them; None if it names none (then the file is not a pickle at all)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in PICKLE_ALLOW_LIST}
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for data in archive.namelist() if data.endswith("data.pkl")
+                         for n in _pickled_globals(io.BytesIO(archive.read(data)))]
+        else:
+            with open(path, "rb") as f:
+                names = list(_pickled_globals(f))
+    except (OSError, zipfile.BadZipFile):
+        return None
+    for name in names:
+        if name not in allowed and name.partition(".")[0] not in ("torch", "collections") and name not in _PLAIN_BUILTINS:
+            return name
+    return None
+
+
+def _pickled_globals(stream: BinaryIO) -> Iterator[str]:
+    """The `module.name` of every GLOBAL / STACK_GLOBAL in the pickles `stream` starts with
+    (legacy torch files are several pickles in a row)."""
+    for _ in range(5):  # legacy torch.save: magic number, protocol, system info, the object, storage keys
+        strings: list[str | None] = []
+        memo: dict[int, str | None] = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    yield str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
+                    yield f"{strings[-2]}.{strings[-1]}"
+                elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op.name == "MEMOIZE" else int(arg)] = strings[-1] if strings else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(int(arg)))
+                else:
+                    strings.append(arg if isinstance(arg, str) else None)
+        except Exception:  # not (or no longer) a pickle: random bytes, or the storages after a legacy file's pickles
+            return
 
 
 def check_state_dict(model: torch.nn.Module, state: StateDict, source: str, ignore: tuple[str, ...] = ()) -> None:
@@ -315,12 +395,12 @@ def check_state_dict(model: torch.nn.Module, state: StateDict, source: str, igno
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        lines = [f"{source} does not match {type(model).__name__}:"]
+        parts = []
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                lines.append(f"  {title}: {shown}")
-        raise WeightsError("\n".join(lines))
+                parts.append(f"{title}: {shown}")
+        raise WeightsError(f"{source} does not match {type(model).__name__}: {'; '.join(parts)}")
 
 
 def _convert(model, state, converters: list[Converter], source: str) -> StateDict:
@@ -369,8 +449,7 @@ def _head_mismatch(model, state: StateDict, num_classes: int | None) -> tuple[st
 def load_pretrained(model: torch.nn.Module, name: str, progress: bool = True) -> None:
     """Fetch, verify, convert and load the registered weights `name` (arch.tag) into `model`."""
     weights = get_weights(name)
-    path = fetch(weights, progress=progress)
-    verify_sha256(path, weights.sha256)
+    path = fetch_verified(weights, progress=progress)
     state = read_checkpoint(path)
     if weights.converter is not None:
         state = weights.converter(state, model)
@@ -405,24 +484,72 @@ def export(model: torch.nn.Module, path: str | os.PathLike, architecture: str | 
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != _SAFETENSORS_SUFFIX:
+        path = path.with_suffix(_SAFETENSORS_SUFFIX)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     architecture = architecture or cfg.get("architecture") or getattr(model, "zoo_architecture", None)
     if not architecture:
         raise ValueError("export needs architecture=: the model does not record which zoo model it is")
-    save_file(state, str(path), metadata={"architecture": architecture, "format": "pt"})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"architecture": architecture, "format": "pt"})
     meta = {"architecture": architecture, "model_args": _model_args(model), "pretrained_cfg": _jsonable(cfg)}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
     return path
+
+
+PARTIAL_SUFFIX = ".zoo-partial"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file to; on success it is fsynced and renamed over
+    `path` (a rename within one filesystem is atomic), on failure removed. Readers, and a run killed
+    mid-save, see the old file or the new one, never a partial one; a kill can leave only a
+    `.<name>.*.zoo-partial` file (`remove_partial_files`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide checkpoints from the rest of a group
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete what `atomic_path` left in `folder` when a process was killed mid-save."""
+    leftovers = sorted(Path(folder).glob(f".*{PARTIAL_SUFFIX}"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
 
 
 def read_export_config(path: str | os.PathLike) -> dict | None:
     """The JSON `export` wrote next to `path`, if any."""
     sidecar = Path(path).with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    if not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text())
+    except (ValueError, OSError) as e:
+        raise WeightsError(f"{sidecar}: the export's JSON is unreadable ({type(e).__name__}: {e}); "
+                           "delete it to load the weights with the model's default arguments") from None
 
 
 def _jsonable(cfg: dict) -> dict:

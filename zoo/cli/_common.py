@@ -114,19 +114,19 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
         return "random init (untrained)", {}
     cfg = {}
     if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise CliError(f"--checkpoint {args.checkpoint}: no such file")
-        state, source, converter = weights.read_checkpoint(args.checkpoint), args.checkpoint, None
+        try:
+            state, source, converter = weights.read_checkpoint(args.checkpoint), args.checkpoint, None
+        except weights.WeightsError as e:
+            raise CliError(f"--checkpoint {e}") from None
         cfg = (weights.read_export_config(args.checkpoint) or {}).get("pretrained_cfg", {})
     else:
         w = registered_weights(name, entry, prefer)
         if w is None:
             raise CliError(no_weights_message(name))
         try:
-            path = weights.fetch(w, progress=not args.quiet)
+            path = weights.fetch_verified(w, progress=not args.quiet)
         except weights.WeightsError as e:
             raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
-        weights.verify_sha256(path, w.sha256)
         state, source, converter, cfg = weights.read_checkpoint(path), f"{w.name} ({w.describe()})", w.converter, w.cfg
     if converter is not None:
         state = converter(state, model)
@@ -137,7 +137,7 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
     try:
         weights.load_state_dict(model, state, source)
     except weights.WeightsError as e:
-        raise CliError(str(e).splitlines()[0] + " " + "; ".join(line.strip() for line in str(e).splitlines()[1:])) from None
+        raise CliError(str(e)) from None
     return source, cfg
 
 

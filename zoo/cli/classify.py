@@ -54,10 +54,12 @@ def load_classifier(args: argparse.Namespace):
         if args.checkpoint and not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint {args.checkpoint}: no such file")
         try:
-            model = timm.create_model(name, pretrained=pretrained, checkpoint_path=args.checkpoint or "")
+            model = timm.create_model(name, pretrained=pretrained)
         except Exception as e:  # hub / network errors come in many types
             raise CliError(f"timm could not load {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "pass --checkpoint PATH or --random-init") from None
+        if args.checkpoint:  # through the zoo's tensors-only reader, as every other checkpoint
+            zoo.weights.load_checkpoint(model, args.checkpoint)
         return name, model, f"timm {'pretrained' if pretrained else args.checkpoint or 'random init'}"
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():

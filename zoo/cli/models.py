@@ -35,6 +35,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for name, meta in info["pretrained"].items():
             extra = f"  top-1 {meta['top1']}" if meta.get("top1") else ""
             print(f"    {name}: {meta['source']}  [{meta.get('license') or '?'}]{extra}")
+            print(f"      sha256: {meta['sha256']}")
     else:
         print("  pretrained: none registered")
     return 0

@@ -32,8 +32,9 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
         # what an export must record to rebuild it: the caller's arguments, not those the entrypoint adds itself
         model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     else:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                  checkpoint_path=checkpoint_path or "", **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        if checkpoint_path:  # through the zoo's tensors-only reader, as every other checkpoint
+            zoo.weights.load_checkpoint(model, checkpoint_path)
         model.zoo_architecture = split_name(name)[0]
         model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     return model

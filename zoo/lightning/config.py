@@ -118,7 +118,7 @@ class TrainConfig:
     task: str = MISSING  # classify | diffusion
     output_dir: str = "outputs/${task}_${model.name}"
     seed: int = 0
-    resume: bool = True  # continue from output_dir/checkpoints/last.ckpt when it exists
+    resume: bool | str = True  # true: continue from output_dir/checkpoints/last.ckpt; false: from scratch; a path: from it
     export: str | None = None  # write the final weights here through zoo.weights.export
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -180,8 +180,10 @@ def _check_choices(cfg: DictConfig) -> None:
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config (what the run actually used)."""
+    """Write the resolved config (what the run actually used), atomically."""
+    from zoo.weights import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+    with atomic_path(path) as tmp:
+        OmegaConf.save(cfg, tmp, resolve=True)
     return path

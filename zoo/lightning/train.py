@@ -3,7 +3,9 @@
 Layout of `output_dir`: `config.yaml` (the resolved config), `checkpoints/last.ckpt` and
 `checkpoints/step*.ckpt`, `csv/version_N/metrics.csv`, `tb/` (TensorBoard), `samples/`
 (diffusion grids and videos) and, with `export=`, the safetensors + JSON written by
-`zoo.weights.export`. Re-running the same command resumes from `last.ckpt`.
+`zoo.weights.export`. Re-running the same command resumes from `last.ckpt` (or, if that is
+unreadable, the newest readable checkpoint); `resume=PATH` resumes from another checkpoint.
+Checkpoints are written atomically (`AtomicCheckpointIO`) and read as tensors only.
 """
 from __future__ import annotations
 
@@ -18,9 +20,28 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from zoo import weights
+
 from ._compat import pl
 from .config import ConfigError, load_config, save_config
 from .data import build_datamodule
+
+_plugins = importlib.import_module(pl.__name__ + ".plugins")
+
+
+class AtomicCheckpointIO(_plugins.TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing each checkpoint beside its target and renaming it into place
+    (`zoo.weights.atomic_path`), so a kill mid-save never leaves a partial `last.ckpt`, and reading
+    checkpoints as tensors only (`zoo.weights.load_tensors_only`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        with weights.atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return weights.load_tensors_only(path)
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -105,6 +126,7 @@ def build_trainer(cfg: DictConfig, module: pl.LightningModule) -> pl.Trainer:
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar, deterministic=t.deterministic,
         callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, default_root_dir=cfg.output_dir,
+        plugins=[AtomicCheckpointIO()],
     )
     if t.val_check_interval is not None:  # in optimizer steps, across epoch boundaries
         kwargs.update(val_check_interval=t.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None)
@@ -115,9 +137,68 @@ def build_trainer(cfg: DictConfig, module: pl.LightningModule) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-def last_checkpoint(cfg: DictConfig) -> Path | None:
-    path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-    return path if path.is_file() else None
+def _model_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The hyper-parameters that fix the network's state dict, as the LightningModule records them."""
+    identity = {"model_name": cfg.model.name, "model_kwargs": OmegaConf.to_container(cfg.model.kwargs, resolve=True)}
+    if cfg.task == "classify":
+        identity.update(num_classes=cfg.data.num_classes, in_chans=cfg.data.channels)
+    return identity
+
+
+def _check_same_model(checkpoint: dict[str, Any], cfg: DictConfig, where: str, fix: str) -> None:
+    """Refuse a checkpoint of another network before anything is written (a state-dict error would come later)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    differs = {k: saved.get(k) for k, v in _model_identity(cfg).items() if saved.get(k) != v}
+    if differs:
+        ours = {k: v for k, v in _model_identity(cfg).items() if k in differs}
+        raise ConfigError(f"{where} holds a run of another model ({differs}; this config: {ours}): {fix}")
+
+
+def _readable(path: Path) -> dict[str, Any] | str:
+    """The checkpoint at `path`, or why it cannot be read (empty, truncated, not a checkpoint)."""
+    try:
+        checkpoint = weights.load_tensors_only(path, mmap=True)
+    except weights.WeightsError as e:
+        return str(e)
+    return checkpoint if isinstance(checkpoint, dict) and "state_dict" in checkpoint else f"{path}: not a Lightning checkpoint"
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint `run` continues from, checked before anything is written.
+
+    `resume=PATH`: that file. `resume=true`: the newest checkpoint in `checkpoints/` (normally
+    `last.ckpt`); one that is unreadable (a copy cut short by a kill on another filesystem, a full
+    disk) is skipped with a warning. `resume=false`: none. A folder or file holding a run of another
+    model is refused, whatever `resume` says, so it is never overwritten.
+    """
+    folder = Path(cfg.output_dir) / "checkpoints"
+    # newest first (a kill between a step file and last.ckpt leaves the step file newer); last.ckpt wins ties
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (-p.stat().st_mtime, p.name != "last.ckpt"))
+    unreadable, newest = [], None
+    for path in candidates:
+        checkpoint = _readable(path)
+        if isinstance(checkpoint, dict):
+            newest = (path, checkpoint)
+            break
+        unreadable.append(checkpoint)
+    if newest:
+        _check_same_model(newest[1], cfg, f"output_dir {cfg.output_dir}", f"choose another output_dir, or delete {folder}")
+    if isinstance(cfg.resume, str):
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise ConfigError(f"config key 'resume': {path} is not a file; give a checkpoint, true (continue in output_dir) or false")
+        checkpoint = _readable(path)
+        if isinstance(checkpoint, str):
+            raise ConfigError(f"config key 'resume': {checkpoint}")
+        _check_same_model(checkpoint, cfg, f"resume={path}", "resume from a checkpoint of this model")
+        return path
+    if not cfg.resume:
+        return None
+    if unreadable and newest:
+        warnings.warn(f"resuming from {newest[0]}, the newest readable checkpoint: {unreadable[0]}", stacklevel=2)
+    elif unreadable:
+        raise ConfigError(f"no readable checkpoint in {folder} ({unreadable[0]}): delete them to start over, or set resume=false")
+    return newest[0] if newest else None
 
 
 def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) -> Path:
@@ -142,19 +223,20 @@ def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) 
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit `cfg` (resuming from `last.ckpt` when `cfg.resume`); returns final metrics and paths."""
+    """Fit `cfg` (resuming as `resume_checkpoint` says); returns final metrics and paths."""
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.output_dir)
-    save_config(cfg, out / "config.yaml")
+    ckpt = resume_checkpoint(cfg)  # what is refused (another model's run, a bad checkpoint) is refused before any write
     module = build_module(cfg)
+    data = build_datamodule(cfg.data)
+    save_config(cfg, out / "config.yaml")
+    weights.remove_partial_files(out / "checkpoints")
     if cfg.trainer.compile:
         module.model = torch.compile(module.model)
-    data = build_datamodule(cfg.data)
     trainer = build_trainer(cfg, module)
-    ckpt = last_checkpoint(cfg) if cfg.resume else None
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
@@ -174,7 +256,8 @@ EPILOG = """examples:
 
 A config is a file path or the name of a shipped one (zoo.configs.list_configs()).
 Overrides are OmegaConf dotlists; unknown keys and wrong types are refused.
-Running the same command again resumes from <output_dir>/checkpoints/last.ckpt."""
+Running the same command again resumes from <output_dir>/checkpoints/last.ckpt
+(resume=PATH: from that checkpoint; resume=false: from scratch)."""
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -196,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except (ConfigError, weights.WeightsError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
     return 0

@@ -138,9 +138,7 @@ def _load_any_attention(model, name: str) -> None:
     from zoo import weights
     from zoo.dit import fill_backend_keys
 
-    w = weights.get_weights(name)
-    path = weights.fetch(w)
-    weights.verify_sha256(path, w.sha256)
+    path = weights.fetch_verified(weights.get_weights(name))
     weights.load_state_dict(model, fill_backend_keys(weights.read_checkpoint(path), model), f"{path} ({name})")
 
 
