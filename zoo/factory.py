@@ -66,10 +66,24 @@ _TIMM_BUILDER_ARGS = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "fea
                                 "feature_cfg", "pretrained_strict", "scriptable", "exportable", "no_jit", "cache_dir"})
 
 
-def model_class(model_name: str) -> type | None:
-    """The class a registered entrypoint builds (from its return annotation), or None if it does not say."""
+def _entrypoint(model_name: str) -> tuple[Any, str] | None:
+    """The entrypoint of a zoo model, else of a timm one, with its kind; None for unknown names."""
+    import timm
+    from timm.models import model_entrypoint
+
+    arch = split_name(model_name)[0]
     try:
-        cls = typing.get_type_hints(get_entry(model_name).fn).get("return")
+        entry = get_entry(arch)
+    except ValueError:
+        return (model_entrypoint(arch), "classifier") if timm.is_model(arch) else None
+    return entry.fn, entry.kind
+
+
+def model_class(model_name: str) -> type | None:
+    """The class a zoo or timm entrypoint builds (from its return annotation), or None if it does not say."""
+    found = _entrypoint(model_name)
+    try:
+        cls = typing.get_type_hints(found[0]).get("return") if found else None
     except (NameError, TypeError):
         return None
     return cls if inspect.isclass(cls) else None
@@ -127,7 +141,7 @@ def check_model_args(model_name: str, kwargs: dict[str, Any]) -> None:
         hints = typing.get_type_hints(cls.__init__)
     except (NameError, TypeError):
         hints = {}
-    extra = _TIMM_BUILDER_ARGS if get_entry(model_name).kind == "classifier" else frozenset()
+    extra = _TIMM_BUILDER_ARGS if _entrypoint(model_name)[1] == "classifier" else frozenset()
     for key, value in kwargs.items():
         if key in extra:
             continue

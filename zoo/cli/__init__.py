@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except UsageError as e:  # a command that parses arguments of its own (`zoo bench model ...`)
+        print(e, file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `zoo list | head`: the reader left; stop quietly, as Unix tools do
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's exit-time flush of stdout would raise again
