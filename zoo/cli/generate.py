@@ -29,7 +29,7 @@ IMAGE_EXAMPLES = """examples:
   zoo generate --classes 3 7 1 --num-per-class 4 --out samples.png        # the embedded MNIST DiT, on CPU in seconds
   zoo generate --classes 0 1 2 --out-dir samples/ --scheduler dpm --steps 20
   zoo generate --model dit_xl_2 --classes 207 360 --guidance 4.0 --vae ema --device cuda --out dogs.png
-  zoo generate --model dit_s_2 --random-init --model-arg input_size=16 --steps 2 --out noise.png"""
+  zoo generate --model dit_s_2 --random-init --model-arg input_size=16 --model-arg in_channels=3 --steps 2 --out noise.png"""
 
 VIDEO_EXAMPLES = """examples:
   zoo generate-video --classes 3 --out three.mp4                          # the embedded Moving-MNIST video DiT
@@ -81,6 +81,24 @@ def _build(args: argparse.Namespace, default: str, **kwargs):
     return name, entry, model
 
 
+def load_vae(name: str, device):
+    """The SD VAE `--vae name` decodes latents with, from the Hugging Face cache; offline (HF_HUB_OFFLINE or
+    ZOO_OFFLINE) an uncached one is refused at once with what to download, as the weight registry does."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from zoo.dit.diffusion import VAE_SOURCES, load_vae
+    from zoo.weights import _offline
+
+    repo = VAE_SOURCES[name]
+    fix = f"download it with `huggingface-cli download {repo}` (into the Hugging Face cache), or pass --vae none for raw latents"
+    if _offline() and not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        raise CliError(f"--vae {name}: offline mode and {repo} is not cached; {fix}")
+    try:
+        return load_vae(name, device)
+    except Exception as e:  # hub / network errors come in many types; all mean the same to the user
+        raise CliError(f"--vae {name}: could not load {repo} ({type(e).__name__}: {str(e).splitlines()[0]}); {fix}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,6 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.vae == "auto" and model.in_channels == 4:
         vae = "ema"  # the official latent DiTs decode through the SD VAE
     info(args, f"{name}: {source}; {len(labels)} samples, {args.steps} {args.scheduler} steps, guidance {args.guidance}, {device}")
+    if vae is not None:  # before sampling: a missing decoder fails at once
+        vae = load_vae(vae, device)
     model.to(device).eval()
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
