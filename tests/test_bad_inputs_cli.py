@@ -98,8 +98,6 @@ def one_line_error(capsys, argv: list[str]) -> str:
      r"'diffusion.class_dropout' was removed .*set model.kwargs.class_dropout_prob"),
     (["train", "--config", "diffusion/dit_s_2_mnist.yaml", "diffusion.sample_every_n_steps=5"],
      r"'diffusion.sample_every_n_steps' was removed .*trainer.val_check_interval"),
-    (["train", "--config", "diffusion/dit_s_2_mnist.yaml", "diffusion.sample_classes=[3,12]"],
-     r"'diffusion.sample_classes': \[12\] outside 0..9"),
     (["train", "--config", "diffusion/dit_s_2_mnist.yaml", "diffusion.ema_decay=1.5"], r"'diffusion.ema_decay': 1.5 is out of range"),
 ])
 def test_one_line_error_naming_the_argument(capsys, tmp_path, argv, pattern):
@@ -206,3 +204,28 @@ def test_val_fraction_that_empties_a_split_names_the_key():
 
     with pytest.raises(ValueError, match=r"data.val_fraction=0.001 holds out 0 of 100 samples, leaving no validation data"):
         split(100, 0.001, "val")
+
+
+@pytest.mark.parametrize("objective, options, pattern", [
+    ("flow", {"shift": -1.0}, r"objective_kwargs.shift=-1.0: the flow timestep shift must be a finite number > 0"),
+    ("flow", {"shift": "abc"}, r"objective_kwargs.shift='abc'"),
+    ("flow", {"scheduler": "ddim"}, r"objective_kwargs.scheduler='ddim': use one of euler, unipc"),
+    ("ddpm", {"scheduler": "euler"}, r"objective_kwargs.scheduler='euler': use one of ddpm, ddim, dpm"),
+    ("ddpm", {"shift": 3.0}, r"unknown ddpm options \['shift'\]"),
+])
+def test_diffusion_objective_options_fail_before_training(objective, options, pattern):
+    """Samplers run at the first validation: a bad option must fail when the module is built, not there."""
+    from zoo.lightning.diffusion import resolve_objective
+
+    model = zoo.create_model("video_dit_tiny", in_channels=1, num_classes=4, input_size=[2, 8, 8])
+    with pytest.raises(ValueError, match=pattern):
+        resolve_objective(objective, model, options)
+
+
+def test_sample_classes_outside_the_model_fail_when_the_module_is_built():
+    from zoo.lightning.diffusion import DiffusionModule
+
+    kwargs = dict(in_channels=1, num_classes=4, input_size=[2, 8, 8])
+    with pytest.raises(ValueError, match=r"diffusion.sample_classes \[4, 9\]: the model has classes 0..3"):
+        DiffusionModule("video_dit_tiny", kwargs, sample_classes=[0, 4, 9])
+    assert DiffusionModule("video_dit_tiny", kwargs).sample_classes == [0, 1, 2, 3]  # the default fits the model
