@@ -229,3 +229,23 @@ def test_sample_classes_outside_the_model_fail_when_the_module_is_built():
     with pytest.raises(ValueError, match=r"diffusion.sample_classes \[4, 9\]: the model has classes 0..3"):
         DiffusionModule("video_dit_tiny", kwargs, sample_classes=[0, 4, 9])
     assert DiffusionModule("video_dit_tiny", kwargs).sample_classes == [0, 1, 2, 3]  # the default fits the model
+
+
+def test_create_classifier_checks_timm_model_arguments():
+    from zoo.lightning.classification import create_classifier
+
+    with pytest.raises(ValueError, match=r"resnet18: unknown model argument 'img_size'; ResNet takes"):
+        create_classifier("resnet18", num_classes=10, in_chans=1, img_size=32)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda media: media.save_video(torch.zeros(2, 1, 4, 4), "v.gif", fps=0), r"fps must be > 0 and <= 1000, got 0"),
+    (lambda media: media.make_grid(torch.zeros(2, 1, 4, 4), nrow=-1), r"nrow must be >= 1"),
+])
+def test_media_refuses_bad_sizes(tmp_path, monkeypatch, call, pattern):
+    from zoo import media
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=pattern):
+        call(media)
+    assert not list(tmp_path.iterdir())
