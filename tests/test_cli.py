@@ -48,7 +48,7 @@ def test_help_has_examples(capsys, command):
     (["generate", "--model", "dit_s_2", "--random-init", "--model-arg", "input_size=15", "--out", "{tmp}/a.png"], r"not divisible by patch_size"),
     (["generate", "--model", "video_dit_tiny", "--random-init", "--out", "{tmp}/a.png"], r"video model: use `zoo generate-video"),
     (["generate-video", *TINY_VIDEO, "--attention", "flash", "--out", "{tmp}/v.gif"], r"--attention 'flash': .* dense, radial, sla, na"),
-    (["generate-video", *TINY_VIDEO, "--frames", "0", "--out", "{tmp}/v.gif"], r"--frames 0: .*positive multiple"),
+    (["generate-video", *TINY_VIDEO, "--frames", "0", "--out", "{tmp}/v.gif"], r"argument --frames: must be an integer >= 1, got 0"),
     (["generate-video", *TINY_VIDEO, "--out", "{tmp}/v.avi"], r"must end in \.mp4 or \.gif"),
     (["generate-video", *TINY_VIDEO, "--attention", "na", "--out", "{tmp}/v.gif"], r"--na-kernel 3 7 7 exceeds the token grid \[4, 4, 4\]"),
     (["generate-video", "--model", "video_dit_s_2", "--out", "{tmp}/v.gif"], r"video_dit_s_2 has no pretrained weights registered: pass --checkpoint PATH"),

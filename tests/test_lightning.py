@@ -46,9 +46,9 @@ def csv_losses(out: Path, key: str = "train/loss") -> list[float]:
 # ---------------------------------------------------------------- config
 
 def test_config_override_and_validation(tmp_path):
-    cfg = zcfg.load_config("classify/vit_mnist.yaml", ["trainer.max_steps=100", "model.name=resnet18", f"output_dir={tmp_path}"])
-    assert cfg.trainer.max_steps == 100 and cfg.model.name == "resnet18"
-    assert cfg.export == f"{tmp_path}/export/resnet18_mnist.safetensors"  # interpolation sees the override
+    cfg = zcfg.load_config("classify/vit_mnist.yaml", ["trainer.max_steps=100", "model.name=vit_small_patch16_224", f"output_dir={tmp_path}"])
+    assert cfg.trainer.max_steps == 100 and cfg.model.name == "vit_small_patch16_224"
+    assert cfg.export == f"{tmp_path}/export/vit_small_patch16_224_mnist.safetensors"  # interpolation sees the override
     with pytest.raises(zcfg.ConfigError, match=r"trainer.devicez.*Did you mean: 'devices'"):
         zcfg.load_config("classify/vit_mnist.yaml", ["trainer.devicez=2"])
     with pytest.raises(zcfg.ConfigError, match=r"trainer.max_steps.*'eight'"):

@@ -1,7 +1,13 @@
 """`create_model` and friends: one factory for classifiers and generators."""
 from __future__ import annotations
 
+import collections.abc
+import difflib
+import inspect
+import math
 import os
+import types
+import typing
 from typing import Any
 
 import torch
@@ -55,6 +61,107 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     return model
 
 
+# arguments timm's `build_model_with_cfg` takes for every classifier, besides the model class's own
+_TIMM_BUILDER_ARGS = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "features_only", "out_indices", "feature_cls",
+                                "feature_cfg", "pretrained_strict", "scriptable", "exportable", "no_jit", "cache_dir"})
+
+
+def _entrypoint(model_name: str) -> tuple[Any, str] | None:
+    """The entrypoint of a zoo model, else of a timm one, with its kind; None for unknown names."""
+    import timm
+    from timm.models import model_entrypoint
+
+    arch = split_name(model_name)[0]
+    try:
+        entry = get_entry(arch)
+    except ValueError:
+        return (model_entrypoint(arch), "classifier") if timm.is_model(arch) else None
+    return entry.fn, entry.kind
+
+
+def model_class(model_name: str) -> type | None:
+    """The class a zoo or timm entrypoint builds (from its return annotation), or None if it does not say."""
+    found = _entrypoint(model_name)
+    try:
+        cls = typing.get_type_hints(found[0]).get("return") if found else None
+    except (NameError, TypeError):
+        return None
+    return cls if inspect.isclass(cls) else None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (as YAML or Python gives it) can be an argument annotated `hint`; unknown hints accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item_hints = [a for a in args if a is not Ellipsis]
+        return not item_hints or all(any(_fits(v, h) for h in item_hints) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if inspect.isclass(hint) and not typing.get_args(hint) else str(hint).replace("collections.abc.", "").replace("typing.", "")
+
+
+def check_model_args(model_name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse, in one line naming the argument, model arguments the model does not take or of the wrong type.
+
+    Names and types come from the model class's `__init__` signature; numbers must be finite, not
+    negative where the default is not, and sizes (positive int defaults) at least 1. Entrypoints
+    without a class annotation are left to the constructor.
+    """
+    cls = model_class(model_name)
+    if cls is None:
+        return
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):
+        hints = {}
+    extra = _TIMM_BUILDER_ARGS if _entrypoint(model_name)[1] == "classifier" else frozenset()
+    for key, value in kwargs.items():
+        if key in extra:
+            continue
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{model_name}: unknown model argument {key!r}; {hint}{cls.__name__} takes {', '.join(params)}")
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(f"{model_name}: model argument {key}={value!r} must be {_hint_name(hints[key])}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{model_name}: model argument {key}={value!r} must be a finite number")
+        default = params[key].default
+        if not _is_number(value) or not _is_number(default):
+            continue
+        # sizes (positive int defaults) must stay positive; num_classes=0 is timm's "no head"
+        low = 1 if isinstance(default, int) and default >= 1 and key != "num_classes" else 0 if default >= 0 else None
+        if low is not None and value < low:
+            raise ValueError(f"{model_name}: model argument {key}={value!r} must be >= {low} (default {default})")
+
+
 _DATA_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes", "label_names")
 
 
@@ -82,12 +189,17 @@ def create_model(
         exported = None
     if exported:
         kwargs = {**exported.get("model_args", {}), **kwargs}
-    if entry.kind == "classifier":
-        import timm
+    check_model_args(arch, kwargs)
+    try:
+        if entry.kind == "classifier":
+            import timm
 
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    else:
-        model = entry.fn(pretrained=pretrained, pretrained_tag=tag or None, **kwargs)
+            model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        else:
+            model = entry.fn(pretrained=pretrained, pretrained_tag=tag or None, **kwargs)
+    except (TypeError, ZeroDivisionError, IndexError, AssertionError) as e:  # arguments the signature check cannot judge
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
+        raise ValueError(f"{model_name} cannot be built with {args} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})") from e
     # what the caller asked for, not what the entrypoint filled in: `export` records it, and a
     # re-creation passes it back to the same entrypoint
     model.zoo_model_args = dict(kwargs)

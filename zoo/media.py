@@ -22,6 +22,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """Tile `[N, C, H, W]` into one `[C, H', W']` image, `nrow` images per row (default: about square)."""
     n, c, h, w = images.shape
+    if nrow is not None and nrow < 1:
+        raise ValueError(f"nrow must be >= 1 (images per grid row), got {nrow}")
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
     grid = images.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), -1.0)
@@ -75,6 +77,8 @@ def video_grid(videos: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
 
 def save_video(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8) -> Path:
     """`[F, C, H, W]` in [-1, 1] as `.mp4` (imageio-ffmpeg, H.264) or `.gif` (Pillow)."""
+    if not 0 < fps <= 1000:  # a GIF frame lasts a whole number of milliseconds
+        raise ValueError(f"fps must be > 0 and <= 1000, got {fps}")
     path = _writable(Path(path))
     arr = to_uint8(frames)
     if arr.shape[-1] == 1:

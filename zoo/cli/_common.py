@@ -5,6 +5,7 @@ Errors meant for the user are `CliError` with one line that says what to do.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,13 +19,40 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Examples verbatim in the epilog, defaults shown after each flag."""
 
 
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that reads an int or a finite float in [low, high] (or (low, high] with `low_open`).
+
+    argparse reports its message as `argument --steps: must be an integer >= 1, got -5`.
+    """
+    noun = "an integer" if kind is int else "a finite number"
+    bounds = " and ".join(b for b in ((f"> {low}" if low_open else f">= {low}") if low is not None else "",
+                                       f"<= {high}" if high is not None else "") if b)
+    expected = f"{noun} {bounds}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # argparse's fallback message names the type
+    return parse
+
+
+SEED = number(int, 0, 2**32 - 1)
+
+
 def add_common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (autocast for bf16/fp16)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines")
-    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="random seed: the same seed on the same device gives the same output")
+        p.add_argument("--seed", type=SEED, default=0, help="random seed: the same seed on the same device gives the same output")
 
 
 def add_model_source(p: argparse.ArgumentParser, default: str | None) -> None:

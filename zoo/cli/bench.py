@@ -27,8 +27,10 @@ def bench_op(rest: list[str]) -> int:
     sys.argv = [str(script), *rest]
     try:
         runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except SystemExit as e:  # the script's own refusal (e.g. no CUDA GPU) is a message: pass it on
+        if isinstance(e.code, str):
+            raise CliError(e.code) from None
+        return 0 if e.code is None else e.code
     finally:
         sys.argv = argv
     return 0
@@ -40,18 +42,19 @@ def bench_model(rest: list[str]) -> int:
 
     import zoo
 
-    from ._common import check_model_name
+    from . import ArgumentParser
+    from ._common import check_model_name, device_of, number
 
-    p = argparse.ArgumentParser(prog="zoo bench model", description=bench_model.__doc__)
+    p = ArgumentParser(prog="zoo bench model", description=bench_model.__doc__)
     p.add_argument("--model", default="video_dit_s_2", help="a generator (video_dit_* for radial)")
     p.add_argument("--attention", nargs="+", default=["dense", "radial", "sla"], help="backends; the first is the baseline")
-    p.add_argument("--input-size", type=int, nargs="+", default=None, help="model input_size, e.g. 16 32 32")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input-size", type=number(int, 1), nargs="+", default=None, help="model input_size, e.g. 16 32 32")
+    p.add_argument("--batch-size", type=number(int, 1), default=1)
+    p.add_argument("--repeats", type=number(int, 1), default=10)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args(rest)
     check_model_name(args.model, kind="generator")
-    device = torch.device(args.device)
+    device = device_of(args)
     kwargs = {"input_size": tuple(args.input_size)} if args.input_size else {}
     base = None
     print(f"{args.model} batch {args.batch_size} on {device} (median of {args.repeats}, bf16 autocast on CUDA)")

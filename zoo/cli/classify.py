@@ -13,6 +13,7 @@ from ._common import (
     device_of,
     info,
     no_weights_message,
+    number,
     registered_weights,
 )
 
@@ -77,15 +78,32 @@ def load_classifier(args: argparse.Namespace):
 
 
 def _check_images(paths: list[str]) -> None:
+    """Every image exists and Pillow can read its header, before any model is loaded."""
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise CliError(f"{missing[0]}: no such image" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for p in paths:
+        _open_image(p).close()
+
+
+def _open_image(path: str):
+    """`PIL.Image.open` (lazy: reads the header) with one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such image") from None
+    except UnidentifiedImageError:
+        raise CliError(f"{path}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:  # decoding it could exhaust memory before it is resized
+        raise CliError(f"{path}: {str(e).splitlines()[0].rstrip('.')}; downscale it first "
+                       "(PIL.Image.MAX_IMAGE_PIXELS sets the limit)") from None
 
 
 def preprocess(model, paths: list[str]):
     """Images -> a batch with the model's own preprocessing (timm's data config from its pretrained_cfg)."""
     import torch
-    from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform, resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
@@ -93,13 +111,8 @@ def preprocess(model, paths: list[str]):
     mode = "L" if cfg["input_size"][0] == 1 else "RGB"
     batch = []
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                batch.append(transform(im.convert(mode)))
-        except FileNotFoundError:
-            raise CliError(f"{p}: no such image") from None
-        except UnidentifiedImageError:
-            raise CliError(f"{p}: not an image Pillow can read") from None
+        with _open_image(p) as im:
+            batch.append(transform(im.convert(mode)))
     return torch.stack(batch)
 
 
@@ -130,6 +143,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("--top", type=number(int, 1), default=5, help="classes to print per image")
     add_common(p, seed=False)
     p.set_defaults(func=cmd_classify)

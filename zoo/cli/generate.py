@@ -14,8 +14,13 @@ from ._common import (
     device_of,
     info,
     load_generator_weights,
+    number,
     writable_dir,
 )
+
+COUNT = number(int, 1)
+CLASS_ID = number(int, 0)
+GUIDANCE = number(float, 0)
 
 DEFAULT_IMAGE_MODEL = "dit_s_2_mnist"
 DEFAULT_VIDEO_MODEL = "video_dit_s_2_mmnist"
@@ -24,7 +29,7 @@ IMAGE_EXAMPLES = """examples:
   zoo generate --classes 3 7 1 --num-per-class 4 --out samples.png        # the embedded MNIST DiT, on CPU in seconds
   zoo generate --classes 0 1 2 --out-dir samples/ --scheduler dpm --steps 20
   zoo generate --model dit_xl_2 --classes 207 360 --guidance 4.0 --vae ema --device cuda --out dogs.png
-  zoo generate --model dit_s_2 --random-init --model-arg input_size=16 --steps 2 --out noise.png"""
+  zoo generate --model dit_s_2 --random-init --model-arg input_size=16 --model-arg in_channels=3 --steps 2 --out noise.png"""
 
 VIDEO_EXAMPLES = """examples:
   zoo generate-video --classes 3 --out three.mp4                          # the embedded Moving-MNIST video DiT
@@ -41,7 +46,10 @@ def _model_args(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise CliError(f"--model-arg {pair!r} is not key=value (e.g. --model-arg depth=6)")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise CliError(f"--model-arg {pair!r}: the value is not YAML ({str(e).splitlines()[0]}); e.g. --model-arg input_size=[16,32,32]") from None
     return out
 
 
@@ -57,8 +65,6 @@ def _labels(args: argparse.Namespace, num_classes: int) -> list[int]:
     bad = [c for c in args.classes if not 0 <= c < num_classes]
     if bad:
         raise CliError(f"--classes {bad}: this model knows classes 0..{num_classes - 1}")
-    if args.num_per_class < 1:
-        raise CliError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     return [c for c in args.classes for _ in range(args.num_per_class)]
 
 
@@ -71,8 +77,26 @@ def _build(args: argparse.Namespace, default: str, **kwargs):
     try:
         model = zoo.create_model(name.partition(".")[0], **kwargs)
     except (TypeError, ValueError) as e:
-        raise CliError(f"{name}: {e}") from None
+        raise CliError(f"--model-arg: {e}" if getattr(args, "model_arg", None) else f"{name}: {e}") from None
     return name, entry, model
+
+
+def load_vae(name: str, device):
+    """The SD VAE `--vae name` decodes latents with, from the Hugging Face cache; offline (HF_HUB_OFFLINE or
+    ZOO_OFFLINE) an uncached one is refused at once with what to download, as the weight registry does."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from zoo.dit.diffusion import VAE_SOURCES, load_vae
+    from zoo.weights import _offline
+
+    repo = VAE_SOURCES[name]
+    fix = f"download it with `huggingface-cli download {repo}` (into the Hugging Face cache), or pass --vae none for raw latents"
+    if _offline() and not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        raise CliError(f"--vae {name}: offline mode and {repo} is not cached; {fix}")
+    try:
+        return load_vae(name, device)
+    except Exception as e:  # hub / network errors come in many types; all mean the same to the user
+        raise CliError(f"--vae {name}: could not load {repo} ({type(e).__name__}: {str(e).splitlines()[0]}); {fix}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -94,6 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.vae == "auto" and model.in_channels == 4:
         vae = "ema"  # the official latent DiTs decode through the SD VAE
     info(args, f"{name}: {source}; {len(labels)} samples, {args.steps} {args.scheduler} steps, guidance {args.guidance}, {device}")
+    if vae is not None:  # before sampling: a missing decoder fails at once
+        vae = load_vae(vae, device)
     model.to(device).eval()
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -176,8 +202,8 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     model = _create_video(name, kwargs, args)
     if args.frames is not None and args.frames != model.input_size[0]:
         pf = model.patch_size[0]
-        if args.frames < 1 or args.frames % pf:
-            raise CliError(f"--frames {args.frames}: {name} needs a positive multiple of its temporal patch size {pf}")
+        if args.frames % pf:
+            raise CliError(f"--frames {args.frames}: {name} needs a multiple of its temporal patch size {pf}")
         model = _create_video(name, dict(kwargs, input_size=(args.frames, *model.input_size[1:])), args)
     frames = model.input_size[0]
     if args.attention == "na":
@@ -213,10 +239,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        f"{DEFAULT_IMAGE_MODEL} (trained on MNIST digits) runs on CPU in seconds.",
                        epilog=IMAGE_EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
-    p.add_argument("--classes", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], help="class ids")
-    p.add_argument("--num-per-class", type=int, default=1, help="samples per class (a grid row each)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--classes", type=CLASS_ID, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], help="class ids")
+    p.add_argument("--num-per-class", type=COUNT, default=1, help="samples per class (a grid row each)")
+    p.add_argument("--steps", type=number(int, 1, 1000), default=50, help="sampler steps (the DiTs trained with 1000 timesteps)")
+    p.add_argument("--guidance", type=GUIDANCE, default=4.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "dpm"], help="diffusers scheduler")
     p.add_argument("--vae", default="auto", choices=["auto", "ema", "mse", "none"],
                    help="decoder for latent models (auto: ema for 4-channel latents, none for pixel models)")
@@ -233,17 +259,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=VIDEO_EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
     p.add_argument("--attention", default="dense", help="dense, radial, sla or na")
-    p.add_argument("--na-kernel", type=int, nargs=3, default=[3, 7, 7], metavar=("F", "H", "W"), help="NA kernel per axis")
-    p.add_argument("--frames", type=int, default=None, help="frames to generate (default: the model's)")
-    p.add_argument("--classes", type=int, nargs="+", default=[3], help="one video per class id")
-    p.add_argument("--num-per-class", type=int, default=1, help="videos per class")
-    p.add_argument("--steps", type=int, default=30, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--na-kernel", type=COUNT, nargs=3, default=[3, 7, 7], metavar=("F", "H", "W"), help="NA kernel per axis")
+    p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's)")
+    p.add_argument("--classes", type=CLASS_ID, nargs="+", default=[3], help="one video per class id")
+    p.add_argument("--num-per-class", type=COUNT, default=1, help="videos per class")
+    p.add_argument("--steps", type=COUNT, default=30, help="sampler steps")
+    p.add_argument("--guidance", type=GUIDANCE, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", default="euler", choices=["euler", "unipc"], help="flow-matching scheduler")
-    p.add_argument("--shift", type=float, default=None,
+    p.add_argument("--shift", type=number(float, 0, low_open=True), default=None,
                    help="timestep shift (Wan's); default: the shift the weights were trained with (`flow_shift` in the "
                    "registered cfg or in the JSON beside a --checkpoint export), else 3.0 (exports that predate it)")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=number(int, 1, 240), default=8, help="frames per second of the output")
     p.add_argument("--out", "-o", default="video.mp4", help="output .mp4 or .gif")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model constructor argument (repeatable)")
     add_common(p)

@@ -52,6 +52,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ._common import number
+
     p = sub.add_parser("list", help="list models", description="List models; FILTER is a wildcard, e.g. 'nat_*'.")
     p.add_argument("filter", nargs="?", default="")
     p.add_argument("--pretrained", action="store_true", help="list arch.tag names that have weights")
@@ -66,5 +68,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="count FLOPs at an input size",
                        description="Example: zoo flops nat_tiny --input-size 3 384 384")
     p.add_argument("name")
-    p.add_argument("--input-size", type=int, nargs="+", help="C H W (or H W)")
+    p.add_argument("--input-size", type=number(int, 1), nargs="+", help="C H W (or H W)")
     p.set_defaults(func=cmd_flops)

@@ -32,6 +32,9 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
         # what an export must record to rebuild it: the caller's arguments, not those the entrypoint adds itself
         model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     else:
+        from zoo.factory import check_model_args
+
+        check_model_args(name, dict(num_classes=num_classes, in_chans=in_chans, **kwargs))  # one line, not timm's TypeError
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
         if checkpoint_path:  # through the zoo's tensors-only reader, as every other checkpoint
             zoo.weights.load_checkpoint(model, checkpoint_path)

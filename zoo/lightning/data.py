@@ -44,8 +44,11 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split(n: int, val_fraction: float, stage: str) -> slice:
-    """Train = the first `1 - val_fraction`, val = the rest (the `.npz` is assumed shuffled)."""
+    """Train = the first `1 - val_fraction`, val = the rest (the `.npz` is assumed shuffled); both non-empty."""
     n_val = int(round(n * val_fraction))
+    if not 0 < n_val < n:
+        raise ValueError(f"data.val_fraction={val_fraction} holds out {n_val} of {n} samples, leaving "
+                         f"{'no validation' if n_val <= 0 else 'no training'} data; give a fraction that keeps both non-empty")
     return slice(0, n - n_val) if stage == "train" else slice(n - n_val, n)
 
 
@@ -143,11 +146,26 @@ def synthetic_images(num_classes: int, channels: int, size: int, length: int, se
     return (templates[labels] + noise).clamp(0, 1), labels
 
 
+def check_paths(cfg) -> None:
+    """The files `cfg.kind` reads exist (a missing `data.path` is named before any model is built or trained)."""
+    if cfg.kind in ("npz", "moving_mnist"):
+        what = "an .npz with 'images' and 'labels'" + (" (digits, e.g. mnist8k.npz)" if cfg.kind == "moving_mnist" else "")
+        if not cfg.path:
+            raise ValueError(f"data.path is not set: data.kind={cfg.kind} needs data.path=FILE, {what}")
+        if not Path(cfg.path).is_file():
+            raise FileNotFoundError(f"data.path={cfg.path}: no such file; give {what}")
+    if cfg.kind == "imagefolder":
+        for key in ("train_dir", "val_dir"):
+            if not cfg[key] or not Path(cfg[key]).is_dir():
+                raise ValueError(f"data.{key}={cfg[key]!r} is not a folder (ImageFolder layout: <dir>/<class>/<image>)")
+
+
 class ZooDataModule(pl.LightningDataModule):
     """Common loaders; subclasses build `self.train_set` / `self.val_set` in `setup`."""
 
     def __init__(self, cfg):
         super().__init__()
+        check_paths(cfg)  # at construction: a missing file is named before the model trains
         self.cfg = cfg
         self.train_set = self.val_set = None
 
@@ -168,8 +186,6 @@ class NpzDataModule(ZooDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.cfg
-        if not c.path:
-            raise ValueError("data.path must point at an .npz file with 'images' and 'labels'")
         images, labels = load_npz(c.path)
         images = fit_size(images, c.image_size)
         tr, va = split(len(images), c.val_fraction, "train"), split(len(images), c.val_fraction, "val")
@@ -184,9 +200,6 @@ class ImageFolderDataModule(ZooDataModule):
         from torchvision import datasets, transforms
 
         c = self.cfg
-        for key in ("train_dir", "val_dir"):
-            if not c[key] or not Path(c[key]).is_dir():
-                raise ValueError(f"data.{key}={c[key]!r} is not a folder (ImageFolder layout: <dir>/<class>/<image>)")
         base = [transforms.Grayscale(1)] if c.channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
         base += [transforms.Resize(c.image_size), transforms.CenterCrop(c.image_size)]
         tail = [transforms.ToTensor(), transforms.Normalize(_per_channel(c.mean, c.channels), _per_channel(c.std, c.channels))]
@@ -200,8 +213,6 @@ class MovingMNISTDataModule(ZooDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.cfg
-        if not c.path:
-            raise ValueError("data.path must point at an .npz of digit images (e.g. mnist8k.npz)")
         digits, labels = load_npz(c.path)
         tr, va = split(len(digits), c.val_fraction, "train"), split(len(digits), c.val_fraction, "val")
         kw = dict(frames=c.frames, size=c.image_size, digit_size=c.digit_size, mean=c.mean, std=c.std)

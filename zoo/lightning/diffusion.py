@@ -8,6 +8,7 @@ weights in for validation, so the periodic samples drawn there use the EMA weigh
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
     (default all); flow: `shift`.
     """
     from zoo import dit
+    from zoo.dit.diffusion import SCHEDULERS
+    from zoo.dit.flow import FLOW_SCHEDULERS
 
     options = dict(options or {})
     objective = _auto(objective, model)
@@ -53,6 +56,7 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
             raise ValueError(f"unknown ddpm options {sorted(unknown)}; known: scheduler, guidance_channels")
         diffusion = dit.GaussianDiffusion(learn_sigma=getattr(model, "learn_sigma", False))
         scheduler, channels = options.get("scheduler", "ddim"), options.get("guidance_channels", "all")
+        _check_scheduler(scheduler, SCHEDULERS)
 
         def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return diffusion.training_losses(m, x, y)["loss"].mean()
@@ -65,7 +69,11 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
     unknown = set(options) - {"scheduler", "shift"}
     if unknown:
         raise ValueError(f"unknown flow options {sorted(unknown)}; known: scheduler, shift")
-    shift, scheduler = float(options.get("shift", DEFAULT_FLOW_SHIFT)), options.get("scheduler", "euler")
+    shift, scheduler = options.get("shift", DEFAULT_FLOW_SHIFT), options.get("scheduler", "euler")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise ValueError(f"diffusion.objective_kwargs.shift={shift!r}: the flow timestep shift must be a finite number > 0 (e.g. 3.0)")
+    shift = float(shift)
+    _check_scheduler(scheduler, FLOW_SCHEDULERS)
     flow = dit.FlowMatching(shift=shift)
 
     def flow_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,12 @@ def resolve_objective(objective: str, model: nn.Module, options: dict | None = N
                                 shift=shift, generator=generator, progress=False)
 
     return flow_loss, flow_sample
+
+
+def _check_scheduler(name: str, known: tuple[str, ...]) -> None:
+    """Samples are drawn at the first validation: a wrong sampler name must fail before training, not then."""
+    if isinstance(name, str) and name not in known:  # (a diffusers scheduler instance is taken as given)
+        raise ValueError(f"diffusion.objective_kwargs.scheduler={name!r}: use one of {', '.join(known)}")
 
 
 def create_generator(name: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
@@ -106,7 +120,8 @@ class DiffusionModule(pl.LightningModule):
         model_name, model_kwargs: `zoo.create_model(model_name, **model_kwargs)`.
         objective: `auto`, `ddpm` (image DiT) or `flow` (video DiT); or give loss_fn/sample_fn.
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW and its per-step schedule.
-        sample_classes, sample_steps, guidance_scale: the periodic sample grid (0 steps: none).
+        sample_classes, sample_steps, guidance_scale: the periodic sample grid (0 steps: none; classes
+            default to the model's first 10).
         objective_kwargs: the objective's options (`scheduler` for samples; `shift` for flow).
         sample_dir: where grids (PNG) and videos (GIF) are written, besides the loggers.
     """
@@ -115,7 +130,7 @@ class DiffusionModule(pl.LightningModule):
                  checkpoint_path: str | None = None, objective: str = "auto", lr: float = 1e-4,
                  weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 0,
                  min_lr_ratio: float = 1.0, no_weight_decay: Sequence[str] = ("pos_embed",),
-                 sample_classes: Sequence[int] = tuple(range(10)), sample_steps: int = 50, guidance_scale: float = 2.0,
+                 sample_classes: Sequence[int] | None = None, sample_steps: int = 50, guidance_scale: float = 2.0,
                  objective_kwargs: dict | None = None, sample_dir: str | None = None, model: nn.Module | None = None,
                  loss_fn: LossFn | None = None, sample_fn: SampleFn | None = None):
         super().__init__()
@@ -123,6 +138,7 @@ class DiffusionModule(pl.LightningModule):
         if model is None:
             model = create_generator(model_name, pretrained, checkpoint_path, **dict(model_kwargs or {}))
         self.model = model
+        self.sample_classes = _sample_classes(sample_classes, getattr(model, "num_classes", None))
         # the shift our flow loss trains with (None for DDPM or a given loss_fn): exports record it as `flow_shift`,
         # so `zoo generate-video --checkpoint` samples with the schedule the weights learnt
         self.flow_shift: float | None = None
@@ -159,12 +175,12 @@ class DiffusionModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         h = self.hparams
-        if self.trainer.sanity_checking or not h.sample_steps or not h.sample_classes or not self.trainer.is_global_zero:
+        if self.trainer.sanity_checking or not h.sample_steps or not self.sample_classes or not self.trainer.is_global_zero:
             return
-        samples = self.generate(h.sample_classes).float()
+        samples = self.generate(self.sample_classes).float()
         step = self.global_step
         frames = media.video_grid(samples) if samples.ndim == 5 else None
-        grid = media.make_grid(samples if frames is None else samples[:, :, 0], nrow=len(h.sample_classes))
+        grid = media.make_grid(samples if frames is None else samples[:, :, 0], nrow=len(self.sample_classes))
         if h.sample_dir:
             out = Path(h.sample_dir)
             media.save_image(grid, out / f"step{step:07d}.png")
@@ -180,6 +196,18 @@ class DiffusionModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         return configure_adamw(self, self.model, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio, h.no_weight_decay)
+
+
+def _sample_classes(classes: Sequence[int] | None, num_classes: int | None) -> list[int]:
+    """The labels of the periodic samples: given ones checked now (not at the first validation), else the first 10."""
+    if classes is None:
+        return list(range(min(10, num_classes))) if num_classes else []
+    classes = list(classes)
+    bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"diffusion.sample_classes {bad}: the model has classes 0..{num_classes - 1}; "
+                         f"sample those (e.g. diffusion.sample_classes=[0,1])")
+    return classes
 
 
 def _add_video(experiment: Any, frames: torch.Tensor, step: int) -> None:
