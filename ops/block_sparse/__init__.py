@@ -39,6 +39,8 @@ def block_sparse_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int
 ) -> tuple[str, str]:
     """("triton", "") when the kernel runs these inputs, else ("reference", the reason)."""
+    if not q.numel() or not k.numel():
+        return "reference", "an empty input (batch, heads or a sequence of size 0) has no work for the kernel"
     if q.device.type not in KERNEL_DEVICES:
         return "reference", f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
     module = _kernel_module()

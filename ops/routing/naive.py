@@ -118,10 +118,11 @@ def _region_means(x: torch.Tensor, geometry: tuple[int, int, int, int], counts: 
     n_h, n_w, region_h, region_w = geometry
     batch, height, width = x.shape[:3]
     x = x.flatten(3)
+    channels = x.shape[-1]  # explicit sizes below: batch may be 0
     if counts is None:
-        return x.reshape(batch, n_h, region_h, n_w, region_w, -1).mean((2, 4)).reshape(batch, n_h * n_w, -1)
+        return x.reshape(batch, n_h, region_h, n_w, region_w, channels).mean((2, 4)).reshape(batch, n_h * n_w, channels)
     x = F.pad(x, (0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))  # zeros add nothing
-    sums = x.reshape(batch, n_h, region_h, n_w, region_w, -1).sum((2, 4)).reshape(batch, n_h * n_w, -1)
+    sums = x.reshape(batch, n_h, region_h, n_w, region_w, channels).sum((2, 4)).reshape(batch, n_h * n_w, channels)
     return sums / counts.clamp_min(1).to(sums.dtype)[:, None]
 
 
