@@ -89,3 +89,11 @@ def format_bytes(n_bytes: float) -> str:
     units = ("B", "KB", "MB", "GB", "TB", "PB", "EB")
     power = min(len(units) - 1, max(0, int(math.log10(max(n_bytes, 1)) // 3)))
     return f"{n_bytes / 1000 ** power:.1f} {units[power]}"
+
+
+def check_scale(name: str, value: float | None) -> None:
+    """None (the op's default) or a finite positive number: a NaN or infinite scale gives NaN/zero outputs."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number or None (head_dim ** -0.5), got {value!r}")

@@ -79,9 +79,9 @@ def flop_analysis(model: torch.nn.Module, input_size: Sequence[int] | None = Non
                   max_input_elements: int = MAX_INPUT_ELEMENTS):
     """An fvcore `FlopCountAnalysis` with the zoo's handles installed (inputs above `max_input_elements`
     values are refused: see `MAX_INPUT_ELEMENTS`)."""
+    _check_size(input_size, inputs, max_input_elements)
     from fvcore.nn import FlopCountAnalysis
 
-    _check_size(input_size, inputs, max_input_elements)
     inputs = inputs if inputs is not None else _example_inputs(model, input_size, 1)
     analysis = FlopCountAnalysis(model, inputs)
     for name, handle in HANDLES.items():

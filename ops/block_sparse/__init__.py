@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .._checks import autocast_cast
+from .._checks import autocast_cast, check_scale
 from .._cost import is_counting_flops
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
@@ -87,6 +87,7 @@ def block_sparse_attention(
     dtype (as SDPA).
     """
     q, k, v = autocast_cast(q, k, v)
+    check_scale("scale", scale)
     if layout is not None:
         if block_mask is not None or block_indices is not None:
             raise ValueError("pass layout alone, or block_mask / block_indices without layout")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_allocation, check_same, check_tensor, empty_output
+from .._checks import check_allocation, check_same, check_scale, check_tensor, empty_output
 from .._cost import cost_placeholder, is_counting_flops
 
 LAYOUT = "[batch, heads, seq_len, head_dim]"
@@ -156,6 +156,7 @@ def block_sparse_attention_reference(
 ):
     """Block-sparse attention, exact, in PyTorch. See `zoo.ops.block_sparse_attention`."""
     indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
+    check_scale("scale", scale)
     batch, heads, n_q, dim = q.shape
     n_q_blocks = math.ceil(n_q / block_q)
     indices = indices.expand(batch, heads, -1, -1)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_same, check_tensor, empty_output
+from .._checks import check_same, check_scale, check_tensor, empty_output
 from .._cost import cost_placeholder, is_counting_flops
 
 IntArg = int | Sequence[int]
@@ -207,6 +207,7 @@ def neighborhood_attention(
                 f"additional_keys has {additional_keys.shape[1]} tokens but additional_values has "
                 f"{additional_values.shape[1]}: they must match"
             )
+    check_scale("scale", scale)
     scale = dim ** -0.5 if scale is None else float(scale)
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]
 

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor
+from .._checks import check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_backend
 from ..block_sparse.naive import block_sparse_attention_reference
@@ -155,8 +155,7 @@ def _check_inputs(q, k, v, n_win, topk, scale) -> tuple[int, int, int, int]:
     n_regions = geometry[0] * geometry[1]
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n_regions:
         raise ValueError(f"topk must be an int in [1, n_win^2 = {n_regions}], got {topk!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
-        raise ValueError(f"scale must be a positive float or None (head_dim ** -0.5), got {scale!r}")
+    check_scale("scale", scale)
     return geometry
 
 

@@ -47,7 +47,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import autocast_cast, check_allocation, check_same, check_tensor
+from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_attention
 from ..block_sparse.naive import _pair
@@ -234,7 +234,8 @@ def sparse_linear_attention(
         raise ValueError(f"linear_on must be one of {LINEAR_ON}, got {linear_on!r}")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    check_scale("scale", scale)
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if linear_on == "all" and negligible:
         raise ValueError(f"negligible={negligible} skips blocks, which linear_on='all' cannot: use linear_on='marginal'")
