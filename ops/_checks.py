@@ -96,4 +96,4 @@ def check_scale(name: str, value: float | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite positive number or None (head_dim ** -0.5), got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number or None (head_dim ** -0.5), got {value!r}")
