@@ -126,5 +126,7 @@ def focused_feature_map(x: torch.Tensor, scale: torch.Tensor | None = None, focu
     if scale is not None:
         y = y / F.softplus(scale.to(compute))
     norm = y.norm(dim=-1, keepdim=True)
-    y = y ** focusing_factor
+    # x^p / ||x^p|| does not change when x is scaled: dividing by the row max first keeps ||x^p|| >= 1, where
+    # a row of tiny entries (all channels negative: ReLU + 1e-6) would underflow to 0 / 0 in float32
+    y = (y / y.amax(dim=-1, keepdim=True)) ** focusing_factor
     return (y / y.norm(dim=-1, keepdim=True) * norm).to(x.dtype)
