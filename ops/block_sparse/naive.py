@@ -171,7 +171,7 @@ def block_sparse_attention_reference(
         return (out, lse) if return_lse else out
     listed = batch * heads * n_q_blocks * indices.shape[-1] * block_k
     check_allocation(f"block-sparse reference key lists ({listed} key slots for block_size ({block_q}, {block_k}))",
-                     listed * 18, "use larger blocks or fewer listed key blocks")
+                     listed * 18, "use larger blocks or fewer listed key blocks")  # 2 int64 copies + 2 bools
 
     # key positions of every listed block: [B, H, n_q_blocks, max_k * block_k]
     offsets = torch.arange(block_k, device=q.device)
