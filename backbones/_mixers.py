@@ -212,10 +212,12 @@ class InLineCore(nn.Module):
         b, _, c = q.shape
         out = merge_heads(injective_linear_attention(
             split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)))
+        if not b:  # no sample: no per-sample kernel (a conv with 0 groups is refused)
+            return out
         weight = self.residual(x_mean.unsqueeze(-1)).reshape(b * c, 1, 3, 3)
         patches = v[:, -size[0] * size[1]:]
         local = F.conv2d(to_grid(patches, size).reshape(1, b * c, *size), weight, padding=1, groups=b * c)
-        local = local.reshape(b, c, -1).transpose(1, 2)
+        local = local.reshape(b, c, size[0] * size[1]).transpose(1, 2)
         if out.shape[1] == local.shape[1]:
             return out + local
         return torch.cat([out[:, :-local.shape[1]], out[:, -local.shape[1]:] + local], dim=1)

@@ -146,7 +146,7 @@ class AttentionLePE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: `[B, H, W, C]` -> `[B, H, W, C]`."""
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h, w, c)
         out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)
@@ -169,7 +169,7 @@ class NCHWAttentionLePE(nn.Module):
         """x: `[B, C, H, W]` -> `[B, C, H, W]`."""
         b, c, h, w = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=1)
-        heads = lambda t: t.reshape(b, self.num_heads, -1, h * w).transpose(-1, -2)  # noqa: E731
+        heads = lambda t: t.reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)  # noqa: E731
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         out = out.transpose(-1, -2).reshape(b, c, h, w) + self.lepe(v)
         return self.proj(out)

@@ -183,7 +183,7 @@ class PatchMerging(nn.Module):
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         size = (x.shape[1], x.shape[2])
-        return self.reduction(self.norm(x.reshape(b, -1, 4 * c))), size
+        return self.reduction(self.norm(x.reshape(b, size[0] * size[1], 4 * c))), size
 
 
 class SwinStage(nn.Module):

@@ -123,7 +123,7 @@ class NeighborhoodBackend(nn.Module):
             return t.transpose(1, 2).reshape(b, *grid, h, t.shape[-1])
 
         out = self._op(heads_last(q), heads_last(k), heads_last(v), kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride)
-        return out.reshape(b, n, h, -1).transpose(1, 2)
+        return out.reshape(b, n, h, out.shape[-1]).transpose(1, 2)
 
 
 def build_backend(attention: str, *, head_dim: int, grid: tuple[int, ...], layer_index: int, options: dict | None = None) -> nn.Module:

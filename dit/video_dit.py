@@ -60,7 +60,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
     Computed in float32 at least (as Wan, which rotates in float64 complex), cast back to x's dtype.
     """
-    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], -1, 2)
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     cos, sin = angles.cos().to(pairs.dtype), angles.sin().to(pairs.dtype)
     x0, x1 = pairs.unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.reshape(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2) for t in (q, k, v))
         out = self.backend(apply_rope(q, angles), apply_rope(k, angles), v, grid, step_index)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 

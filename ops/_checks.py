@@ -1,6 +1,9 @@
 """Argument checks shared by the ops: each error names the argument, its value and the fix."""
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 
@@ -36,3 +39,61 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}: cast them to one dtype")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: move them to one device")
+
+
+def empty_output(shape: tuple[int, ...], dtype: torch.dtype, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """Zeros of `shape` kept in the autograd graph of `inputs` (their gradients are zeros).
+
+    For calls with no work (batch 0, no queries, no keys): as `F.scaled_dot_product_attention`,
+    the op returns a correctly shaped output, zeros where a query sees no key, that backward accepts.
+    """
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    out = tensors[0].new_zeros(shape, dtype=dtype)
+    for t in tensors:
+        if t.requires_grad:
+            out = out + t.reshape(-1)[:0].sum().to(dtype)  # an empty sum: exactly 0, never NaN
+    return out
+
+
+MAX_ALLOCATION_ENV = "ZOO_MAX_ALLOCATION_GB"
+DEFAULT_MAX_ALLOCATION_GB = 64.0  # far above any real call's masks and aggregates, below what exhausts a host
+
+
+def max_allocation_bytes() -> int:
+    """The largest single working allocation an op may ask for: `$ZOO_MAX_ALLOCATION_GB` (default 64) GB."""
+    raw = os.environ.get(MAX_ALLOCATION_ENV, "")
+    try:
+        limit = float(raw) if raw else DEFAULT_MAX_ALLOCATION_GB
+    except ValueError:
+        raise ValueError(f"{MAX_ALLOCATION_ENV} must be a number of GB, got {raw!r}") from None
+    if not limit > 0 or not math.isfinite(limit):
+        raise ValueError(f"{MAX_ALLOCATION_ENV} must be a positive finite number of GB, got {raw!r}")
+    return int(limit * 1e9)
+
+
+def check_allocation(what: str, n_bytes: int, fix: str) -> None:
+    """Refuse, before allocating, an op working set of `n_bytes` above `max_allocation_bytes()`.
+
+    Absurd sizes (a 39 TB block mask) otherwise fail late with an allocator error or swap the host.
+    """
+    limit = max_allocation_bytes()
+    if n_bytes > limit:
+        raise ValueError(
+            f"{what} would need {format_bytes(n_bytes)} (limit {format_bytes(limit)}, set {MAX_ALLOCATION_ENV} "
+            f"to raise it): {fix}"
+        )
+
+
+def format_bytes(n_bytes: float) -> str:
+    """`n_bytes` in decimal units, e.g. 39.1 TB."""
+    units = ("B", "KB", "MB", "GB", "TB", "PB", "EB")
+    power = min(len(units) - 1, max(0, int(math.log10(max(n_bytes, 1)) // 3)))
+    return f"{n_bytes / 1000 ** power:.1f} {units[power]}"
+
+
+def check_scale(name: str, value: float | None) -> None:
+    """None (the op's default) or a finite positive number: a NaN or infinite scale gives NaN/zero outputs."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number or None (head_dim ** -0.5), got {value!r}")

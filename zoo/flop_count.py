@@ -6,10 +6,16 @@ and every zoo op reports its own density-aware count through `zoo::attention_cos
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+# The count runs one real forward pass (fvcore traces it), so time and memory grow with the input:
+# nat_tiny at 3 x 1024 x 1024 (3.1M values) takes ~15 s and 1.5 GB on 2 CPU cores. 3 x 2048 x 2048 is allowed;
+# 3 x 8192 x 8192 (201M values, many minutes and ~100 GB) is refused unless the limit is raised.
+MAX_INPUT_ELEMENTS = 3 * 2048 * 2048
 
 
 def _shape(value) -> list[int]:
@@ -37,6 +43,25 @@ HANDLES = {
 }
 
 
+def _check_size(input_size: Sequence[int] | None, inputs: tuple | None, max_input_elements: int) -> None:
+    """Refuse, before tracing, an input whose forward pass would take minutes and tens of GB."""
+    if input_size is not None:
+        if isinstance(input_size, (str, bytes)) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in input_size):
+            raise ValueError(f"input_size must be positive ints (C H W or H W), got {tuple(input_size)!r}")
+        elements = math.prod(input_size) * (3 if len(input_size) == 2 else 1)
+    else:
+        elements = sum(t.numel() for t in inputs or () if isinstance(t, torch.Tensor))
+    if elements > max_input_elements:
+        shown = "x".join(map(str, input_size)) if input_size is not None else "the given inputs"
+        raise ValueError(
+            f"input_size {shown} has {elements:,} input values, above the FLOP-count limit of {max_input_elements:,} "
+            f"(the count runs one forward pass: about {elements * 4 * 120 / 1e9:.0f} GB of activations and "
+            f"minutes of CPU time at this size): count at a smaller input, or raise max_input_elements "
+            "(zoo flops --max-input-elements N)"
+        )
+
+
 def _example_inputs(model: torch.nn.Module, input_size: Sequence[int] | None, batch_size: int):
     if hasattr(model, "example_inputs"):  # generators know their own inputs (latents, t, labels)
         return tuple(model.example_inputs(batch_size=batch_size, input_size=input_size))
@@ -50,8 +75,11 @@ def _example_inputs(model: torch.nn.Module, input_size: Sequence[int] | None, ba
     return (torch.randn(batch_size, *input_size, device=device),)
 
 
-def flop_analysis(model: torch.nn.Module, input_size: Sequence[int] | None = None, inputs: tuple | None = None):
-    """An fvcore `FlopCountAnalysis` with the zoo's handles installed."""
+def flop_analysis(model: torch.nn.Module, input_size: Sequence[int] | None = None, inputs: tuple | None = None,
+                  max_input_elements: int = MAX_INPUT_ELEMENTS):
+    """An fvcore `FlopCountAnalysis` with the zoo's handles installed (inputs above `max_input_elements`
+    values are refused: see `MAX_INPUT_ELEMENTS`)."""
+    _check_size(input_size, inputs, max_input_elements)
     from fvcore.nn import FlopCountAnalysis
 
     inputs = inputs if inputs is not None else _example_inputs(model, input_size, 1)
@@ -62,11 +90,13 @@ def flop_analysis(model: torch.nn.Module, input_size: Sequence[int] | None = Non
     return analysis
 
 
-def flops(model: torch.nn.Module, input_size: Sequence[int] | None = None, inputs: tuple | None = None) -> int:
+def flops(model: torch.nn.Module, input_size: Sequence[int] | None = None, inputs: tuple | None = None,
+          max_input_elements: int = MAX_INPUT_ELEMENTS) -> int:
     """Multiply-adds of one forward pass at batch 1 (fvcore convention, attention included).
 
     `input_size` is `(C, H, W)` or `(H, W)` for classifiers (default: the model's
-    pretrained_cfg input size); generators supply their own example inputs.
+    pretrained_cfg input size); generators supply their own example inputs. Inputs of more than
+    `max_input_elements` values are refused up front (the count runs a real forward pass).
     """
     from zoo.ops import counting_flops
 
@@ -74,7 +104,7 @@ def flops(model: torch.nn.Module, input_size: Sequence[int] | None = None, input
     model.eval()
     try:
         with torch.no_grad(), counting_flops():
-            return int(flop_analysis(model, input_size, inputs).total())
+            return int(flop_analysis(model, input_size, inputs, max_input_elements).total())
     finally:
         model.train(was_training)
 

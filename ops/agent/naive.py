@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor
+from .._checks import check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 
 LAYOUT = "[batch, heads, seq_len, head_dim]"
@@ -79,6 +79,8 @@ def agent_attention(
         raise ValueError("agents must hold at least one agent token, got 0")
     _check_bias("agent_bias", agent_bias, (b, h, n_a, n_k), q)
     _check_bias("query_bias", query_bias, (b, h, n_q, n_a), q)
+    check_scale("scale", scale)
+    check_scale("query_scale", query_scale)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     dv = v.shape[3]

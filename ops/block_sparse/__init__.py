@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .._checks import autocast_cast
+from .._checks import autocast_cast, check_scale
 from .._cost import is_counting_flops
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
@@ -39,6 +39,8 @@ def block_sparse_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int
 ) -> tuple[str, str]:
     """("triton", "") when the kernel runs these inputs, else ("reference", the reason)."""
+    if not q.numel() or not k.numel():
+        return "reference", "an empty input (batch, heads or a sequence of size 0) has no work for the kernel"
     if q.device.type not in KERNEL_DEVICES:
         return "reference", f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
     module = _kernel_module()
@@ -85,6 +87,7 @@ def block_sparse_attention(
     dtype (as SDPA).
     """
     q, k, v = autocast_cast(q, k, v)
+    check_scale("scale", scale)
     if layout is not None:
         if block_mask is not None or block_indices is not None:
             raise ValueError("pass layout alone, or block_mask / block_indices without layout")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_same, check_tensor
+from .._checks import check_allocation, check_same, check_scale, check_tensor, empty_output
 from .._cost import cost_placeholder, is_counting_flops
 
 LAYOUT = "[batch, heads, seq_len, head_dim]"
@@ -156,11 +156,22 @@ def block_sparse_attention_reference(
 ):
     """Block-sparse attention, exact, in PyTorch. See `zoo.ops.block_sparse_attention`."""
     indices, block_q, block_k = resolve_block_indices(q, k, v, block_mask, block_indices, block_size)
+    check_scale("scale", scale)
     batch, heads, n_q, dim = q.shape
     n_q_blocks = math.ceil(n_q / block_q)
     indices = indices.expand(batch, heads, -1, -1)
     n_k, dim_v = k.shape[2], v.shape[-1]
     scale = dim ** -0.5 if scale is None else scale
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, batch, n_k)
+    if not batch * heads * n_q * n_k:  # no work: empty output, or zeros for queries without keys (as SDPA)
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = empty_output((batch, heads, n_q, dim_v), q.dtype, q, k, v)
+        lse = torch.full((batch, heads, n_q), float("-inf"), dtype=lse_dtype, device=q.device)
+        return (out, lse) if return_lse else out
+    listed = batch * heads * n_q_blocks * indices.shape[-1] * block_k
+    check_allocation(f"block-sparse reference key lists ({listed} key slots for block_size ({block_q}, {block_k}))",
+                     listed * 18, "use larger blocks or fewer listed key blocks")  # 2 int64 copies + 2 bools
 
     # key positions of every listed block: [B, H, n_q_blocks, max_k * block_k]
     offsets = torch.arange(block_k, device=q.device)
@@ -168,7 +179,6 @@ def block_sparse_attention_reference(
     key_valid = ((indices >= 0)[..., None] & (key_pos.view(*indices.shape, block_k) < n_k)).flatten(-2)
     key_pos = key_pos.clamp_max(n_k - 1)
     if key_padding_mask is not None:
-        _check_key_padding_mask(key_padding_mask, batch, n_k)
         padded = key_padding_mask.to(q.device).expand(batch, n_k)
         batch_idx = torch.arange(batch, device=q.device)[:, None, None, None]
         key_valid = key_valid & ~padded[batch_idx, key_pos]
@@ -184,7 +194,7 @@ def block_sparse_attention_reference(
     groups = batch * heads
     q_blocks = F.pad(q, (0, 0, 0, n_q_blocks * block_q - n_q)).reshape(groups, n_q_blocks, block_q, dim)
     kf, vf = k.reshape(groups, n_k, dim), v.reshape(groups, n_k, dim_v)
-    key_pos, key_valid = key_pos.reshape(groups, n_q_blocks, -1), key_valid.reshape(groups, n_q_blocks, -1)
+    key_pos, key_valid = key_pos.flatten(0, 1), key_valid.flatten(0, 1)
 
     per_block = groups * key_pos.shape[-1] * max(block_q, dim + dim_v)
     chunk = max(1, chunk_elements // max(per_block, 1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor
+from .._checks import check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 
 LAYOUT = "[batch, heads, seq_len, head_dim]"
@@ -96,6 +96,7 @@ def injective_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k may be any features (InLine's released models use the identity). Returns `[B, H, Nq, Dv]`.
     """
     _check_qkv(q, k, v)
+    check_scale("scale", scale)
     if is_counting_flops():
         return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))
     compute = _compute_dtype(q)
@@ -125,5 +126,7 @@ def focused_feature_map(x: torch.Tensor, scale: torch.Tensor | None = None, focu
     if scale is not None:
         y = y / F.softplus(scale.to(compute))
     norm = y.norm(dim=-1, keepdim=True)
-    y = y ** focusing_factor
+    # x^p / ||x^p|| does not change when x is scaled: dividing by the row max first keeps ||x^p|| >= 1, where
+    # a row of tiny entries (all channels negative: ReLU + 1e-6) would underflow to 0 / 0 in float32
+    y = (y / y.amax(dim=-1, keepdim=True)) ** focusing_factor
     return (y / y.norm(dim=-1, keepdim=True) * norm).to(x.dtype)

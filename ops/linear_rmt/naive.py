@@ -37,9 +37,11 @@ there: MALA Nq*D (z) + Nk*D*Dv (KV) + Nq*D*Dv (q.KV); RALA adds Nk*D for the key
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .._checks import check_same, check_tensor
+from .._checks import check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 
 LAYOUT = "[batch, heads, seq_len, head_dim]"
@@ -66,9 +68,8 @@ def _check(q, k, v, q_num, k_num, scale, eps) -> tuple[torch.Tensor, torch.Tenso
         check_same((ref_name, name), (ref, t))
         if t.shape != ref.shape:
             raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be a positive number (default head_dim**-0.5), got {scale}")
-    if not eps > 0:
+    check_scale("scale", scale)
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps > 0:
         raise ValueError(f"eps must be a positive number (the models use 1e-6), got {eps}")
     return q_num, k_num
 

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_same, check_tensor
+from .._checks import check_same, check_scale, check_tensor, empty_output
 from .._cost import cost_placeholder, is_counting_flops
 
 IntArg = int | Sequence[int]
@@ -207,6 +207,7 @@ def neighborhood_attention(
                 f"additional_keys has {additional_keys.shape[1]} tokens but additional_values has "
                 f"{additional_values.shape[1]}: they must match"
             )
+    check_scale("scale", scale)
     scale = dim ** -0.5 if scale is None else float(scale)
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]
 
@@ -220,6 +221,9 @@ def neighborhood_attention(
         return (out, q.new_zeros(batch, *spatial, heads, dtype=torch.float32)) if return_lse else out
 
     compute = torch.promote_types(q.dtype, torch.float32)
+    if not batch * heads:  # no work (the batched matmuls below reject empty batches), as SDPA: an empty output
+        out = empty_output((batch, *spatial, heads, dim_v), q.dtype, q, k, v, rpb, additional_keys, additional_values)
+        return (out, q.new_zeros(batch, *spatial, heads, dtype=compute)) if return_lse else out
     n_tokens, n_keys = math.prod(spatial), math.prod(kernel)
     def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B, ..., h, D] -> [B, H, tokens, D], kv heads repeated
         t = t.reshape(batch, -1, t.shape[-2], t.shape[-1]).transpose(1, 2).to(compute)

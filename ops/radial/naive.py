@@ -35,7 +35,7 @@ import struct
 
 import torch
 
-from .._checks import autocast_cast, check_same, check_tensor
+from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import BlockSparseLayout, block_sparse_attention, block_sparse_layout
 
@@ -109,6 +109,9 @@ def _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, t
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if legacy and model != "wan":
         raise ValueError(f"legacy=True changes only the Wan rule (d = 1 window s // 2); got model={model!r}")
+    n_blocks = -(-(num_frames * tokens_per_frame + text_tokens) // block_size)
+    check_allocation(f"the radial block mask [{n_blocks}, {n_blocks}] (bool)",
+                     n_blocks * n_blocks, "use a larger block_size or fewer frames/tokens")
 
 
 @functools.lru_cache(maxsize=16)
@@ -213,6 +216,7 @@ def radial_attention(
     check_tensor("q", q, 4, "[batch, heads, N, head_dim]")
     check_same(("q", "k", "v"), (q, k, v))
     _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy)
+    check_scale("scale", scale)
     n = num_frames * tokens_per_frame + text_tokens
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim != 4 or t.shape[2] != n:

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor
+from .._checks import check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_backend
 from ..block_sparse.naive import block_sparse_attention_reference
@@ -118,10 +118,11 @@ def _region_means(x: torch.Tensor, geometry: tuple[int, int, int, int], counts: 
     n_h, n_w, region_h, region_w = geometry
     batch, height, width = x.shape[:3]
     x = x.flatten(3)
+    channels = x.shape[-1]  # explicit sizes below: batch may be 0
     if counts is None:
-        return x.reshape(batch, n_h, region_h, n_w, region_w, -1).mean((2, 4)).reshape(batch, n_h * n_w, -1)
+        return x.reshape(batch, n_h, region_h, n_w, region_w, channels).mean((2, 4)).reshape(batch, n_h * n_w, channels)
     x = F.pad(x, (0, 0, 0, n_w * region_w - width, 0, n_h * region_h - height))  # zeros add nothing
-    sums = x.reshape(batch, n_h, region_h, n_w, region_w, -1).sum((2, 4)).reshape(batch, n_h * n_w, -1)
+    sums = x.reshape(batch, n_h, region_h, n_w, region_w, channels).sum((2, 4)).reshape(batch, n_h * n_w, channels)
     return sums / counts.clamp_min(1).to(sums.dtype)[:, None]
 
 
@@ -154,8 +155,7 @@ def _check_inputs(q, k, v, n_win, topk, scale) -> tuple[int, int, int, int]:
     n_regions = geometry[0] * geometry[1]
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n_regions:
         raise ValueError(f"topk must be an int in [1, n_win^2 = {n_regions}], got {topk!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or scale <= 0):
-        raise ValueError(f"scale must be a positive float or None (head_dim ** -0.5), got {scale!r}")
+    check_scale("scale", scale)
     return geometry
 
 

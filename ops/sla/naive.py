@@ -47,7 +47,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import autocast_cast, check_same, check_tensor
+from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_attention
 from ..block_sparse.naive import _pair
@@ -101,17 +101,23 @@ def sla_block_map(
     check_tensor("q", q, 4, LAYOUT)
     check_tensor("k", k, 4, LAYOUT)
     block_q, block_k = _pair(block_size)
+    batch, heads, n_q, n_k = *q.shape[:3], k.shape[2]
+    n_qb, n_kb = -(-n_q // block_q), -(-n_k // block_k)
+    n_critical, n_negligible = _block_counts(n_kb, topk, negligible)
+    # the scores, their two argsorts (int64) and the map
+    check_allocation(f"the SLA block map [{batch}, {heads}, {n_qb}, {n_kb}]", batch * heads * n_qb * n_kb * 25,
+                     "use larger block_size")
+    if not n_q or not n_k:
+        return torch.zeros(batch, heads, n_qb, n_kb, dtype=torch.int8, device=q.device)
     acc = torch.promote_types(q.dtype, torch.float32)
     pooled_q = _mean_pool(q.to(acc), block_q)
     kf = k.to(acc)
     pooled_k = _mean_pool(kf - kf.mean(dim=2, keepdim=True), block_k)  # smooth-k
     scores = pooled_q @ pooled_k.transpose(-1, -2)
-    n_k_blocks = scores.shape[-1]
-    n_critical, n_negligible = _block_counts(n_k_blocks, topk, negligible)
     rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = highest score
     block_map = torch.zeros(scores.shape, dtype=torch.int8, device=q.device)
     block_map[rank < n_critical] = CRITICAL
-    block_map[rank >= n_k_blocks - n_negligible] = NEGLIGIBLE
+    block_map[rank >= n_kb - n_negligible] = NEGLIGIBLE
     return block_map
 
 
@@ -149,6 +155,8 @@ def _fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_si
     """Whether the fused Triton kernel (`triton_kernel.py`) runs: CUDA, fp16/bf16, one head_dim of
     32/64/128 for q, k and v, power-of-two blocks of 16..128, triton importable."""
     d = q.shape[-1]
+    if not q.numel() or not k.numel():  # no work for the kernel
+        return False
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d in (32, 64, 128)
             and k.shape[-1] == d and v.shape[-1] == d and all(b in (16, 32, 64, 128) for b in block_size)):
         return False
@@ -226,7 +234,8 @@ def sparse_linear_attention(
         raise ValueError(f"linear_on must be one of {LINEAR_ON}, got {linear_on!r}")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    check_scale("scale", scale)
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if linear_on == "all" and negligible:
         raise ValueError(f"negligible={negligible} skips blocks, which linear_on='all' cannot: use linear_on='marginal'")

@@ -46,7 +46,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
     model = zoo.create_model(args.name)
     size = tuple(args.input_size) if args.input_size else None
-    total = zoo.flops(model, input_size=size)
+    limit = {} if args.max_input_elements is None else {"max_input_elements": args.max_input_elements}
+    total = zoo.flops(model, input_size=size, **limit)
     print(f"{args.name}: {_fmt_count(total)} FLOPs ({total:,}), {_fmt_count(zoo.count_params(model))} params")
     return 0
 
@@ -69,4 +70,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Example: zoo flops nat_tiny --input-size 3 384 384")
     p.add_argument("name")
     p.add_argument("--input-size", type=number(int, 1), nargs="+", help="C H W (or H W)")
+    p.add_argument("--max-input-elements", type=number(int, 1),
+                   help="refuse inputs with more values (the count runs a forward pass; default 3*2048*2048)")
     p.set_defaults(func=cmd_flops)
