@@ -156,23 +156,6 @@ def padding_aux(key_padding_mask: torch.Tensor, batch: int, block_k: int) -> tor
 
 
 # ----------------------------------------------------------------------------- FA4 calls
-@functools.cache
-def _key_padding_mask_mod():
-    """The FA4 `mask_mod` keeping keys whose aux entry (`aux_tensors[0][batch, kv_idx]`) is 0. Built once: FA4
-    caches compiled kernels by the mask_mod's hash."""
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils
-
-    @cute.jit
-    def key_not_padded(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        padded = aux_tensors[0]
-        flag = utils.scalar_to_ssa(padded[batch[0], kv_idx[0]], cutlass.Int32)
-        return flag == utils.scalar_to_ssa(0, cutlass.Int32)
-
-    return key_not_padded
-
-
 def _sparse_tensors(interface: ModuleType, lists: dict[str, torch.Tensor], block_q: int, block_k: int):
     return interface.BlockSparseTensorsTorch(**lists, block_size=(block_q, block_k))
 
@@ -206,7 +189,9 @@ def block_sparse_attention_fa4(
     padding = {}
     if key_padding_mask is not None:
         aux = padding_aux(key_padding_mask.to(q.device), q.shape[0], block_k)
-        padding = dict(mask_mod=_key_padding_mask_mod(), aux_tensors=[aux])
+        from .fa4_masks import key_not_padded  # CuTe DSL code: imports only where FA4 is installed
+
+        padding = dict(mask_mod=key_not_padded, aux_tensors=[aux])
     with torch.cuda.device(q.device):  # FA4 reads the current device's architecture
         out, lse = interface.flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
