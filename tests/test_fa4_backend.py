@@ -314,6 +314,19 @@ def test_benchmark_fa4_targets_and_arguments():
         bench.parse_args(["--modes", "bwd"])
 
 
+def test_benchmark_sla_composition_is_sla():
+    """The benchmark's SLA-on-FA4 composition (here with the reference as its sparse branch) equals the op."""
+    bench = _script("benchmark_fa4")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    weight, bias = torch.randn(8, 8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen).double()
+    block_map = ops.sla_block_map(q, k, 0.3, 0.0, 16)
+    critical = block_sparse_layout(40, 40, block_mask=block_map == 1, block_size=16)
+    got = bench.sla_fa4(q, k, v, weight, bias, block_map, critical, backend="reference")
+    expect = ops.sparse_linear_attention(q, k, v, weight, bias, block_size=16, block_map=block_map)
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-12)
+
+
 def test_check_fa4_reports_why_it_cannot_run(capsys):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the script runs for real (see its docstring)")
