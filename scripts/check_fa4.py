@@ -116,11 +116,13 @@ def check_sparse_small():
             k, v = (torch.randn(2, 3, n_k, dim, device="cuda", generator=gen).bfloat16() for _ in range(2))
             do = torch.randn_like(q)
             mask = torch.rand(2, 3, math.ceil(n_q / block_q), math.ceil(n_k / 128), device="cuda", generator=gen) < 0.4
-            mask[..., -1] = True
+            mask[..., -1] = True  # the partial tail key block
+            mask[0, 0, 0] = False  # a query block with no keys: zeros
             kpm = None
             if padding:
                 kpm = torch.rand(2, n_k, device="cuda", generator=gen) < 0.3
-                kpm[:, 128:256] = False
+                kpm[:, 128:256] = False  # a listed block without padding stays a full block
+                kpm[:, :128] = True  # a wholly padded block: query blocks listing only it see no key
 
             def op(a, b, c, backend, mask=mask, kpm=kpm):
                 return ops.block_sparse_attention(a, b, c, block_mask=mask, block_size=(block_q, 128),
