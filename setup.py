@@ -27,6 +27,8 @@ def _package_dir() -> dict[str, str]:
 TRAIN = ["lightning>=2.4", "tensorboard"]
 DIFFUSION = ["diffusers>=0.32", "transformers", "accelerate"]
 VIDEO = ["imageio[ffmpeg]", "av"]
+# flash-attn-4 (CuTe-DSL FlashAttention, Hopper/Blackwell): the tested range; not in `dev` (CPU CI has no GPU)
+HOPPER = ["flash-attn-4>=4.0.0b36,<4.1", "nvidia-cutlass-dsl>=4.8.1,<4.9"]
 
 setup(
     name="attnzoo",
@@ -55,6 +57,7 @@ setup(
         "train": TRAIN,
         "diffusion": DIFFUSION,
         "video": VIDEO,
+        "hopper": HOPPER,
         "dev": TRAIN + DIFFUSION + VIDEO + ["peft", "pytest", "pytest-xdist", "hypothesis", "ruff"],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},

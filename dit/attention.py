@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ATTENTION_BACKENDS = ("dense", "radial", "sla", "na")
 
@@ -38,12 +37,17 @@ def _per_axis(name: str, value: int | Sequence[int], rank: int) -> tuple[int, ..
 
 
 class DenseAttention(nn.Module):
-    """Softmax attention over all tokens (PyTorch SDPA)."""
+    """Softmax attention over all tokens (`zoo.ops.dense_attention`: flash-attn-4 on Hopper/Blackwell when
+    installed, PyTorch SDPA otherwise)."""
 
     name = "dense"
 
+    def __init__(self):
+        super().__init__()
+        self._attend = _require_op("dense_attention", "dense")
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+        return self._attend(q, k, v)
 
 
 class RadialAttention(nn.Module):
@@ -61,6 +65,7 @@ class RadialAttention(nn.Module):
                  block_size: int = 128, dense_layers: int = 0, dense_timesteps: int = 0, mask_model: str = "wan"):
         super().__init__()
         self._attend = _require_op("radial_attention", "radial")
+        self._dense = _require_op("dense_attention", "radial")  # the policy's dense layers and steps
         self.policy = _require_op("SparsityPolicy", "radial")(dense_layers=dense_layers, dense_timesteps=dense_timesteps)
         self.num_frames, self.tokens_per_frame = int(num_frames), int(tokens_per_frame)
         self.layer_index, self.decay_factor, self.block_size, self.mask_model = layer_index, decay_factor, block_size, mask_model
@@ -76,7 +81,7 @@ class RadialAttention(nn.Module):
                 "latent size (input_size=(frames, height, width))")
         step = self.policy.dense_timesteps if step_index is None else step_index  # training: a sparse step
         if not self.policy.use_sparse(self.layer_index, step):
-            return F.scaled_dot_product_attention(q, k, v)
+            return self._dense(q, k, v)
         return self._attend(q, k, v, self.num_frames, self.tokens_per_frame, self.decay_factor,
                             block_size=self.block_size, model=self.mask_model)
 

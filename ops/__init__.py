@@ -13,6 +13,7 @@ from .block_sparse import (
     block_sparse_backend,
     block_sparse_layout,
 )
+from .dense import dense_attention, dense_attention_backend
 from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
 from .linear_rmt import mala_attention, rala_attention
 from .na import na1d, na2d, na3d, na_legacy_pad
@@ -31,6 +32,8 @@ __all__ = [
     "injective_linear_attention",
     "block_sparse_attention",
     "block_sparse_backend",
+    "dense_attention",
+    "dense_attention_backend",
     "block_sparse_layout",
     "BlockSparseLayout",
     "block_mask_to_indices",

@@ -1,8 +1,9 @@
 """Block-sparse softmax attention: the primitive radial, routing and SLA attention run on.
 
-On CUDA tensors the Triton flash-attention kernel (`kernel.py`) runs when it supports the inputs;
-otherwise, and on CPU, the exact PyTorch reference (`naive.py`). `block_sparse_backend` says which
-one a call would take and why.
+Backends, in the order `backend="auto"` tries them: flash-attn-4 (`fa4.py`, Hopper/Blackwell, when
+installed: `pip install 'attnzoo[hopper]'`), the Triton flash-attention kernel (`kernel.py`, any CUDA GPU:
+the portable path), the exact PyTorch reference (`naive.py`, any device). `block_sparse_backend` names
+the one a call would take and why the ones before it cannot.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from .._checks import autocast_cast, check_scale
 from .._cost import is_counting_flops
+from . import fa4
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
     _check_key_padding_mask,
@@ -35,22 +37,55 @@ def _kernel_module():
     return kernel
 
 
-def block_sparse_backend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int
-) -> tuple[str, str]:
-    """("triton", "") when the kernel runs these inputs, else ("reference", the reason)."""
-    if not q.numel() or not k.numel():
-        return "reference", "an empty input (batch, heads or a sequence of size 0) has no work for the kernel"
+BACKENDS = ("fa4", "triton", "reference")  # the order backend="auto" tries them
+
+
+def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
+    """Why the Triton kernel cannot run these inputs, or None."""
     if q.device.type not in KERNEL_DEVICES:
-        return "reference", f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
+        return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
     module = _kernel_module()
     if isinstance(module, str):
-        return "reference", module
+        return module
     if (q.dtype == torch.bfloat16 and q.device.type == "cuda"
             and torch.cuda.get_device_capability(q.device) < (8, 0)):
-        return "reference", "bfloat16 needs a GPU of compute capability 8.0 or newer"
-    reason = module.can_run(q, k, v, block_q, block_k)
-    return ("reference", reason) if reason else ("triton", "")
+        return "bfloat16 needs a GPU of compute capability 8.0 or newer"
+    return module.can_run(q, k, v, block_q, block_k)
+
+
+def _reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
+    if backend != "reference" and (not q.numel() or not k.numel()):
+        return "an empty input (batch, heads or a sequence of size 0) has no work for a kernel"
+    if backend == "fa4":
+        return fa4.can_run_fa4(q, k, v, block_q, block_k)
+    if backend == "triton":
+        return _triton_reason(q, k, v, block_q, block_k)
+    return None  # the reference runs anything
+
+
+def block_sparse_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int, backend: str = "auto",
+    candidates: tuple[str, ...] = BACKENDS,
+) -> tuple[str, str]:
+    """(backend that runs these inputs, why the `candidates` tried before it cannot: "" if none failed).
+
+    `backend="auto"` takes the first of `candidates` (fa4, triton, reference) that runs them; a named backend
+    is checked alone and raises ValueError with the reason when it cannot run them.
+    """
+    if backend != "auto" and backend not in candidates:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(candidates)}; got {backend!r}")
+    if backend != "auto":
+        reason = _reason(backend, q, k, v, block_q, block_k)
+        if reason:
+            raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}; use backend='auto'")
+        return backend, ""
+    reasons = []
+    for name in candidates:
+        reason = _reason(name, q, k, v, block_q, block_k)
+        if reason is None:
+            return name, "; ".join(reasons)
+        reasons.append(f"{name}: {reason}")
+    raise ValueError(f"no backend runs these inputs: {'; '.join(reasons)}")
 
 
 def block_sparse_attention(
@@ -64,6 +99,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     layout: BlockSparseLayout | None = None,
+    backend: str = "auto",
 ):
     """Exact softmax attention restricted to listed key blocks per query block.
 
@@ -81,10 +117,14 @@ def block_sparse_attention(
             (routing attention's padded region slots). The kernel masks only the key tiles that hold
             padding; their dk/dv are exact zeros.
 
-    Runs the Triton kernel on CUDA for float16/bfloat16, head_dim 32/64/128 and blocks that are
-    multiples of 16 (see `block_sparse_backend`), the reference otherwise. Both are differentiable
-    in q, k, v (and through the returned lse). Inside `torch.autocast`, q, k, v are cast to its
-    dtype (as SDPA).
+        backend: "auto" (default: the first that runs the call), or "fa4", "triton", "reference"
+            (ValueError naming the reason when that one cannot run it).
+
+    Backends (`block_sparse_backend` says which one runs and why): flash-attn-4 on sm90/sm100 when
+    installed, for float16/bfloat16, head_dim 64/96/128, block_k 128 and block_q a multiple of 128 (sm90)
+    or 256 (sm100); the Triton kernel on CUDA for float16/bfloat16, head_dim 32/64/128 and blocks that are
+    multiples of 16; the reference otherwise. All are differentiable in q, k, v (and through the returned
+    lse). Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
     """
     q, k, v = autocast_cast(q, k, v)
     check_scale("scale", scale)
@@ -104,21 +144,25 @@ def block_sparse_attention(
         block_q, block_k = layout.block_q, layout.block_k
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-    backend, _ = block_sparse_backend(q, k, v, block_q, block_k)
+    backend, _ = block_sparse_backend(q, k, v, block_q, block_k, backend)
     if backend == "reference":
         return block_sparse_attention_reference(q, k, v, **args)
     if layout is None:
-        # the transposed lists (backward only) are built by the kernel on the first backward
+        # the transposed lists (backward only) are built on the first backward
         layout = BlockSparseLayout.from_checked(indices, block_q, block_k, q.shape[2], k.shape[2], transpose=False)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, layout, scale,
-                                                              key_padding_mask=key_padding_mask)
+    if backend == "fa4":
+        out, lse = fa4.block_sparse_attention_fa4(q, k, v, layout, scale, key_padding_mask=key_padding_mask)
+    else:
+        out, lse = _kernel_module().block_sparse_attention_triton(q, k, v, layout, scale,
+                                                                  key_padding_mask=key_padding_mask)
     return (out, lse) if return_lse else out
 
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_backend",
+    "BACKENDS",
     "block_sparse_layout",
     "BlockSparseLayout",
     "block_mask_to_indices",

@@ -26,15 +26,20 @@ def sort_lists(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(idx == big, -1, idx).contiguous(), cnt.contiguous()
 
 
+def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool `[..., rows, cols]` -> per-row lists of its True columns (int32, ascending, full width, -1 after the
+    valid entries) and int32 counts, on the mask's device with no host sync."""
+    n_cols = mask.shape[-1]
+    cols = torch.arange(n_cols, device=mask.device, dtype=torch.int32)
+    ordered = torch.where(mask, cols, cols + n_cols).sort(dim=-1).values
+    lists = torch.where(ordered < n_cols, ordered, -1)
+    return lists.contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
+
+
 def transpose_lists(indices: torch.Tensor, n_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query-block key lists -> per-key-block query lists (int32, ascending, full width, valid entries
     first) and counts, on the lists' device with no host sync."""
-    mask = block_indices_to_mask(indices, n_k_blocks).transpose(-1, -2)  # [.., n_k_blocks, n_q_blocks]
-    n_q_blocks = mask.shape[-1]
-    rows = torch.arange(n_q_blocks, device=mask.device, dtype=torch.int32)
-    ordered = torch.where(mask, rows, rows + n_q_blocks).sort(dim=-1).values
-    t_idx = torch.where(ordered < n_q_blocks, ordered, -1)
-    return t_idx.contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
+    return mask_to_lists(block_indices_to_mask(indices, n_k_blocks).transpose(-1, -2))
 
 
 @dataclass(frozen=True)

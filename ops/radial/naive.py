@@ -193,13 +193,15 @@ def radial_attention(
     legacy: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ):
     """Softmax attention restricted to the radial block mask (`radial_block_mask`).
 
     Args:
         q, k, v: `[batch, heads, N, head_dim]`, N = num_frames * tokens_per_frame + text_tokens,
             tokens frame-major, video first then text.
-        The other arguments are `radial_block_mask`'s; `scale` defaults to head_dim ** -0.5.
+        The other arguments are `radial_block_mask`'s; `scale` defaults to head_dim ** -0.5; `backend` is
+            `block_sparse_attention`'s ("auto": flash-attn-4 on sm90/sm100 when installed, else Triton / reference).
 
     The mask is built once per argument tuple and device (an LRU cache keyed by all of them, so
     a new resolution gets a new mask). Runs `zoo.ops.block_sparse_attention`.
@@ -232,4 +234,4 @@ def radial_attention(
         out = cost_placeholder(q.new_empty(batch, heads, n, v.shape[-1]), batch * heads * pairs * (dim + v.shape[-1]))
         return (out, q.new_zeros(batch, heads, n, dtype=torch.float32)) if return_lse else out
     layout = _device_layout(args, q.device)
-    return block_sparse_attention(q, k, v, layout=layout, scale=scale, return_lse=return_lse)
+    return block_sparse_attention(q, k, v, layout=layout, scale=scale, return_lse=return_lse, backend=backend)

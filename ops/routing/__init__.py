@@ -36,6 +36,7 @@ def bi_level_routing_attention(
     topk: int,
     scale: float | None = None,
     return_routing: bool = False,
+    backend: str = "auto",
 ):
     """Bi-level routing attention: each region's queries attend to the tokens of its top-k regions.
 
@@ -54,6 +55,8 @@ def bi_level_routing_attention(
             use the full-width `(heads * head_dim) ** -0.5` (rayleizhu/BiFormer:ops/bra_legacy.py);
             their layers pass it explicitly.
         return_routing: also return the routing, int64 `[batch, n_h * n_w, topk]` (-1 = none).
+        backend: "auto" (default), "triton" or "reference" (`bi_level_routing_backend`; flash-attn-4 does not
+            run routing attention: see there).
 
     Returns:
         `[batch, height, width, heads, head_dim_v]` (and the routing if asked).
@@ -71,7 +74,7 @@ def bi_level_routing_attention(
     """
     q, k, v = autocast_cast(q, k, v)
     geometry = _check_inputs(q, k, v, n_win, topk, scale)
-    if is_counting_flops() or bi_level_routing_backend(q, k, v, n_win)[0] != "triton":
+    if is_counting_flops() or bi_level_routing_backend(q, k, v, n_win, backend)[0] != "triton":
         return bi_level_routing_attention_reference(q, k, v, n_win, topk, scale=scale, return_routing=return_routing)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     height, width = q.shape[1:3]

@@ -187,12 +187,20 @@ def _macs(routing: torch.Tensor | None, valid: torch.Tensor, batch: int, topk: i
 
 
 def bi_level_routing_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             n_win: int | tuple[int, int]) -> tuple[str, str]:
+                             n_win: int | tuple[int, int], backend: str = "auto") -> tuple[str, str]:
     """("triton", "") when `bi_level_routing_attention` runs these inputs on the Triton block-sparse kernel
-    (regions of `region_slots(R)` token slots), else ("reference", the reason)."""
+    (regions of `region_slots(R)` token slots), else ("reference", the reason); a named `backend` ("triton",
+    "reference") is checked alone (ValueError with the reason when it cannot run them).
+
+    flash-attn-4 is not a routing backend: the Triton kernel reads each region in place as a 2-D window of the
+    map, FA4 takes sequences (a region-ordered copy of q, k, v per call), and BiFormer's head_dim 32 is outside
+    the head dims the zoo runs FA4 with."""
+    if backend == "fa4":
+        raise ValueError("backend='fa4' does not run routing attention (regions are 2-D windows of the map, read "
+                         "in place by the Triton kernel); use backend='auto', 'triton' or 'reference'")
     _, _, region_h, region_w = region_geometry(q.shape[1], q.shape[2], n_win)
     slots = region_slots(region_h * region_w)
-    return block_sparse_backend(q, k, v, slots, slots)
+    return block_sparse_backend(q, k, v, slots, slots, backend, candidates=("triton", "reference"))
 
 
 def bi_level_routing_attention_reference(
