@@ -69,7 +69,8 @@ def oracle(q, k, v, kernel, dilation, stride, causal, rpb=None, scale=None, extr
 
 def _inputs(spatial, heads=2, dim=4, dim_v=3, kernel=None, batch=2, extra=0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    def mk(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
     q, k = mk(batch, *spatial, heads, dim), mk(batch, *spatial, heads, dim)
     v = mk(batch, *spatial, heads, dim_v)
     rpb = mk(heads, *(2 * kk - 1 for kk in kernel)) if kernel is not None else None
@@ -145,7 +146,8 @@ def test_chunked_path_and_additional_kv_match_oracle():
 
 def test_gqa_matches_oracle():
     g = torch.Generator().manual_seed(3)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    def mk(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
     q, k, v = mk(2, 7, 8, 4, 5), mk(2, 7, 8, 2, 5), mk(2, 7, 8, 2, 3)
     rpb, ek, ev = mk(4, 5, 5), mk(2, 3, 2, 5), mk(2, 3, 2, 3)
     out, lse = na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, additional_keys=ek, additional_values=ev, return_lse=True)
@@ -189,7 +191,8 @@ def test_3d_sliding_tile_is_blocked_attention():
 def test_full_window_is_self_attention_and_causal_1d_is_causal_attention():
     q, k, v, *_ = _inputs((5, 7), dim=4, dim_v=4)
     full = na2d(q, k, v, (5, 7))
-    flat = lambda x: x.reshape(2, 35, 2, 4).transpose(1, 2)
+    def flat(x):
+        return x.reshape(2, 35, 2, 4).transpose(1, 2)
     torch.testing.assert_close(flat(full), F.scaled_dot_product_attention(flat(q), flat(k), flat(v)))
     q, k, v, *_ = _inputs((9,), dim=4, dim_v=4)
     causal = na1d(q, k, v, 9, is_causal=True)
