@@ -137,7 +137,7 @@ def _split(t, n1, n2):
 # ----------------------------------------------------------------------------- forward / dq
 @triton.jit
 def _na_query_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, RPB, DRPB, EK, EV, TAB,
+    Q, K, V, O, DO, DQ, LSE, DELTA, RPB, DRPB, EK, EV, TAB,  # noqa: E741 (flash-attention names)
     s_qb, s_q0, s_q1, s_q2, s_qh, s_kb, s_k0, s_k1, s_k2, s_kh, s_vb, s_v0, s_v1, s_v2, s_vh,
     s_ob, s_o0, s_o1, s_o2, s_oh, s_gb, s_g0, s_g1, s_g2, s_gh, s_eb, s_en, s_eh, s_fb, s_fn, s_fh,
     L0, L1, L2, dil0, dil1, dil2, ks0, ks1, ks2, tab_len, H, KV_GROUP, N_EXTRA, qk_scale, inv_scale, scale,
@@ -509,3 +509,83 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
             num_warps=cfg["num_warps"],
         )
     return dq, dk, dv, drpb, d_extra_k, d_extra_v
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+# torch.compile sees one opaque op per direction (no graph break); q, k, v are 3-D `[B, X0, X1, X2, heads, D]`,
+# rpb float32 `[heads, R]`-shaped (any trailing shape), the extra keys/values in q's dtype.
+@torch.library.custom_op("zoo::na_forward", mutates_args=())
+def na_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
+                  extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, kernel: list[int], dilation: list[int],
+                  stride: list[int], causal: list[bool], scale: float, na_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rpb = None if rpb is None else rpb.contiguous()
+    return forward(q, k, v, rpb, extra_k, extra_v, kernel, dilation, stride, causal, scale, na_dim)
+
+
+@na_forward_op.register_fake
+def _(q, k, v, rpb, extra_k, extra_v, kernel, dilation, stride, causal, scale, na_dim):
+    batch, *spatial, heads, _ = q.shape
+    out = q.new_empty(batch, *spatial, heads, v.shape[-1])
+    return out, q.new_empty(batch, heads, math.prod(spatial), dtype=torch.float32)
+
+
+@torch.library.custom_op("zoo::na_backward", mutates_args=())
+def na_backward_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, rpb: torch.Tensor | None, extra_k: torch.Tensor | None,
+                   extra_v: torch.Tensor | None, kernel: list[int], dilation: list[int], stride: list[int],
+                   causal: list[bool], scale: float, na_dim: int) -> list[torch.Tensor]:
+    """[dq, dk, dv] + [drpb (fp32)] with rpb + [d extra_k, d extra_v] with extra keys."""
+    rpb = None if rpb is None else rpb.contiguous()
+    grads = backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilation, stride, causal, scale,
+                     na_dim)
+    return [g for g in grads if g is not None]
+
+
+@na_backward_op.register_fake
+def _(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilation, stride, causal, scale, na_dim):
+    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    if rpb is not None:
+        grads.append(torch.empty_like(rpb, dtype=torch.float32, memory_format=torch.contiguous_format))
+    if extra_k is not None:
+        batch, n_extra, heads_kv, _ = extra_k.shape
+        grads += [q.new_empty(batch, n_extra, heads_kv, q.shape[-1]), q.new_empty(batch, n_extra, heads_kv,
+                                                                                  v.shape[-1])]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, extra_k, extra_v, *geometry = inputs
+    ctx.save_for_backward(q, k, v, *output, rpb, extra_k, extra_v)
+    ctx.geometry = geometry
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    grads = iter(na_backward_op(d_out, d_lse, q, k, v, out, lse, rpb, extra_k, extra_v, *ctx.geometry))
+    dq, dk, dv = next(grads), next(grads), next(grads)
+    drpb = None if rpb is None else next(grads)
+    d_extra_k, d_extra_v = (None, None) if extra_k is None else (next(grads), next(grads))
+    return dq, dk, dv, drpb, d_extra_k, d_extra_v, None, None, None, None, None, None
+
+
+na_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def neighborhood_attention_triton(q, k, v, na_dim, kernel, dilation, stride, causal, rpb, scale, extra_k, extra_v):
+    """(out, lse `[B, *spatial, heads]`) through the custom op; arguments checked and per-axis already."""
+    pad = 3 - na_dim
+
+    def to_3d(t: torch.Tensor) -> torch.Tensor:
+        t = t if t.stride(-1) == 1 else t.contiguous()
+        return t.reshape(t.shape[0], *(1,) * pad, *t.shape[1:])
+
+    rpb = None if rpb is None else rpb.float()
+    extra_k, extra_v = (None, None) if extra_k is None else (extra_k.to(q.dtype), extra_v.to(q.dtype))
+    if extra_k is not None:
+        extra_k, extra_v = (t if t.stride(-1) == 1 else t.contiguous() for t in (extra_k, extra_v))
+    out, lse = na_forward_op(to_3d(q), to_3d(k), to_3d(v), rpb, extra_k, extra_v, [1] * pad + list(kernel),
+                             [1] * pad + list(dilation), [1] * pad + list(stride), [False] * pad + list(causal),
+                             scale, na_dim)
+    spatial = q.shape[1:-2]
+    return out.reshape(q.shape[0], *spatial, q.shape[-2], v.shape[-1]), lse.transpose(1, 2).reshape(q.shape[:-1])
