@@ -223,15 +223,17 @@ def assert_case(result, label):
 # ------------------------------------------------------------------ CPU, Triton interpreter
 # (dtype, spatial, heads, heads_kv, dim, kernel, dilation, stride, causal, batch, n_extra, rpb, seed[, options]):
 # sizes not multiples of the tiles, dilation groups of unequal length, even kernels, per-axis causal, stride,
-# GQA/MQA, extra keys, batch 1 and odd, 1-D/2-D/3-D; small tiles (4x4) walk several key/query tiles.
+# GQA/MQA, extra keys, batch 1 and odd, 1-D/2-D/3-D; small tiles walk several key/query tiles, and with kernels
+# larger than two tiles the mask-free whole-tile steps run too.
 INTERPRETER_GROUPS = [
     [
-        ("float16", (9, 11), 2, 2, 16, 3, (2, 1), 1, False, 1, 0, True, 0, {"tiles": (1, 4, 4)}),
-        ("float16", (10, 13), 4, 2, 16, (4, 5), 1, 1, (True, False), 3, 5, True, 1),
+        ("float16", (12, 11), 1, 1, 16, (9, 8), 1, 1, False, 1, 0, True, 0, {"tiles": (1, 4, 4)}),
+        ("float16", (7, 9), 2, 1, 16, (4, 5), 1, 1, (True, False), 3, 5, True, 1),
     ],
     [
         ("float16", (12, 11), 2, 1, 32, (4, 3), (1, 2), (2, 3), False, 1, 0, True, 2),
         ("float16", (37,), 2, 2, 16, 5, 3, 2, True, 2, 3, True, 3),
+        ("float16", (90,), 1, 1, 16, 40, 1, 1, False, 1, 0, True, 6, {"tiles": (1, 1, 16)}),
     ],
     [
         ("float16", (5, 6, 7), 3, 1, 16, (2, 3, 3), (1, 2, 1), 1, (False, True, False), 1, 0, True, 4),
