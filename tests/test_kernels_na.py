@@ -259,6 +259,38 @@ def test_backend_choice_names_reason():
         na2d(q, q, q, 3, backend="natten")
 
 
+@pytest.mark.parametrize("na_dim,dim,flags", [(2, 32, (True, True)), (3, 128, (False, False))])
+def test_kernels_compile_for_hopper_without_gpu(na_dim, dim, flags):
+    """The interpreter runs the kernels as Python; this lowers them (default tiles) to an sm_90 cubin without a
+    GPU, so a construct the compiler rejects fails on CPU too. flags: (HAS_RPB, HAS_EXTRA)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoo.ops.na import kernel as nak
+
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "RPB": "*fp32", "DRPB": "*fp32", "TAB": "*i32",
+                **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "EK", "EV", "DEK", "DEV"), "*bf16")}
+    config = nak.default_config(na_dim, dim)
+    for fn, key, extra in ((nak._na_query_kernel, "fwd", dict(BACKWARD=False, HAS_EXTRA=flags[1])),
+                           (nak._na_query_kernel, "dq", dict(BACKWARD=True, HAS_EXTRA=flags[1])),
+                           (nak._na_key_kernel, "dkdv", {}), (nak._extra_kv_kernel, "extra", None)):
+        cfg = dict(config[key])
+        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages", 2)}
+        if extra is None:
+            constants = dict(cfg, HEAD_DIM=dim, HEAD_DIM_V=dim)
+        else:
+            tq, tk = cfg.pop("TQ"), cfg.pop("TK")
+            constants = dict(TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim,
+                             HEAD_DIM_V=dim, HAS_RPB=flags[0], **extra)
+        constexprs = {name for name, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
+        assert constexprs == set(constants), constexprs ^ set(constants)
+        signature = {name: "constexpr" if name in constants else pointers.get(
+            name, "fp32" if "scale" in name else "i32") for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024, (key, compiled.metadata.shared)
+
+
 # ------------------------------------------------------------------ GPU, real sizes
 def needs_cuda(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
