@@ -58,12 +58,10 @@ def na_backend(
     backend: str = "auto",
 ) -> tuple[str, str]:
     """(backend that `na{1,2,3}d` would run for these arguments, why: the reasons the others cannot).
-
-    Under `torch.autocast` pass the tensors as the op gets them (it casts q, k, v to the autocast dtype).
-    """
+    Inside `torch.autocast` it answers for q, k, v cast to the autocast dtype, as the op runs them."""
     check_inputs(q, k, v, q.dim() - 3, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
                  additional_values)
-    return _select(q, k, v, backend)
+    return _select(*autocast_cast(q, k, v), backend)
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[str, str]:

@@ -140,8 +140,8 @@ def _na_query_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, RPB, DRPB, EK, EV, TAB,  # noqa: E741 (flash-attention names)
     s_qb, s_q0, s_q1, s_q2, s_qh, s_kb, s_k0, s_k1, s_k2, s_kh, s_vb, s_v0, s_v1, s_v2, s_vh,
     s_ob, s_o0, s_o1, s_o2, s_oh, s_gb, s_g0, s_g1, s_g2, s_gh, s_eb, s_en, s_eh, s_fb, s_fn, s_fh,
-    L0, L1, L2, dil0, dil1, dil2, ks0, ks1, ks2, tab_len, H, KV_GROUP, N_EXTRA, qk_scale, inv_scale, scale,
-    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
+    L0, L1, L2, dil0, dil1, dil2, ks0, ks1, ks2, tab_len, H, KV_GROUP, N_EXTRA, DRPB_SLOTS, qk_scale, inv_scale,
+    scale, TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
     TK2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_RPB: tl.constexpr,
     HAS_EXTRA: tl.constexpr, BACKWARD: tl.constexpr,
 ):
@@ -179,7 +179,8 @@ def _na_query_kernel(
         lse2 = tl.load(LSE + token, mask=q_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + token, mask=q_ok, other=0.0)
         dq = tl.zeros([TQ0 * TQ1 * TQ2, HEAD_DIM], tl.float32)
-        drpb_head = DRPB + h * (2 * ks0 - 1) * (2 * ks1 - 1) * (2 * ks2 - 1)
+        # one of DRPB_SLOTS copies of the table per program (summed on the host): fewer atomics on one address
+        drpb_head = DRPB + ((pid % DRPB_SLOTS) * H + h) * (2 * ks0 - 1) * (2 * ks1 - 1) * (2 * ks2 - 1)
     else:
         m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), tl.float32)
         l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
@@ -416,7 +417,9 @@ def default_config(na_dim: int, head_dim: int) -> dict[str, dict]:
     tile = {1: (1, 1, 64), 2: (1, 8, 8), 3: (2, 4, 8)}[na_dim]
     warps = 8 if head_dim > 64 else 4
     fwd = dict(TQ=tile, TK=tile, num_warps=warps, num_stages=2)
-    return {"fwd": fwd, "dq": dict(fwd), "dkdv": dict(fwd), "extra": dict(BLOCK_M=64, BLOCK_E=64, num_warps=4)}
+    # DRPB_SLOTS: copies of the rpb gradient table the dq programs spread their atomics over
+    return {"fwd": fwd, "dq": dict(fwd, DRPB_SLOTS=32), "dkdv": dict(fwd),
+            "extra": dict(BLOCK_M=64, BLOCK_E=64, num_warps=4)}
 
 
 def _geometry(q: torch.Tensor, kernel, dilation, tiles) -> tuple[tuple, tuple, int]:
@@ -449,7 +452,7 @@ def forward(q, k, v, rpb, extra_k, extra_v, kernel, dilation, stride, causal, sc
         q, k, v, out, out, out, lse, lse, q if rpb is None else rpb, lse, q if extra_k is None else extra_k,
         q if extra_v is None else extra_v, table,
         *_s(q), *_s(k), *_s(v), *_s(out), *_s(out), *_extra_strides(extra_k), *_extra_strides(extra_v),
-        *geometry, table.shape[-1], heads, heads // heads_kv, 0 if extra_k is None else extra_k.shape[1],
+        *geometry, table.shape[-1], heads, heads // heads_kv, 0 if extra_k is None else extra_k.shape[1], 1,
         scale * LOG2E, 1.0 / scale, scale,
         TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim, HEAD_DIM_V=dim_v,
         HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BACKWARD=False,
@@ -470,7 +473,8 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
     delta = launch_delta(do.reshape(batch, n_tokens, heads, dim_v).transpose(1, 2),
                          out.reshape(batch, n_tokens, heads, dim_v).transpose(1, 2), dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drpb = None if rpb is None else torch.zeros(rpb.shape, device=q.device, dtype=torch.float32)
+    slots = configs["dq"].get("DRPB_SLOTS", 1)
+    drpb = None if rpb is None else torch.zeros(slots, *rpb.shape, device=q.device, dtype=torch.float32)
     n_extra = 0 if extra_k is None else extra_k.shape[1]
     rpb_arg = q if rpb is None else rpb
     common = (*_extra_strides(extra_k), *_extra_strides(extra_v))
@@ -482,7 +486,7 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
         q, k, v, out, do, dq, lse, delta, rpb_arg, q if drpb is None else drpb,
         q if extra_k is None else extra_k, q if extra_v is None else extra_v, table,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), *common,
-        *geometry, table.shape[-1], heads, heads // heads_kv, n_extra, scale * LOG2E, 1.0 / scale, scale,
+        *geometry, table.shape[-1], heads, heads // heads_kv, n_extra, slots, scale * LOG2E, 1.0 / scale, scale,
         TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim, HEAD_DIM_V=dim_v,
         HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BACKWARD=True,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -508,7 +512,7 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
             BLOCK_M=cfg["BLOCK_M"], BLOCK_E=cfg["BLOCK_E"], HEAD_DIM=dim, HEAD_DIM_V=dim_v,
             num_warps=cfg["num_warps"],
         )
-    return dq, dk, dv, drpb, d_extra_k, d_extra_v
+    return dq, dk, dv, None if drpb is None else drpb.sum(0), d_extra_k, d_extra_v
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
