@@ -35,6 +35,8 @@ def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | N
         return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
     if is_counting_flops():
         return "FLOP counting runs the reference's cost model"
+    if q.numel() == 0:
+        return "empty input (nothing to launch)"
     module = _kernel_module()
     if isinstance(module, str):
         return module

@@ -145,7 +145,8 @@ def _na_query_kernel(
     TK2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_RPB: tl.constexpr,
     HAS_EXTRA: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    """Forward (BACKWARD=False: O, LSE) or dq (+ drpb) (BACKWARD=True) of one query tile: the same walk."""
+    """Forward (BACKWARD=False: O, LSE) or dq (+ drpb) (BACKWARD=True) of one query tile: the same walk.
+    Backward passes DO's strides in the s_o* slots and DQ's in s_g* (O itself is not read)."""
     pid, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), pid_bh % H
     hk = (h // KV_GROUP).to(tl.int64)
@@ -506,6 +507,7 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
         cfg = configs["extra"]
         d_extra_k = q.new_empty(batch, n_extra, heads_kv, dim)
         d_extra_v = q.new_empty(batch, n_extra, heads_kv, dim_v)
+    if n_extra:
         _extra_kv_kernel[(math.ceil(n_extra / cfg["BLOCK_E"]), batch * heads_kv)](
             q, do, extra_k, extra_v, d_extra_k, d_extra_v, lse, delta,
             *_s(q), *_s(do), *common, *spatial, heads_kv, heads // heads_kv, n_extra, scale * LOG2E, scale,
