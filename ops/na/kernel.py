@@ -410,6 +410,8 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"dtype {q.dtype} (the kernel takes float16/bfloat16; use autocast or cast q, k, v)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} (the kernel takes {SUPPORTED_HEAD_DIMS})"
+    if q.shape[0] * q.shape[-2] > 65535:
+        return f"batch * heads = {q.shape[0] * q.shape[-2]} > 65535 (the launch grid's second axis)"
     return None
 
 
