@@ -281,7 +281,7 @@ def test_kernels_compile_for_hopper_without_gpu(na_dim, dim, flags):
         else:
             tq, tk = cfg.pop("TQ"), cfg.pop("TK")
             constants = dict(TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim,
-                             HEAD_DIM_V=dim, HAS_RPB=flags[0], **extra)
+                             HEAD_DIM_V=dim, HAS_RPB=flags[0], NA_DIM=na_dim, **extra)
         constexprs = {name for name, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
         assert constexprs == set(constants), constexprs ^ set(constants)
         signature = {name: "constexpr" if name in constants else pointers.get(

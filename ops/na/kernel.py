@@ -96,19 +96,42 @@ def _box(TAB, tab_len, axis: tl.constexpr, ROW_LO: tl.constexpr, first, length, 
 
 
 @triton.jit
+def _axis_rel(qc, kc, ks):
+    """Per-axis rpb index of each (query, key) pair: clamp(j - i + k - 1, 0, 2k - 2), as the reference."""
+    return tl.minimum(tl.maximum(kc[None, :] - qc[:, None] + ks - 1, 0), 2 * ks - 2)
+
+
+@triton.jit
+def _rpb_offset(qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, NA_DIM: tl.constexpr):
+    """Offset of each pair's bias in one head's flattened table (axes before the last NA_DIM are singletons)."""
+    off = _axis_rel(qc2, kc2, ks2)
+    if NA_DIM >= 2:
+        off += _axis_rel(qc1, kc1, ks1) * (2 * ks2 - 1)
+    if NA_DIM == 3:
+        off += _axis_rel(qc0, kc0, ks0) * ((2 * ks1 - 1) * (2 * ks2 - 1))
+    return off
+
+
+@triton.jit
+def _inside(kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, NA_DIM: tl.constexpr):
+    """Which (query, key) pairs are in the query's window (lo/hi: per query row, in-group)."""
+    inside = (kc2[None, :] >= lo2[:, None]) & (kc2[None, :] <= hi2[:, None])
+    if NA_DIM >= 2:
+        inside = inside & (kc1[None, :] >= lo1[:, None]) & (kc1[None, :] <= hi1[:, None])
+    if NA_DIM == 3:
+        inside = inside & (kc0[None, :] >= lo0[:, None]) & (kc0[None, :] <= hi0[:, None])
+    return inside
+
+
+@triton.jit
 def _bias_mask(qk, qc0, qc1, qc2, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, ks0, ks1, ks2, rpb_head, inv_scale,
-               HAS_RPB: tl.constexpr, MASKED: tl.constexpr):
+               HAS_RPB: tl.constexpr, MASKED: tl.constexpr, NA_DIM: tl.constexpr):
     """Raw scores of a [queries, keys] tile + rpb / scale; with MASKED, -inf where a key is outside the
-    query's window (lo/hi: per query row, in-group)."""
+    query's window."""
     if MASKED:
-        inside = ((kc0[None, :] >= lo0[:, None]) & (kc0[None, :] <= hi0[:, None])
-                  & (kc1[None, :] >= lo1[:, None]) & (kc1[None, :] <= hi1[:, None])
-                  & (kc2[None, :] >= lo2[:, None]) & (kc2[None, :] <= hi2[:, None]))
+        inside = _inside(kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, NA_DIM)
     if HAS_RPB:
-        rel0 = tl.minimum(tl.maximum(kc0[None, :] - qc0[:, None] + ks0 - 1, 0), 2 * ks0 - 2)
-        rel1 = tl.minimum(tl.maximum(kc1[None, :] - qc1[:, None] + ks1 - 1, 0), 2 * ks1 - 2)
-        rel2 = tl.minimum(tl.maximum(kc2[None, :] - qc2[:, None] + ks2 - 1, 0), 2 * ks2 - 2)
-        off = (rel0 * (2 * ks1 - 1) + rel1) * (2 * ks2 - 1) + rel2
+        off = _rpb_offset(qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, NA_DIM)
         if MASKED:
             bias = tl.load(rpb_head + off, mask=inside, other=0.0)
         else:
@@ -120,12 +143,9 @@ def _bias_mask(qk, qc0, qc1, qc2, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, k
 
 
 @triton.jit
-def _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, inside):
+def _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, inside, NA_DIM: tl.constexpr):
     """drpb[offset(i, j)] += dS_ij (fp32 atomics) for the pairs `inside` says exist."""
-    rel0 = tl.minimum(tl.maximum(kc0[None, :] - qc0[:, None] + ks0 - 1, 0), 2 * ks0 - 2)
-    rel1 = tl.minimum(tl.maximum(kc1[None, :] - qc1[:, None] + ks1 - 1, 0), 2 * ks1 - 2)
-    rel2 = tl.minimum(tl.maximum(kc2[None, :] - qc2[:, None] + ks2 - 1, 0), 2 * ks2 - 2)
-    off = (rel0 * (2 * ks1 - 1) + rel1) * (2 * ks2 - 1) + rel2
+    off = _rpb_offset(qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, NA_DIM)
     tl.atomic_add(drpb_head + off, ds, mask=inside, sem="relaxed")
 
 
@@ -143,7 +163,7 @@ def _na_query_kernel(
     L0, L1, L2, dil0, dil1, dil2, ks0, ks1, ks2, tab_len, H, KV_GROUP, N_EXTRA, DRPB_SLOTS, qk_scale, inv_scale,
     scale, TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
     TK2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_RPB: tl.constexpr,
-    HAS_EXTRA: tl.constexpr, BACKWARD: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, BACKWARD: tl.constexpr, NA_DIM: tl.constexpr,
 ):
     """Forward (BACKWARD=False: O, LSE) or dq (+ drpb) (BACKWARD=True) of one query tile: the same walk.
     Backward passes DO's strides in the s_o* slots and DQ's in s_g* (O itself is not read)."""
@@ -199,13 +219,13 @@ def _na_query_kernel(
             k = tl.load(k_head + k_off[:, None] + offs_d[None, :])
             v = tl.load(v_head + v_off[:, None] + offs_dv[None, :])
             qk = _bias_mask(tl.dot(q, tl.trans(k)), qc0, qc1, qc2, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2,
-                            ks0, ks1, ks2, rpb_head, inv_scale, HAS_RPB, False)
+                            ks0, ks1, ks2, rpb_head, inv_scale, HAS_RPB, False, NA_DIM)
             if BACKWARD:
                 p = tl.math.exp2(qk * qk_scale - lse2[:, None])
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                 dq = tl.dot(ds.to(k.dtype), k, dq)
                 if HAS_RPB:
-                    _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, q_ok[:, None])
+                    _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, q_ok[:, None], NA_DIM)
             else:
                 acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, False)
         else:
@@ -213,13 +233,13 @@ def _na_query_kernel(
             k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
             v = tl.load(v_head + v_off[:, None] + offs_dv[None, :], mask=k_ok[:, None], other=0.0)
             qk = _bias_mask(tl.dot(q, tl.trans(k)), qc0, qc1, qc2, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2,
-                            ks0, ks1, ks2, rpb_head, inv_scale, HAS_RPB, True)
+                            ks0, ks1, ks2, rpb_head, inv_scale, HAS_RPB, True, NA_DIM)
             if BACKWARD:
                 p = tl.math.exp2(qk * qk_scale - lse2[:, None])
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                 dq = tl.dot(ds.to(k.dtype), k, dq)
                 if HAS_RPB:
-                    _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, qk > float("-inf"))
+                    _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, qk > float("-inf"), NA_DIM)
             else:
                 acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
 
@@ -259,6 +279,7 @@ def _na_key_kernel(
     L0, L1, L2, dil0, dil1, dil2, ks0, ks1, ks2, tab_len, H_KV, KV_GROUP, qk_scale, inv_scale, scale,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
     TK2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_RPB: tl.constexpr,
+    NA_DIM: tl.constexpr,
 ):
     """dk, dv of one key tile of one kv head: the query tiles of the box that can see it, every query head of
     the GQA group (DO strides in the s_o* slots; dk, dv with their own strides s_g*, s_u*)."""
@@ -320,10 +341,10 @@ def _na_key_kernel(
         qk = tl.dot(q, tl.trans(k))
         if whole:
             qk = _bias_mask(qk, qc0, qc1, qc2, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, ks0, ks1, ks2, rpb_head,
-                            inv_scale, HAS_RPB, False)
+                            inv_scale, HAS_RPB, False, NA_DIM)
         else:
             qk = _bias_mask(qk, qc0, qc1, qc2, kc0, kc1, kc2, lo0, hi0, lo1, hi1, lo2, hi2, ks0, ks1, ks2, rpb_head,
-                            inv_scale, HAS_RPB, True)
+                            inv_scale, HAS_RPB, True, NA_DIM)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])  # [queries, keys]; masked pairs and missing rows: 0
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -458,7 +479,7 @@ def forward(q, k, v, rpb, extra_k, extra_v, kernel, dilation, stride, causal, sc
         *geometry, table.shape[-1], heads, heads // heads_kv, 0 if extra_k is None else extra_k.shape[1], 1,
         scale * LOG2E, 1.0 / scale, scale,
         TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim, HEAD_DIM_V=dim_v,
-        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BACKWARD=False,
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BACKWARD=False, NA_DIM=na_dim,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -491,7 +512,7 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), *common,
         *geometry, table.shape[-1], heads, heads // heads_kv, n_extra, slots, scale * LOG2E, 1.0 / scale, scale,
         TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim, HEAD_DIM_V=dim_v,
-        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BACKWARD=True,
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BACKWARD=True, NA_DIM=na_dim,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     cfg = configs["dkdv"]
@@ -502,7 +523,7 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv),
         *geometry, table.shape[-1], heads_kv, heads // heads_kv, scale * LOG2E, 1.0 / scale, scale,
         TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=dim, HEAD_DIM_V=dim_v,
-        HAS_RPB=rpb is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_RPB=rpb is not None, NA_DIM=na_dim, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     d_extra_k = d_extra_v = None
     if extra_k is not None:
