@@ -1,12 +1,14 @@
 """The Triton neighborhood-attention kernels against the exact PyTorch reference.
 
 Oracle: dense attention over all tokens with an explicit N x N mask and bias built from the reference's
-own per-axis window tables (`axis_neighbors`; allowed in tests only), in float64; the reference
-(`neighborhood_attention`) must match it to float64 rounding. Tolerance for the kernel, as in
-tests/test_kernels_block_sparse.py: the same dense attention run at the inputs' low precision the way a flash
-kernel rounds (`flash_emulation`: float32 scores, probabilities and dS rounded to the dtype before their
-matmuls, delta from the rounded output) is compared to the float64 oracle, and the kernel's max error may be
-at most 2x that error plus the rounding of the exact result to the output dtype. A wrong window, mask, bias entry or tail gives errors of order 1.
+own per-axis window tables (`axis_neighbors`; allowed in tests only), in float64, gradients by the softmax
+backward formulas; the reference (`neighborhood_attention`, autograd) must match it, outputs and gradients,
+to float64 rounding. Tolerance for the kernel, as in tests/test_kernels_block_sparse.py: the same dense
+attention run at the inputs' low precision the way a flash kernel rounds (`dense_attention(exact=False)`:
+float32 scores, probabilities and dS rounded to the dtype before their matmuls, delta from the rounded
+output) is compared to the float64 oracle, and the kernel's max error may be at most 2x that error plus the
+rounding of the exact result to the output dtype. A wrong window, mask, bias entry or tail gives errors of
+order 1.
 
 On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, read at import): those cases run in a
 fresh subprocess (this file as a script). The interpreter multiplies bfloat16 as raw integers in `tl.dot`
@@ -71,26 +73,17 @@ def _head_values(v, ev, n, h, heads, work):
     return vh if ev is None else torch.cat([vh, ev[:, :, hk].to(work)], 1)
 
 
-def dense_oracle(q, k, v, rpb, ek, ev, geometry, scale):
-    """(out, lse) heads-last, float64, differentiable; one head at a time (N x N per head)."""
-    batch, *spatial, heads, _ = q.shape
-    n = math.prod(spatial)
-    outs, lses = [], []
-    for h in range(heads):
-        scores = _head_scores(q, k, rpb, ek, geometry, scale, h, torch.float64)
-        lse = torch.logsumexp(scores, -1)
-        outs.append(torch.exp(scores - lse[..., None]) @ _head_values(v, ev, n, h, heads, torch.float64))
-        lses.append(lse)
-    return torch.stack(outs, 2).reshape(batch, *spatial, heads, -1), torch.stack(lses, 2).reshape(batch, *spatial,
-                                                                                                   heads)
-
-
-def flash_emulation(q, k, v, rpb, ek, ev, geometry, scale, d_out, d_lse):
-    """[out, lse, dq, dk, dv, drpb, d extra_k, d extra_v] computed as a flash kernel does, in float32 with its
-    roundings to the inputs' dtype: P before P @ V and P^T dO, dS before dS K and dS^T Q, and delta =
-    rowsum(dO * O) from the rounded output O. The low-precision yardstick of the bounds."""
+def dense_attention(q, k, v, rpb, ek, ev, geometry, scale, d_out, d_lse, exact):
+    """[out, lse, dq, dk, dv, drpb, d extra_k, d extra_v] of dense masked attention, gradients by the softmax
+    backward formulas (dS = P * (dO V^T - rowsum(dO * O) + dlse)), one head at a time (no autograd graph:
+    real sizes fit on a GPU).
+    exact=True: the float64 oracle. exact=False: as a flash kernel computes, in float32 with its roundings to
+    the inputs' dtype (P before P @ V and P^T dO, dS before dS K and dS^T Q, delta from the rounded output O):
+    the low-precision yardstick of the bounds."""
     batch, *spatial, heads, dim = q.shape
-    n, dt, f32 = math.prod(spatial), q.dtype, torch.float32
+    n = math.prod(spatial)
+    f32 = torch.float64 if exact else torch.float32  # the working precision
+    dt = f32 if exact else q.dtype  # what the flash kernel rounds to
     group = heads // k.shape[-2]
     outs, lses, dqs = [], [], []
     dk, dv = torch.zeros(k.shape, dtype=f32, device=q.device), torch.zeros(v.shape, dtype=f32, device=q.device)
@@ -191,8 +184,8 @@ def check_case(dtype, spatial, heads, heads_kv, dim, kernel_size, dilation, stri
                                                         return_lse=True, backend="triton", **args), inputs)
     geometry = dense_geometry(spatial, kernel, dil, strd, caus, device)
     exact64 = [t.double() for t in inputs]
-    exact = run(lambda a, b, c, r, e, f: dense_oracle(a, b, c, r, e, f, geometry, scale), exact64)
-    low = flash_emulation(q, k, v, bias, ek, ev, geometry, scale, d_out, d_lse)
+    exact = dense_attention(q, k, v, bias, ek, ev, geometry, scale, d_out, d_lse, exact=True)
+    low = dense_attention(q, k, v, bias, ek, ev, geometry, scale, d_out, d_lse, exact=False)
     ref = run(lambda a, b, c, r, e, f: neighborhood_attention(a, b, c, na_dim, rpb=r, additional_keys=e,
                                                               additional_values=f, return_lse=True, **args), exact64)
     result = {"backend": backend, "reference_vs_oracle": max((r - e).abs().max().item()
