@@ -146,23 +146,26 @@ def check_case(dtype, spatial, heads, heads_kv, dim, kernel_size, dilation, stri
                seed, device, options=None):
     """Run one case through `na{1,2,3}d` (backend='triton'); return errors and bounds (see `assert_case`).
 
-    options: {"tiles": (t0, t1, t2)} small tiles, {"fused": True} (q, k, v strided views of one qkv tensor)."""
+    options: {"tiles": (t0, t1, t2)} small tiles, {"dim_v": n} v's head_dim, {"fused": True} (q, k, v
+    strided views of one qkv tensor)."""
     options = options or {}
     na_dim = len(spatial)
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
     kernel, dil, strd, caus = normalize_args(na_dim, kernel_size, dilation, stride, causal)
+    dim_v = options.get("dim_v", dim)
     if options.get("fused"):
         qkv = torch.randn(batch, *spatial, 3, heads, dim, generator=gen).to(device, dt)
         q, k, v = qkv.unbind(-3)
     else:
         q = torch.randn(batch, *spatial, heads, dim, generator=gen).to(device, dt)
-        k, v = (torch.randn(batch, *spatial, heads_kv, dim, generator=gen).to(device, dt) for _ in range(2))
+        k = torch.randn(batch, *spatial, heads_kv, dim, generator=gen).to(device, dt)
+        v = torch.randn(batch, *spatial, heads_kv, dim_v, generator=gen).to(device, dt)
     bias = torch.randn(heads, *(2 * kk - 1 for kk in kernel), generator=gen).to(device) if rpb else None
-    ek, ev = ((torch.randn(batch, n_extra, k.shape[-2], dim, generator=gen).to(device, dt) for _ in range(2))
+    ek, ev = ((torch.randn(batch, n_extra, k.shape[-2], d, generator=gen).to(device, dt) for d in (dim, dim_v))
               if n_extra else (None, None))
     inputs = [t for t in (q, k, v, bias, ek, ev) if t is not None]
-    d_out = torch.randn(batch, *spatial, heads, dim, generator=gen).to(device, dt)
+    d_out = torch.randn(batch, *spatial, heads, dim_v, generator=gen).to(device, dt)
     d_lse = torch.randn(batch, *spatial, heads, generator=gen).to(device)
     scale = dim ** -0.5
 
@@ -225,7 +228,7 @@ INTERPRETER_GROUPS = [
     ],
     [
         ("float16", (12, 11), 2, 1, 32, (4, 3), (1, 2), (2, 3), False, 1, 0, True, 2),
-        ("float16", (37,), 2, 2, 16, 5, 3, 2, True, 2, 3, True, 3),
+        ("float16", (37,), 2, 2, 16, 5, 3, 2, True, 2, 3, True, 3, {"dim_v": 32}),
         ("float16", (90,), 1, 1, 16, 40, 1, 1, False, 1, 0, True, 6, {"tiles": (1, 1, 16)}),
     ],
     [
