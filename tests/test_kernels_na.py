@@ -338,6 +338,32 @@ def test_torch_compile_no_graph_break():
     out.float().sum().backward()
 
 
+@needs_cuda
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_mini"])
+def test_models_take_the_kernel_gpu(name, monkeypatch):
+    """NAT/DiNAT under bf16 autocast run the kernel without model changes (forward and backward) and match the
+    same model on the reference (the test turns the kernel off through the dispatcher's device list)."""
+    import zoo.ops.na as na
+
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).cuda().eval()  # eval: no dropout / drop-path, the two runs compare
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    calls = []
+    original = na._select
+    monkeypatch.setattr(na, "_select", lambda *a: calls.append(original(*a)) or calls[-1])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = model(x)
+    fast.float().sum().backward()
+    assert {c[0] for c in calls} == {"triton"}, calls
+    monkeypatch.setattr(na, "KERNEL_DEVICES", ())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = model(x)
+    assert calls[-1][0] == "reference"
+    torch.testing.assert_close(fast.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
     import zoo.ops.na as na
 
