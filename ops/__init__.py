@@ -16,7 +16,7 @@ from .block_sparse import (
 from .dense import dense_attention, dense_attention_backend
 from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
 from .linear_rmt import mala_attention, rala_attention
-from .na import na1d, na2d, na3d, na_legacy_pad
+from .na import na1d, na2d, na3d, na_backend, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
 from .routing import bi_level_routing_attention, bi_level_routing_backend, bra_routing
 from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
@@ -53,6 +53,7 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "na_backend",
     "na_legacy_pad",
     "is_counting_flops",
 ]

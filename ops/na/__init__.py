@@ -1,10 +1,83 @@
 """Neighborhood attention with NATTEN's functional API (`na1d`, `na2d`, `na3d`), plus the
-relative position bias NATTEN >= 0.20 dropped and every NAT/DiNAT checkpoint needs."""
+relative position bias NATTEN >= 0.20 dropped and every NAT/DiNAT checkpoint needs.
+
+Backends: "triton" (`kernel.py`, fused forward and backward, CUDA, float16/bfloat16) and "reference"
+(`naive.py`, exact, any device and dtype, the oracle). `backend="auto"` takes the first one that can run
+the call; `na_backend` says which one that is and why the others cannot (NATTEN's `can_run` idea).
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 
-from .naive import BoolArg, IntArg, axis_neighbors, na_legacy_pad, neighborhood_attention
+from .._checks import autocast_cast
+from .._cost import is_counting_flops
+from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention
+
+KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
+BACKENDS = ("triton", "reference")  # in "auto" order; "flex" and "flash_attn_4" slot in here when they land
+
+
+@functools.cache
+def _kernel_module():
+    """The Triton kernel module, or the ImportError text if Triton cannot be imported."""
+    try:
+        from . import kernel
+    except ImportError as err:  # triton missing or broken: the reference still works
+        return f"triton is not importable ({err})"
+    return kernel
+
+
+def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if the Triton kernel runs these (checked) inputs, else why not."""
+    if q.device.type not in KERNEL_DEVICES:
+        return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
+    if is_counting_flops():
+        return "FLOP counting runs the reference's cost model"
+    if q.numel() == 0:
+        return "empty input (nothing to launch)"
+    module = _kernel_module()
+    if isinstance(module, str):
+        return module
+    if (q.dtype == torch.bfloat16 and q.device.type == "cuda"
+            and torch.cuda.get_device_capability(q.device) < (8, 0)):
+        return "bfloat16 needs a GPU of compute capability 8.0 or newer"
+    return module.can_run(q, k, v)
+
+
+def na_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntArg,
+    dilation: IntArg = 1,
+    stride: IntArg = 1,
+    is_causal: BoolArg = False,
+    rpb: torch.Tensor | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[str, str]:
+    """(backend that `na{1,2,3}d` would run for these arguments, why: the reasons the others cannot).
+    Inside `torch.autocast` it answers for q, k, v cast to the autocast dtype, as the op runs them."""
+    check_inputs(q, k, v, q.dim() - 3, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
+                 additional_values)
+    return _select(*autocast_cast(q, k, v), backend)
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[str, str]:
+    """`na_backend` for checked arguments."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference", "asked for (backend='reference')"
+    reason = _triton_reason(q, k, v)
+    if reason is None:
+        return "triton", "fused Triton kernel" + (" (asked for)" if backend == "triton" else "")
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this call: {reason}; use backend='auto' or 'reference'")
+    return "reference", f"triton: {reason}"
 
 
 def _na(na_dim: int):
@@ -21,11 +94,22 @@ def _na(na_dim: int):
         additional_keys: torch.Tensor | None = None,
         additional_values: torch.Tensor | None = None,
         return_lse: bool = False,
+        backend: str = "auto",
     ):
-        return neighborhood_attention(
-            q, k, v, na_dim, kernel_size, dilation=dilation, stride=stride, is_causal=is_causal, rpb=rpb,
-            scale=scale, additional_keys=additional_keys, additional_values=additional_values, return_lse=return_lse,
-        )
+        kernel, dil, strd, causal = check_inputs(q, k, v, na_dim, kernel_size, dilation, stride, is_causal, rpb,
+                                                 additional_keys, additional_values, scale)
+        cast = autocast_cast(q, k, v)  # the kernel runs in the autocast dtype; the reference takes q, k, v as given
+        if _select(*cast, backend)[0] == "reference":
+            return neighborhood_attention(
+                q, k, v, na_dim, kernel_size, dilation=dilation, stride=stride, is_causal=is_causal, rpb=rpb,
+                scale=scale, additional_keys=additional_keys, additional_values=additional_values,
+                return_lse=return_lse,
+            )
+        q, k, v = cast
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        out, lse = _kernel_module().neighborhood_attention_triton(
+            q, k, v, na_dim, kernel, dil, strd, causal, rpb, scale, additional_keys, additional_values)
+        return (out, lse) if return_lse else out
 
     axes = ("L", "X, Y", "X, Y, Z")[na_dim - 1]
     op.__name__ = op.__qualname__ = f"na{na_dim}d"
@@ -43,7 +127,12 @@ def _na(na_dim: int):
         scale: logit scale, default head_dim ** -0.5.
         additional_keys, additional_values: optional `[batch, num_extra, heads_kv, head_dim(_v)]`
             tokens every query attends to, in the same softmax.
-        return_lse: also return the log-sum-exp of each query's logits, `[batch, {axes}, heads]`.
+        return_lse: also return the log-sum-exp of each query's logits, `[batch, {axes}, heads]`
+            (float32; float64 for float64 inputs on the reference).
+        backend: "auto" (the Triton kernel on CUDA for float16/bfloat16 and head dims 16..128 powers of
+            two, else the reference), "triton" (an error if it cannot run) or "reference";
+            `zoo.ops.na_backend` says which one runs and why. Inside `torch.autocast`, q, k, v are cast
+            to its dtype (as SDPA); float32 outside autocast runs the reference.
     """
     return op
 
@@ -52,4 +141,4 @@ na1d = _na(1)
 na2d = _na(2)
 na3d = _na(3)
 
-__all__ = ["na1d", "na2d", "na3d", "na_legacy_pad", "axis_neighbors", "neighborhood_attention"]
+__all__ = ["na1d", "na2d", "na3d", "na_backend", "na_legacy_pad", "axis_neighbors", "neighborhood_attention"]

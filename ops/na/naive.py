@@ -149,23 +149,10 @@ def _attend_chunk(q, k, v, key_idx, key_valid, rel_idx, rpb, extra_k, extra_v, s
     return out, (torch.logsumexp(scores, dim=-1) if with_lse else None)
 
 
-def neighborhood_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    na_dim: int,
-    kernel_size: IntArg,
-    dilation: IntArg = 1,
-    stride: IntArg = 1,
-    is_causal: BoolArg = False,
-    rpb: torch.Tensor | None = None,
-    scale: float | None = None,
-    additional_keys: torch.Tensor | None = None,
-    additional_values: torch.Tensor | None = None,
-    return_lse: bool = False,
-    chunk_elements: int = 1 << 24,
-):
-    """N-d neighborhood attention, exact, in PyTorch. See `zoo.ops.na2d` for the arguments."""
+def check_inputs(q, k, v, na_dim: int, kernel_size: IntArg, dilation: IntArg, stride: IntArg, is_causal: BoolArg,
+                 rpb, additional_keys, additional_values, scale: float | None = None) -> tuple[tuple, tuple, tuple, tuple]:
+    """Every argument check of `neighborhood_attention` (shared with the kernels' dispatcher): per-axis
+    (kernel, dilation, stride, causal) tuples, or a one-line ValueError."""
     layout = f"[batch, {', '.join('XYZ'[:na_dim]) if na_dim > 1 else 'L'}, heads, head_dim]"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, na_dim + 3, layout)
@@ -184,8 +171,7 @@ def neighborhood_attention(
         raise ValueError(f"k head_dim {k.shape[-1]} != q head_dim {q.shape[-1]}: q and k must have the same head_dim")
     kernel, dil, strd, causal = normalize_args(na_dim, kernel_size, dilation, stride, is_causal)
     batch, *spatial, heads, dim = q.shape
-    heads_kv = k.shape[-2]
-    dim_v = v.shape[-1]
+    heads_kv, dim_v = k.shape[-2], v.shape[-1]
     check_against_shape(spatial, kernel, dil)
     if rpb is not None:
         expected = (heads, *(2 * kk - 1 for kk in kernel))
@@ -208,6 +194,30 @@ def neighborhood_attention(
                 f"{additional_values.shape[1]}: they must match"
             )
     check_scale("scale", scale)
+    return kernel, dil, strd, causal
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    na_dim: int,
+    kernel_size: IntArg,
+    dilation: IntArg = 1,
+    stride: IntArg = 1,
+    is_causal: BoolArg = False,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    return_lse: bool = False,
+    chunk_elements: int = 1 << 24,
+):
+    """N-d neighborhood attention, exact, in PyTorch. See `zoo.ops.na2d` for the arguments."""
+    kernel, dil, strd, causal = check_inputs(q, k, v, na_dim, kernel_size, dilation, stride, is_causal, rpb,
+                                             additional_keys, additional_values, scale)
+    batch, *spatial, heads, dim = q.shape
+    dim_v = v.shape[-1]
     scale = dim ** -0.5 if scale is None else float(scale)
     n_extra = 0 if additional_keys is None else additional_keys.shape[1]
 
