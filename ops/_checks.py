@@ -17,6 +17,9 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int | tuple[int, ...], layout
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # where torch.is_autocast_enabled(device) may be asked
+
+
 def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors in the autocast dtype when autocast is on for their device, as SDPA is cast.
 
@@ -25,7 +28,8 @@ def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     device = getattr(tensors[0], "device", None)
     device = device.type if device is not None else None
-    if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    # a fixed tuple rather than torch.amp.is_autocast_available, which dynamo cannot trace in torch <= 2.11
+    if device not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -196,3 +196,21 @@ def test_compiled_gpu_bf16_against_float64(cfg):
     for name, e, r, f in zip(("out", "dq", "dk", "dv", "drpb", "dek", "dev"), exact, ref, flex):
         ref_err, flex_err = (r - e).abs().max().item(), (f - e).abs().max().item()
         assert flex_err <= 2 * ref_err + 1e-3, (name, flex_err, ref_err)
+
+
+def test_na2d_backend_flex_equals_reference_on_cpu():
+    """`zoo.ops.na2d(..., backend="flex")` runs ops/na/flex.py (eager on CPU, forward) and names it."""
+    from zoo.ops import na2d, na_backend
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 9, 11, 4, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(4, 9, 7, generator=gen, dtype=torch.float64)
+    args = dict(kernel_size=(5, 4), dilation=(1, 2), rpb=rpb, return_lse=True)
+    with torch.no_grad():
+        assert na_backend(q, k, v, (5, 4), (1, 2), rpb=rpb, backend="flex")[0] == "flex"
+        out, lse = na2d(q, k, v, backend="flex", **args)
+        ref, ref_lse = na2d(q, k, v, backend="reference", **args)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="backend='flex' cannot run this call: FlexAttention has no backward on cpu"):
+        na2d(q.requires_grad_(), k, v, backend="flex", **args)

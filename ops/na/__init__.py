@@ -16,7 +16,8 @@ from .._cost import is_counting_flops
 from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
-BACKENDS = ("triton", "reference")  # in "auto" order; "flex" and "flash_attn_4" slot in here when they land
+BACKENDS = ("triton", "reference")  # in "auto" order ("flash_attn_4" slots in here when it lands)
+EXPLICIT_BACKENDS = ("flex",)  # run only when asked for: FlexAttention with the NA mask_mod (ops/na/flex.py)
 
 
 @functools.cache
@@ -68,10 +69,17 @@ def na_backend(
 
 def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[str, str]:
     """`na_backend` for checked arguments."""
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend not in ("auto", *BACKENDS, *EXPLICIT_BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS + EXPLICIT_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference", "asked for (backend='reference')"
+    if backend == "flex":
+        from .flex import flex_can_run
+
+        reason = flex_can_run(q, k, v, compile=q.is_cuda)
+        if reason:
+            raise ValueError(f"backend='flex' cannot run this call: {reason}; use backend='auto' or 'reference'")
+        return "flex", "FlexAttention with the NA mask_mod (asked for)"
     reason = _triton_reason(q, k, v)
     if reason is None:
         return "triton", "fused Triton kernel" + (" (asked for)" if backend == "triton" else "")
@@ -99,7 +107,13 @@ def _na(na_dim: int):
         kernel, dil, strd, causal = check_inputs(q, k, v, na_dim, kernel_size, dilation, stride, is_causal, rpb,
                                                  additional_keys, additional_values, scale)
         cast = autocast_cast(q, k, v)  # the kernel runs in the autocast dtype; the reference takes q, k, v as given
-        if _select(*cast, backend)[0] == "reference":
+        chosen = _select(*cast, backend)[0]
+        if chosen == "flex":
+            from .flex import na_flex
+
+            return na_flex(*cast, na_dim, kernel, dil, strd, causal, rpb=rpb, scale=scale, additional_keys=additional_keys,
+                           additional_values=additional_values, return_lse=return_lse, compile=q.is_cuda)
+        if chosen == "reference":
             return neighborhood_attention(
                 q, k, v, na_dim, kernel_size, dilation=dilation, stride=stride, is_causal=is_causal, rpb=rpb,
                 scale=scale, additional_keys=additional_keys, additional_values=additional_values,
@@ -130,7 +144,8 @@ def _na(na_dim: int):
         return_lse: also return the log-sum-exp of each query's logits, `[batch, {axes}, heads]`
             (float32; float64 for float64 inputs on the reference).
         backend: "auto" (the Triton kernel on CUDA for float16/bfloat16 and head dims 16..128 powers of
-            two, else the reference), "triton" (an error if it cannot run) or "reference";
+            two, else the reference), "triton" (an error if it cannot run), "flex" (FlexAttention with the
+            NA mask_mod and rpb as a score_mod: compiled on CUDA, eager and forward-only on CPU) or "reference";
             `zoo.ops.na_backend` says which one runs and why. Inside `torch.autocast`, q, k, v are cast
             to its dtype (as SDPA); float32 outside autocast runs the reference.
     """

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_same, check_scale, check_tensor, empty_output
+from .._checks import AUTOCAST_DEVICES, check_same, check_scale, check_tensor, empty_output
 from .._cost import cost_placeholder, is_counting_flops
 
 IntArg = int | Sequence[int]
@@ -253,7 +253,7 @@ def neighborhood_attention(
     )
     outs, lses = [], []
     # autocast would run the matmuls in bf16/fp16 again (float64 it leaves alone)
-    no_autocast = (torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type)
+    no_autocast = (torch.autocast(device.type, enabled=False) if device.type in AUTOCAST_DEVICES
                    else contextlib.nullcontext())
     with no_autocast:
         for start in range(0, n_tokens, chunk):
