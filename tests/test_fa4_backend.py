@@ -148,7 +148,17 @@ def test_can_run_reasons(gpu_like):
     assert "not importable" in fa4.can_run_fa4(q, q, q, 128, 128)
 
 
+def test_auto_skips_fa4_until_validated_on_a_gpu(gpu_like):
+    q = torch.randn(1, 2, 300, 128, dtype=torch.bfloat16)
+    backend, reason = block_sparse_backend(q, q, q, 128, 128)
+    assert backend == "reference" and reason.startswith("fa4: not yet validated on a GPU")
+    assert block_sparse_backend(q, q, q, 128, 128, backend="fa4") == ("fa4", "")
+    assert ops.dense_attention_backend(q, q, q)[0] == "sdpa"
+    assert ops.dense_attention_backend(q, q, q, backend="fa4") == ("fa4", "")
+
+
 def test_dispatch_decisions(gpu_like):
+    gpu_like.setattr(fa4, "IN_AUTO", True)
     q = torch.randn(1, 2, 300, 128, dtype=torch.bfloat16)
     assert block_sparse_backend(q, q, q, 128, 128) == ("fa4", "")
     backend, reason = block_sparse_backend(q, q, q, 64, 64)  # FA4 refuses the blocks; Triton is not on CPU
@@ -272,7 +282,7 @@ def test_fa4_dense_against_sdpa_gpu(dim):
     q = torch.randn(2, 3, 1001, dim, device="cuda", generator=gen).bfloat16()
     k, v = (torch.randn(2, 3, 777, dim, device="cuda", generator=gen).bfloat16() for _ in range(2))
     do = torch.randn_like(q)
-    assert ops.dense_attention_backend(q, k, v) == ("fa4", "")
+    assert ops.dense_attention_backend(q, k, v, backend="fa4") == ("fa4", "")
     results = {}
     for backend in ("fa4", "sdpa", "exact"):
         leaves = [(t.double() if backend == "exact" else t).requires_grad_() for t in (q, k, v)]

@@ -81,7 +81,7 @@ def block_sparse_backend(
         return backend, ""
     reasons = []
     for name in candidates:
-        reason = _reason(name, q, k, v, block_q, block_k)
+        reason = fa4.NOT_IN_AUTO if name == "fa4" and not fa4.IN_AUTO else _reason(name, q, k, v, block_q, block_k)
         if reason is None:
             return name, "; ".join(reasons)
         reasons.append(f"{name}: {reason}")

@@ -38,6 +38,10 @@ FA4_ARCHS = (9, 10)  # compute capability majors: sm90 (Hopper), sm100 (Blackwel
 KEY_TILE = 128  # FA4's tile_n for these head dims on SM90 and SM100: block_k must equal it
 QUERY_MULTIPLE = {9: 128, 10: 256}  # block_q multiple per arch (SM100: 128 when seq_len_q <= 128)
 INSTALL_HINT = "pip install 'attnzoo[hopper]' (flash-attn-4>=4.0.0b36,<4.1)"
+# backend="auto" takes flash-attn-4 only once scripts/check_fa4.py and the GPU tests have passed on a GPU
+# (not yet: the lent GPU's time ran out before it was installed); until then it runs when asked for
+IN_AUTO = False
+NOT_IN_AUTO = "not yet validated on a GPU, so backend='auto' skips it: pass backend='fa4' to use it"
 
 
 @functools.cache

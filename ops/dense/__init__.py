@@ -28,6 +28,7 @@ def dense_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     if backend == "fa4" and reason:
         raise ValueError(f"backend='fa4' cannot run these inputs: {reason}; use backend='auto'")
     if backend == "auto":
+        reason = reason if fa4.IN_AUTO else fa4.NOT_IN_AUTO
         return ("sdpa", f"fa4: {reason}") if reason else ("fa4", "")
     return backend, ""
 
