@@ -32,7 +32,9 @@ import argparse
 import inspect
 import json
 import math
+import pathlib
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +51,9 @@ try:  # GPU timing; CPU runs time with perf_counter
     import triton.testing
 except ImportError:
     triton = None
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import benchmark as base  # noqa: E402  (scripts/benchmark.py: peak_memory)
 
 # name: (kind, batch, spatial, heads, head_dim, kernel, dilation)
 OP_ROWS = {
@@ -93,15 +98,7 @@ def time_ms(fn: Callable, device: str, quick: bool) -> float:
 
 def peak_bytes(fn: Callable, device: str) -> int | None:
     """Bytes allocated by `fn()` above what was allocated before it (GPU only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return base.peak_memory(fn) if device == "cuda" else None
 
 
 def short_error(err: BaseException) -> str:

@@ -7,12 +7,11 @@ the one a call would take and why the ones before it cannot.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .._checks import autocast_cast, check_scale
 from .._cost import is_counting_flops
+from .._kernels import kernel_module
 from . import fa4
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
@@ -27,14 +26,9 @@ from .naive import (
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
 
 
-@functools.cache
 def _kernel_module():
     """The Triton kernel module, or the ImportError text if Triton cannot be imported."""
-    try:
-        from . import kernel
-    except ImportError as err:  # triton missing or broken: the reference still works
-        return f"triton is not importable ({err})"
-    return kernel
+    return kernel_module(__name__)
 
 
 BACKENDS = ("fa4", "triton", "reference")  # the order backend="auto" tries them

@@ -7,12 +7,11 @@ the call; `na_backend` says which one that is and why the others cannot (NATTEN'
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .._checks import autocast_cast
 from .._cost import is_counting_flops
+from .._kernels import kernel_module
 from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
@@ -20,14 +19,9 @@ BACKENDS = ("triton", "reference")  # in "auto" order ("flash_attn_4" slots in h
 EXPLICIT_BACKENDS = ("flex",)  # run only when asked for: FlexAttention with the NA mask_mod (ops/na/flex.py)
 
 
-@functools.cache
 def _kernel_module():
     """The Triton kernel module, or the ImportError text if Triton cannot be imported."""
-    try:
-        from . import kernel
-    except ImportError as err:  # triton missing or broken: the reference still works
-        return f"triton is not importable ({err})"
-    return kernel
+    return kernel_module(__name__)
 
 
 def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
