@@ -143,31 +143,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def attention_sparsity(model) -> str:
-    """The share of query-key pairs the backend skips, averaged over layers (dense layers count 0).
-
-    radial: empty blocks of its mask; sla: key blocks outside the top-k critical ones (int(topk * blocks),
-    as the op counts them; the rest goes through the linear branch);
-    na: tokens outside the kernel window (interior tokens; borders see the same count).
-    """
-    import math
-
-    grid = [s // p for s, p in zip(model.input_size, model.patch_size)]
-    fractions = []
-    for block in model.blocks:
-        backend = block.attn.backend
-        if hasattr(backend, "block_mask"):
-            dense = backend.policy.is_dense(backend.layer_index, None)
-            fractions.append(0.0 if dense else 1.0 - backend.block_mask("cpu").float().mean().item())
-        elif hasattr(backend, "sla"):
-            from zoo.ops.sla.naive import _block_counts
-
-            key_blocks = math.ceil(math.prod(grid) / backend.sla.block_size[1])
-            critical, _ = _block_counts(key_blocks, backend.sla.topk, backend.sla.negligible)
-            fractions.append(1.0 - critical / key_blocks)
-        elif hasattr(backend, "kernel_size"):
-            fractions.append(1.0 - math.prod(min(k, g) for k, g in zip(backend.kernel_size, grid)) / math.prod(grid))
-        else:
-            fractions.append(0.0)
+    """The share of query-key pairs the backends skip, averaged over layers, as each backend counts it."""
+    grid = tuple(s // p for s, p in zip(model.input_size, model.patch_size))
+    fractions = [block.attn.backend.skipped_fraction(grid) for block in model.blocks]
     return f"{100 * sum(fractions) / max(1, len(fractions)):.1f}% of attention skipped (mean over {len(fractions)} layers)"
 
 
