@@ -178,6 +178,20 @@ def test_classification_fit_loss_decreases_and_export_roundtrip(tmp_path):
     torch.testing.assert_close(loaded(x), module.model(x))
 
 
+def test_step_limited_progress_bar_counts_steps_over_epochs(tmp_path):
+    """max_steps without max_epochs: the bar shows steps out of max_steps (Lightning printed "Epoch 1/-2")."""
+    from zoo.lightning.data import build_datamodule
+    from zoo.lightning.train import build_module, build_trainer
+
+    cfg = tiny_classify(tmp_path, "trainer.enable_progress_bar=true", "trainer.max_steps=10",
+                        "trainer.limit_val_batches=0")  # 128 samples / 16 = 8 batches per epoch: 10 steps span two epochs
+    module = build_module(cfg)
+    trainer = build_trainer(cfg, module)
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    bar = trainer.progress_bar_callback.train_progress_bar
+    assert (bar.n, bar.total, bar.desc) == (10, 10, "Epoch 1: ")  # tqdm appends ": "
+
+
 # ---------------------------------------------------------------- resume after a kill
 
 def test_resume_after_kill(tmp_path):
