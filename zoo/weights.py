@@ -143,12 +143,17 @@ def has_weights(name: str) -> bool:
     return name in _WEIGHTS
 
 
+def available_weights(arch: str) -> str:
+    """The registered `arch.tag` names of `arch` (the `zoo list --pretrained` data), for error messages."""
+    known = sorted(n for n in _WEIGHTS if n.partition(".")[0] == arch)
+    return (f"registered: {', '.join(known)}" if known else
+            f"{arch} has no registered weights (`zoo list --pretrained` shows the models that have some)")
+
+
 def get_weights(name: str) -> Weights:
     if name not in _WEIGHTS:
-        arch = name.partition(".")[0]
-        known = sorted(n for n in _WEIGHTS if n.partition(".")[0] == arch)
-        hint = f"; registered: {', '.join(known)}" if known else f"; {arch} has no registered weights"
-        raise WeightsError(f"no pretrained weights named {name!r}{hint}")
+        raise WeightsError(f"no pretrained weights named {name!r}; {available_weights(name.partition('.')[0])}; "
+                           "or load a file with checkpoint_path=PATH")
     return _WEIGHTS[name]
 
 
