@@ -557,6 +557,19 @@ def read_export_config(path: str | os.PathLike) -> dict | None:
                            "delete it to load the weights with the model's default arguments") from None
 
 
+def recorded_model(path: str | os.PathLike) -> dict | None:
+    """What rebuilds the network saved at `path`: the export's JSON (`read_export_config`), else a Lightning
+    checkpoint's hyper-parameters as the same keys (`architecture`, `model_args`); None if neither is there."""
+    exported = read_export_config(path)
+    if exported is not None or Path(path).suffix != ".ckpt":
+        return exported
+    checkpoint = load_tensors_only(path, mmap=True)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("model_name"), str):
+        return None
+    return {"architecture": hparams["model_name"].partition(".")[0], "model_args": dict(hparams.get("model_kwargs") or {})}
+
+
 def _jsonable(cfg: dict) -> dict:
     out = {}
     for k, v in cfg.items():
