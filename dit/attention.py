@@ -12,6 +12,7 @@ backend whose op this install lacks raises at construction, naming the missing o
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,10 @@ class DenseAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
         return self._attend(q, k, v)
 
+    def skipped_fraction(self, grid: tuple[int, ...]) -> float:
+        """Share of query-key pairs left out for a token `grid`: none."""
+        return 0.0
+
 
 class RadialAttention(nn.Module):
     """Radial attention (`zoo.ops.radial_attention`) for a video of `num_frames` x `tokens_per_frame`.
@@ -72,13 +77,29 @@ class RadialAttention(nn.Module):
         _require_op("radial_block_mask", "radial")(self.num_frames, self.tokens_per_frame, decay_factor,
                                                    block_size=block_size, model=mask_model)  # bad settings fail here
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
+    def _check_grid(self, grid: tuple[int, ...]) -> None:
         frames, per_frame = grid[0], grid[1] * grid[2]
         if (frames, per_frame) != (self.num_frames, self.tokens_per_frame):
             raise ValueError(
                 f"the radial mask was built for {self.num_frames} latent frames x {self.tokens_per_frame} tokens per "
                 f"frame, but the input has {frames} frames x {per_frame} tokens: create the model with the input's "
                 "latent size (input_size=(frames, height, width))")
+
+    def skipped_fraction(self, grid: tuple[int, ...]) -> float:
+        """Share of query-key token pairs outside the radial mask at a sparse step (0 for the policy's dense layers)."""
+        self._check_grid(grid)
+        if self.layer_index < self.policy.dense_layers:
+            return 0.0
+        from zoo.ops.radial import block_mask_pairs, radial_block_mask
+
+        n = self.num_frames * self.tokens_per_frame
+        mask = radial_block_mask(self.num_frames, self.tokens_per_frame, self.decay_factor, block_size=self.block_size,
+                                 model=self.mask_model)
+        kept = block_mask_pairs(mask, n, n, self.block_size, self.block_size)
+        return 1.0 - kept / n**2
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
+        self._check_grid(grid)
         step = self.policy.dense_timesteps if step_index is None else step_index  # training: a sparse step
         if not self.policy.use_sparse(self.layer_index, step):
             return self._dense(q, k, v)
@@ -102,6 +123,10 @@ class SparseLinearBackend(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
         return self.sla(q, k, v)
 
+    def skipped_fraction(self, grid: tuple[int, ...]) -> float:
+        """Share of key blocks outside the exact top-k branch for a token `grid` (they go through the linear branch)."""
+        return self.sla.skipped_fraction(math.prod(grid))
+
 
 class NeighborhoodBackend(nn.Module):
     """Neighborhood attention over the token grid (`zoo.ops.na2d` / `na3d`).
@@ -120,6 +145,10 @@ class NeighborhoodBackend(nn.Module):
         self.kernel_size = _per_axis("kernel_size", kernel_size, rank)
         self.dilation = _per_axis("dilation", dilation, rank)
         self.stride = _per_axis("stride", stride, rank)
+
+    def skipped_fraction(self, grid: tuple[int, ...]) -> float:
+        """Share of keys outside an interior query's window for a token `grid` (border queries see as many)."""
+        return 1.0 - math.prod(min(k, g) for k, g in zip(self.kernel_size, grid)) / math.prod(grid)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
         b, h, n, d = q.shape

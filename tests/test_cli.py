@@ -1,6 +1,7 @@
 """The `zoo` CLI: generate, generate-video, classify, train, bench (CPU, in-process)."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -97,6 +98,38 @@ def test_generate_video_frames_and_report(capsys, tmp_path, suffix, attention, s
     assert code == 0, err
     assert count_frames(out) == 6
     assert f"attention {attention}: {skipped}% of attention skipped" in err and re.search(r"sampling took [0-9.]+ s", err)
+
+
+def _embedded_video_skipped(attention: str, grid: tuple[int, int, int]) -> float:
+    """What each op skips on `grid` with the embedded fine-tunes' settings, computed from the ops, not the backends."""
+    from zoo.ops.radial import block_mask_pairs, radial_block_mask
+
+    from zoo.pretrained import VIDEO_ATTENTION_ARGS
+
+    n = math.prod(grid)
+    if attention == "radial":
+        options = VIDEO_ATTENTION_ARGS["radial"]
+        mask = radial_block_mask(grid[0], grid[1] * grid[2], options["decay_factor"], block_size=options["block_size"])
+        return 1 - block_mask_pairs(mask, n, n, options["block_size"], options["block_size"]) / n**2
+    if attention == "sla":  # int(topk * key blocks) critical key blocks of 64 tokens
+        key_blocks = -(-n // 64)
+        return 1 - int(VIDEO_ATTENTION_ARGS["sla"]["topk"] * key_blocks) / key_blocks
+    return 1 - 3 * 7 * 7 / n  # na: the default --na-kernel 3 7 7
+
+
+@pytest.mark.parametrize("attention", ["radial", "sla", "na"])
+def test_generate_video_reports_what_the_embedded_sparse_model_skips(capsys, tmp_path, attention):
+    """The report is the op's own sparsity for the model's token grid (radial once printed 0.0% while ~48% was skipped)."""
+    from zoo.cli.generate import DEFAULT_VIDEO_MODEL
+
+    if not shipped(DEFAULT_VIDEO_MODEL):
+        pytest.skip(f"{DEFAULT_VIDEO_MODEL} has no shipped weights yet (see TRAINING.md)")
+    code, _, err = run(capsys, "generate-video", "--attention", attention, "--frames", "4", "--steps", "1", "--guidance", "1",
+                       "--classes", "1", "--out", str(tmp_path / "v.gif"))
+    assert code == 0, err
+    expected = _embedded_video_skipped(attention, (4, 16, 16))  # 4 frames of 32 x 32 latents, patch 2
+    assert 0.05 < expected < 1
+    assert f"attention {attention}: {100 * expected:.1f}% of attention skipped (mean over 6 layers)" in err
 
 
 def test_generate_from_exported_checkpoint(capsys, tmp_path):

@@ -178,6 +178,20 @@ def test_classification_fit_loss_decreases_and_export_roundtrip(tmp_path):
     torch.testing.assert_close(loaded(x), module.model(x))
 
 
+def test_step_limited_progress_bar_counts_steps_over_epochs(tmp_path):
+    """max_steps without max_epochs: the bar shows steps out of max_steps (Lightning printed "Epoch 1/-2")."""
+    from zoo.lightning.data import build_datamodule
+    from zoo.lightning.train import build_module, build_trainer
+
+    cfg = tiny_classify(tmp_path, "trainer.enable_progress_bar=true", "trainer.max_steps=10",
+                        "trainer.limit_val_batches=0")  # 128 samples / 16 = 8 batches per epoch: 10 steps span two epochs
+    module = build_module(cfg)
+    trainer = build_trainer(cfg, module)
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    bar = trainer.progress_bar_callback.train_progress_bar
+    assert (bar.n, bar.total, bar.desc) == (10, 10, "Epoch 1: ")  # tqdm appends ": "
+
+
 # ---------------------------------------------------------------- resume after a kill
 
 def test_resume_after_kill(tmp_path):
@@ -341,6 +355,30 @@ def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
     meta = json.loads(Path(result["export"]).with_suffix(".json").read_text())
     assert meta["pretrained_cfg"]["input_size"] == ([1, 4, 8, 8] if kind == "video" else [1, 8, 8])
     assert meta["pretrained_cfg"].get("flow_shift") == (1.0 if kind == "video" else None)  # the shift it trained with
+
+
+def test_generate_rebuilds_the_model_from_a_training_checkpoint(tmp_path, capsys):
+    """`zoo generate --checkpoint last.ckpt` of a `zoo train` DiT needs no --model: the checkpoint's hyper-parameters say it."""
+    from zoo.cli import main
+    from zoo.lightning.train import run
+
+    cfg = zcfg.load_config(None, ["task=diffusion", "model.name=dit_s_2", f"output_dir={tmp_path}", "data.kind=synthetic",
+                                  "data.num_classes=4", "data.batch_size=8", "data.num_workers=0", "data.image_size=8",
+                                  "data.length=16", "trainer.precision=32-true", "trainer.accelerator=cpu",
+                                  "trainer.enable_progress_bar=false", "trainer.max_steps=2", "loggers=[csv]",
+                                  "trainer.limit_val_batches=0", "checkpoint.every_n_train_steps=2", "diffusion.ema_decay=0", "diffusion.sample_classes=[0]",
+                                  "model.kwargs={input_size: 8, in_channels: 1, num_classes: 4, depth: 1, hidden_size: 32, "
+                                  "num_heads: 2, learn_sigma: false}"])
+    run(cfg)
+    out = tmp_path / "g.png"
+    code = main(["generate", "--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--classes", "3", "--steps", "2",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"dit_s_2: {tmp_path / 'checkpoints' / 'last.ckpt'}" in err and out.is_file()
+    from PIL import Image
+
+    assert Image.open(out).size == (8 + 4, 8 + 4)  # one 8 x 8 sample with the grid's 2 px padding
 
 
 def test_fsdp_wraps_blocks_and_refuses_ema():

@@ -159,8 +159,38 @@ def test_export_round_trip_is_bit_exact(tmp_path):
 def test_unknown_weights_name():
     with pytest.raises(WeightsError, match="no pretrained weights named"):
         weights.get_weights("zootest_toynet.nope")
-    with pytest.raises(WeightsError, match="has no pretrained weights"):
+    with pytest.raises(WeightsError, match="no pretrained weights named 'zootest_toynet.untrained'; "):
         zoo.create_model("zootest_toynet", pretrained=True)
+
+
+@pytest.mark.parametrize("name, kwargs", [("zootest_toynet", {}), ("nat_mnist", {})])  # build_classifier, the digit family
+@pytest.mark.parametrize("create", ["zoo", "timm"])
+def test_pretrained_cfg_overlay_file_is_loaded(tmp_path, name, kwargs, create):
+    """timm's `pretrained=True, pretrained_cfg_overlay=dict(file=PATH)` loads PATH (tensors only), not the registry."""
+    import timm
+
+    torch.manual_seed(0)
+    source = zoo.create_model(name, **kwargs)
+    trained = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    path = tmp_path / "trained.safetensors"
+    save_file(trained, path)
+    factory = zoo.create_model if create == "zoo" else timm.create_model
+    model = factory(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+
+@pytest.mark.parametrize("name, listed", [("nat_mini.bogus", "registered: nat_mini.hf_in1k, nat_mini.in1k"),
+                                          ("nat_mnist.bogus", "registered: nat_mnist.mnist"),
+                                          ("agent_swin_mnist", "`zoo list --pretrained`")])
+def test_unknown_tag_or_no_weights_lists_what_is_registered(name, listed):
+    import timm
+
+    for factory in (zoo.create_model, timm.create_model):
+        with pytest.raises(WeightsError) as e:
+            factory(name, pretrained=True)
+        message = str(e.value)
+        assert "\n" not in message and name.partition(".")[0] in message and listed in message, message
 
 
 def test_export_records_only_the_callers_arguments(tmp_path):

@@ -26,26 +26,18 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
     then the `model_args` its pretrained tag implies (e.g. dilations at 384), then `kwargs`.
     """
     from timm.models import build_model_with_cfg
-    from timm.models._builder import resolve_pretrained_cfg
     from timm.models._features import FeatureGetterNet, FeatureListNet
 
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     feature_cls = kwargs.pop("feature_cls", None)
-    tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).tag
+    tag = resolve_cfg(variant, kwargs).tag
     extras = _weights.cfg_extras(f"{variant}.{tag}" if tag else variant)
     kwargs = {**(defaults or {}), **extras.pop("model_args", {}), **kwargs}
     model = build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
     model.pretrained_cfg = {**model.pretrained_cfg, **extras}
     if pretrained:
-        tag = model.pretrained_cfg.get("tag")
-        name = f"{variant}.{tag}" if tag else variant
-        if not _weights.has_weights(name):
-            available = [w.name for w in _weights.weights_for_arch(variant)]
-            raise _weights.WeightsError(
-                f"{name} has no pretrained weights" + (f"; available: {', '.join(available)}" if available else "")
-            )
-        _weights.load_pretrained(model, name)
+        load_classifier_weights(model, variant, model.pretrained_cfg.get("tag"), kwargs.get("pretrained_cfg_overlay"))
     if features_only:
         feature_cfg = dict(feature_cfg or {})
         if out_indices is not None:
@@ -59,6 +51,30 @@ def build_classifier(model_cls: type, variant: str, pretrained: bool = False, fe
         model = wrapper(model, **feature_cfg)
         model.pretrained_cfg = model.default_cfg = cfg
     return model
+
+
+def resolve_cfg(variant: str, kwargs: dict[str, Any]):
+    """timm's pretrained cfg of `variant` for the `pretrained_cfg` (a tag, from `arch.tag`) and `pretrained_cfg_overlay`
+    in `kwargs`; an unknown tag is a one-line error listing the registered weights (timm's names no alternative)."""
+    from timm.models._builder import resolve_pretrained_cfg
+
+    requested = kwargs.get("pretrained_cfg")
+    try:
+        return resolve_pretrained_cfg(variant, requested, kwargs.get("pretrained_cfg_overlay"))
+    except RuntimeError as e:
+        if not isinstance(requested, str):
+            raise
+        raise _weights.WeightsError(f"unknown pretrained tag {requested!r} for {variant}; {_weights.available_weights(variant)}") from e
+
+
+def load_classifier_weights(model: torch.nn.Module, arch: str, tag: str | None, overlay: dict | None) -> None:
+    """`pretrained=True` for a classifier: the file of timm's `pretrained_cfg_overlay=dict(file=PATH)` when given
+    (read as tensors only, official layouts through the arch's converters), else the registered weights `arch.tag`."""
+    file = (overlay or {}).get("file")
+    if file:
+        _weights.load_checkpoint(model, file, arch=arch)
+    else:
+        _weights.load_pretrained(model, f"{arch}.{tag}" if tag else arch)
 
 
 # arguments timm's `build_model_with_cfg` takes for every classifier, besides the model class's own

@@ -143,12 +143,17 @@ def has_weights(name: str) -> bool:
     return name in _WEIGHTS
 
 
+def available_weights(arch: str) -> str:
+    """The registered `arch.tag` names of `arch` (the `zoo list --pretrained` data), for error messages."""
+    known = sorted(n for n in _WEIGHTS if n.partition(".")[0] == arch)
+    return (f"registered: {', '.join(known)}" if known else
+            f"{arch} has no registered weights (`zoo list --pretrained` shows the models that have some)")
+
+
 def get_weights(name: str) -> Weights:
     if name not in _WEIGHTS:
-        arch = name.partition(".")[0]
-        known = sorted(n for n in _WEIGHTS if n.partition(".")[0] == arch)
-        hint = f"; registered: {', '.join(known)}" if known else f"; {arch} has no registered weights"
-        raise WeightsError(f"no pretrained weights named {name!r}{hint}")
+        raise WeightsError(f"no pretrained weights named {name!r}; {available_weights(name.partition('.')[0])}; "
+                           "or load a file with checkpoint_path=PATH")
     return _WEIGHTS[name]
 
 
@@ -550,6 +555,19 @@ def read_export_config(path: str | os.PathLike) -> dict | None:
     except (ValueError, OSError) as e:
         raise WeightsError(f"{sidecar}: the export's JSON is unreadable ({type(e).__name__}: {e}); "
                            "delete it to load the weights with the model's default arguments") from None
+
+
+def recorded_model(path: str | os.PathLike) -> dict | None:
+    """What rebuilds the network saved at `path`: the export's JSON (`read_export_config`), else a Lightning
+    checkpoint's hyper-parameters as the same keys (`architecture`, `model_args`); None if neither is there."""
+    exported = read_export_config(path)
+    if exported is not None or Path(path).suffix != ".ckpt":
+        return exported
+    checkpoint = load_tensors_only(path, mmap=True)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("model_name"), str):
+        return None
+    return {"architecture": hparams["model_name"].partition(".")[0], "model_args": dict(hparams.get("model_kwargs") or {})}
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -45,6 +45,16 @@ class SparseLinearAttention(nn.Module):
             linear_on=self.linear_on, feature_map=self.feature_map, block_size=self.block_size, eps=self.eps,
         )
 
+    def skipped_fraction(self, seq_len: int) -> float:
+        """Share of key blocks per query-block row left out of the exact softmax branch for `seq_len` keys.
+
+        Counted as the op counts them (`int(topk * key_blocks)` critical blocks); the rest goes
+        through the linear branch (or is dropped when negligible), so reports can state the sparsity.
+        """
+        key_blocks = max(1, -(-seq_len // self.block_size[1]))
+        critical, _ = _block_counts(key_blocks, self.topk, self.negligible)
+        return 1.0 - critical / key_blocks
+
     def extra_repr(self) -> str:
         return (f"topk={self.topk}, negligible={self.negligible}, linear_on={self.linear_on!r}, "
                 f"feature_map={self.feature_map!r}, block_size={self.block_size}")

@@ -53,12 +53,28 @@ def _model_args(pairs: list[str]) -> dict:
     return out
 
 
-def _exported_args(args: argparse.Namespace, name: str) -> dict:
-    """The model arguments `zoo.weights.export` recorded next to --checkpoint (same architecture only)."""
+def _recorded_model(args: argparse.Namespace) -> dict:
+    """The architecture and model arguments recorded with --checkpoint (an export's JSON, a `zoo train` checkpoint's
+    hyper-parameters), or {}."""
     from zoo import weights
 
-    meta = weights.read_export_config(args.checkpoint) if args.checkpoint else None
-    return dict(meta.get("model_args", {})) if meta and meta.get("architecture") == name.partition(".")[0] else {}
+    if not args.checkpoint:
+        return {}
+    try:
+        return weights.recorded_model(args.checkpoint) or {}
+    except weights.WeightsError as e:
+        raise CliError(f"--checkpoint {e}") from None
+
+
+def _model_name(args: argparse.Namespace, default: str) -> str:
+    """--model, else the architecture recorded with --checkpoint, else `default`."""
+    return args.model or _recorded_model(args).get("architecture") or default
+
+
+def _exported_args(args: argparse.Namespace, name: str) -> dict:
+    """The model arguments recorded with --checkpoint (same architecture only)."""
+    meta = _recorded_model(args)
+    return dict(meta.get("model_args", {})) if meta.get("architecture") == name.partition(".")[0] else {}
 
 
 def _labels(args: argparse.Namespace, num_classes: int) -> list[int]:
@@ -71,7 +87,7 @@ def _labels(args: argparse.Namespace, num_classes: int) -> list[int]:
 def _build(args: argparse.Namespace, default: str, **kwargs):
     import zoo
 
-    name = args.model or default
+    name = _model_name(args, default)
     entry = check_model_name(name, kind="generator")
     kwargs = {**_exported_args(args, name), **_model_args(getattr(args, "model_arg", None)), **kwargs}
     try:
@@ -143,31 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def attention_sparsity(model) -> str:
-    """The share of query-key pairs the backend skips, averaged over layers (dense layers count 0).
-
-    radial: empty blocks of its mask; sla: key blocks outside the top-k critical ones (int(topk * blocks),
-    as the op counts them; the rest goes through the linear branch);
-    na: tokens outside the kernel window (interior tokens; borders see the same count).
-    """
-    import math
-
-    grid = [s // p for s, p in zip(model.input_size, model.patch_size)]
-    fractions = []
-    for block in model.blocks:
-        backend = block.attn.backend
-        if hasattr(backend, "block_mask"):
-            dense = backend.policy.is_dense(backend.layer_index, None)
-            fractions.append(0.0 if dense else 1.0 - backend.block_mask("cpu").float().mean().item())
-        elif hasattr(backend, "sla"):
-            from zoo.ops.sla.naive import _block_counts
-
-            key_blocks = math.ceil(math.prod(grid) / backend.sla.block_size[1])
-            critical, _ = _block_counts(key_blocks, backend.sla.topk, backend.sla.negligible)
-            fractions.append(1.0 - critical / key_blocks)
-        elif hasattr(backend, "kernel_size"):
-            fractions.append(1.0 - math.prod(min(k, g) for k, g in zip(backend.kernel_size, grid)) / math.prod(grid))
-        else:
-            fractions.append(0.0)
+    """The share of query-key pairs the backends skip, averaged over layers, as each backend counts it."""
+    grid = tuple(s // p for s, p in zip(model.input_size, model.patch_size))
+    fractions = [block.attn.backend.skipped_fraction(grid) for block in model.blocks]
     return f"{100 * sum(fractions) / max(1, len(fractions)):.1f}% of attention skipped (mean over {len(fractions)} layers)"
 
 
@@ -192,7 +186,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
 
     out = media.check_writable(args.out, (".mp4", ".gif"))
     device = device_of(args)
-    name = args.model or DEFAULT_VIDEO_MODEL
+    name = _model_name(args, DEFAULT_VIDEO_MODEL)
     entry = check_model_name(name, kind="generator")
     if args.attention not in dit.ATTENTION_BACKENDS:
         raise CliError(f"--attention {args.attention!r}: {name} supports {', '.join(dit.ATTENTION_BACKENDS)}")

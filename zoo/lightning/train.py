@@ -27,6 +27,7 @@ from .config import ConfigError, load_config, save_config
 from .data import build_datamodule
 
 _plugins = importlib.import_module(pl.__name__ + ".plugins")
+_callbacks = importlib.import_module(pl.__name__ + ".callbacks")
 
 
 class AtomicCheckpointIO(_plugins.TorchCheckpointIO):
@@ -87,21 +88,44 @@ def build_strategy(cfg: DictConfig, module: pl.LightningModule) -> Any:
                                    state_dict_type="full")
 
 
+class StepProgressBar(_callbacks.TQDMProgressBar):
+    """The train bar of a step-limited run counts optimizer steps out of `max_steps`, across epochs.
+
+    Lightning's bars count the batches of the current epoch, and its Rich bar prints the epoch
+    total as `max_epochs - 1`, i.e. "Epoch 1/-2" when only `max_steps` limits the run.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.total = trainer.max_steps
+        self.train_progress_bar.n = trainer.global_step  # resumed runs and later epochs start where the last left off
+        self.train_progress_bar.refresh()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.train_progress_bar is not None and self._should_update(step, trainer.max_steps):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+
 def build_callbacks(cfg: DictConfig) -> list:
-    cb = importlib.import_module(pl.__name__ + ".callbacks")
     ck = cfg.checkpoint
     callbacks = [
-        cb.ModelCheckpoint(dirpath=str(Path(cfg.output_dir) / "checkpoints"), filename="step{step:07d}",
+        _callbacks.ModelCheckpoint(dirpath=str(Path(cfg.output_dir) / "checkpoints"), filename="step{step:07d}",
                            auto_insert_metric_name=False, every_n_train_steps=ck.every_n_train_steps,
                            save_last=True, save_top_k=ck.save_top_k, monitor=ck.monitor, mode=ck.mode),
-        cb.LearningRateMonitor(logging_interval="step"),
+        _callbacks.LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.task == "diffusion" and cfg.diffusion.ema_decay > 0:
         if cfg.trainer.strategy == "fsdp":
             raise ConfigError("diffusion.ema_decay > 0 with trainer.strategy=fsdp: Lightning's EMA does not support "
                               "sharded models; set diffusion.ema_decay=0 or use ddp")
-        callbacks.append(cb.EMAWeightAveraging(decay=cfg.diffusion.ema_decay,
+        callbacks.append(_callbacks.EMAWeightAveraging(decay=cfg.diffusion.ema_decay,
                                                update_starting_at_step=cfg.diffusion.ema_start_step or None))
+    t = cfg.trainer
+    if t.enable_progress_bar and t.max_steps > 0 and t.max_epochs in (None, -1):
+        callbacks.append(StepProgressBar())
     return callbacks
 
 

@@ -96,20 +96,20 @@ default_cfgs = generate_default_cfgs({
 
 def _classifier(name: str, pretrained: bool, kwargs: dict):
     """The family's entrypoint with the digit arguments, carrying this name's pretrained cfg."""
-    from timm.models._builder import resolve_pretrained_cfg
-
-    from zoo import weights
     from zoo._registry import get_entry
+    from zoo.factory import load_classifier_weights, resolve_cfg
 
     # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
-    cfg = resolve_pretrained_cfg(name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
+    cfg = resolve_cfg(name, kwargs).to_dict()
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("pretrained_cfg", None)
     kwargs.pop("cache_dir", None)
     base, args = CLASSIFIER_ARGS[name]
     model = get_entry(base).fn(pretrained=False, **{"num_classes": 10, "in_chans": 1, **args, **kwargs})
     model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
     model.zoo_architecture, model.zoo_model_args = name, dict(kwargs)
     if pretrained:
-        weights.load_pretrained(model, f"{name}.{cfg.get('tag') or 'mnist'}")
+        load_classifier_weights(model, name, cfg.get("tag") or "mnist", overlay)
     return model
 
 
