@@ -192,12 +192,21 @@ class AgentSDAttnProcessor(ZooAttnProcessor):
         return TokenMatching(x, size, stride, int(n * c.ratio), int(n * c.agent_ratio) if agent_phase else 0, choice)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor | None) -> torch.Tensor:
-        """`[B, heads, n, d]` attention of the merged tokens: through the agents, else SDPA."""
+        """`[B, heads, n, d]` attention of the merged tokens: through the agents, else SDPA.
+
+        On a GPU the two agent softmaxes run as two fused SDPA calls (agents over the keys, then
+        the queries over the agents: the same formula without materialising either map); elsewhere
+        `zoo.ops.agent_attention`, the exact reference.
+        """
         if agents is None:
             return F.scaled_dot_product_attention(q, k, v)
         d = q.shape[-1]
-        out = ops.agent_attention(q, k, v, agents, scale=d ** -0.5,
-                                  query_scale=d ** (-0.5 * self.config.query_scale_exponent))
+        scale, query_scale = d ** -0.5, d ** (-0.5 * self.config.query_scale_exponent)
+        if q.is_cuda:
+            agent_values = F.scaled_dot_product_attention(agents, k, v, scale=scale)
+            out = F.scaled_dot_product_attention(q, agents, agent_values, scale=query_scale)
+        else:
+            out = ops.agent_attention(q, k, v, agents, scale=scale, query_scale=query_scale)
         return out + self.config.value_shortcut * v
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
