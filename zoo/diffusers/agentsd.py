@@ -54,7 +54,8 @@ class AgentSDConfig(_SerializableConfig):
     the blocks whose latent is downsampled at most this much; None = the highest-resolution
     level that has attention (downsample 1 in SD 1.5/2.1 = the paper's setting, 2 in SDXL).
     `random_destinations`: the destination inside each cell is drawn from `seed`, the step and
-    the layer (deterministic), else the top-left token; odd batches use the top-left (tomesd).
+    the layer on the latent's device (deterministic per device type), else the top-left token;
+    odd batches use the top-left (tomesd).
     """
 
     kind: ClassVar[str] = "agentsd"
@@ -102,7 +103,8 @@ class TokenMatching:
         self.batch, self.n = batch, n
         with torch.no_grad():
             cells = torch.zeros(hs, ws, stride * stride, dtype=torch.int64, device=metric.device)
-            choice = torch.zeros(hs, ws, dtype=torch.int64) if choice is None else choice
+            if choice is None:
+                choice = torch.zeros(hs, ws, dtype=torch.int64, device=metric.device)
             cells.scatter_(2, choice.to(metric.device).reshape(hs, ws, 1), -1)
             grid = torch.zeros(h, w, dtype=torch.int64, device=metric.device)
             grid[: hs * stride, : ws * stride] = cells.view(hs, ws, stride, stride).transpose(1, 2).reshape(
@@ -194,8 +196,10 @@ class AgentSDAttnProcessor(ZooAttnProcessor):
         choice = None
         if c.random_destinations and x.shape[0] % 2 == 0:
             step = -1 if self.state.step is None else self.state.step
-            generator = torch.Generator().manual_seed(c.seed * 1_000_003 + (step + 1) * 1_009 + self.layer_index)
-            choice = torch.randint(stride * stride, (size[0] // stride, size[1] // stride), generator=generator)
+            # drawn on x's device: a host tensor's copy would wait for the GPU
+            generator = torch.Generator(x.device).manual_seed(c.seed * 1_000_003 + (step + 1) * 1_009 + self.layer_index)
+            choice = torch.randint(stride * stride, (size[0] // stride, size[1] // stride), generator=generator,
+                                   device=x.device)
         return TokenMatching(x, size, stride, int(n * c.ratio), int(n * c.agent_ratio) if agent_phase else 0, choice)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor | None) -> torch.Tensor:
