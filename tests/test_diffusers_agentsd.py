@@ -141,7 +141,10 @@ def test_ratio_zero_without_agents_equals_stock_and_remove_restores_exactly():
     assert torch.equal(run(model, args), stock)
     assert all(model.attn_processors[name] is p for name, p in stock_processors.items())
     apply_attention(model, AgentSDConfig(ratio=0.5))
-    assert not torch.allclose(run(model, args), stock, atol=1e-4)  # merging changes the output
+    merged = run(model, args)
+    assert not torch.allclose(merged, stock, atol=1e-4)  # merging changes the output
+    # cross_attention_kwargs reach every processor: what AttnProcessor2_0 ignores, AgentSD ignores too
+    assert torch.equal(run(model, {**args, "cross_attention_kwargs": {"extra": 1}}), merged)
     remove_attention(model)
     assert torch.equal(run(model, args), stock)
 

@@ -175,8 +175,9 @@ def _plain_attention(attn) -> bool:
 class AgentSDAttnProcessor(ZooAttnProcessor):
     """Merge, attention through agents (or SDPA), unmerge: for a UNet's self-attention `attn1`.
 
-    Accepts every argument diffusers' `Attention.forward` passes; cross-attention, masks and extra
-    processor arguments go to the stock processor unchanged.
+    Accepts every argument diffusers' `Attention.forward` passes: cross-attention, masked and 4-D
+    calls go to the stock processor unchanged; other extra arguments (`cross_attention_kwargs`)
+    are ignored, as `AttnProcessor2_0` ignores them.
     """
 
     def __init__(self, stock, config: AgentSDConfig, downsample: int, layer_index: int, state: RunState) -> None:
@@ -219,8 +220,7 @@ class AgentSDAttnProcessor(ZooAttnProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                 **kwargs):
-        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3 or args \
-                or kwargs:
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if self.state.grid is None:
             raise RuntimeError("AgentSD processors run inside the UNet's forward (its hook reads the latent size); "
