@@ -181,6 +181,8 @@ class AgentSDAttnProcessor(ZooAttnProcessor):
     """
 
     def __init__(self, stock, config: AgentSDConfig, downsample: int, layer_index: int, state: RunState) -> None:
+        # the base keeps the stock processor and its backend attributes; AgentSD has no SparseAttention
+        # or SparsityPolicy (`runs_sparse` is unused): its phase comes from `config` and the step
         super().__init__(stock, None, layer_index, None, state)
         self.config, self.downsample = config, downsample
 
