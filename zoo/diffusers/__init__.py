@@ -5,10 +5,12 @@
     video = pipe(prompt, num_frames=81).frames[0]
     remove_attention(pipe.transformer)  # the stock model again
 
-Supported: `WanTransformer3DModel`, `HunyuanVideoTransformer3DModel`, `CogVideoXTransformer3DModel`.
+Supported: `WanTransformer3DModel`, `HunyuanVideoTransformer3DModel`, `CogVideoXTransformer3DModel`;
+AgentSD (`AgentSDConfig`) on Stable Diffusion's `UNet2DConditionModel` (SD 1.5, 2.1, SDXL).
 """
 from __future__ import annotations
 
+from zoo.diffusers.agentsd import AgentSDConfig
 from zoo.diffusers.config import (
     NeighborhoodAttentionConfig,
     RadialAttentionConfig,
@@ -19,6 +21,7 @@ from zoo.diffusers.config import (
 from zoo.diffusers.plugin import HOOK_NAME, apply_attention, convert_turbowan_sla_keys, remove_attention
 
 __all__ = [
+    "AgentSDConfig",
     "HOOK_NAME",
     "NeighborhoodAttentionConfig",
     "RadialAttentionConfig",

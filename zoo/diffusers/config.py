@@ -21,7 +21,24 @@ def _axes(name: str, value: Any) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _PluginConfig:
+class _SerializableConfig:
+    """`to_dict` / `from_dict` shared by every plugin config."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields (tuples become lists); `from_dict` reads it back."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_dict got unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PluginConfig(_SerializableConfig):
     """Shared by every plugin: the first `dense_layers` blocks and `dense_timesteps` sampler steps stay dense.
 
     Dense means the model's own processor (diffusers' `dispatch_attention_fn`, so
@@ -39,18 +56,6 @@ class _PluginConfig:
     @property
     def policy(self) -> SparsityPolicy:
         return SparsityPolicy(dense_layers=self.dense_layers, dense_timesteps=self.dense_timesteps)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly fields (tuples become lists); `from_dict` reads it back."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}.from_dict got unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True, kw_only=True)

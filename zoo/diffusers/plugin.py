@@ -20,6 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from torch import nn
 
+from zoo.diffusers.agentsd import AgentSDConfig, UNetSpec
 from zoo.diffusers.attention import build_sparse_attention
 from zoo.diffusers.config import CONFIGS, SLAConfig
 from zoo.diffusers.processors import (
@@ -41,6 +42,7 @@ class ModelSpec:
     attention: str  # regex over named_modules() names; group 1 = block kind, group 2 = block index
     processor: type[ZooAttnProcessor]
     mask_model: str  # radial rule: 'wan' has the frame-0 sink
+    latent_argument: str = "hidden_states"
 
     def grid(self, model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
         """(frames, height, width) tokens after patchify, from the latent entering the transformer."""
@@ -66,6 +68,18 @@ class ModelSpec:
             if match:
                 yield name, module, offsets.get(match.group(1), 0) + int(match.group(2))
 
+    def processors(self, model: nn.Module, config, state: RunState) -> list[tuple[nn.Module, ZooAttnProcessor]]:
+        """(attention module, its zoo processor) for every layer `config` changes."""
+        policy, sparse, processors = config.policy, None, []
+        for _, attn, layer_index in self.layers(model):
+            if sparse is None or isinstance(config, SLAConfig):  # radial and NA have no weights: one shared
+                sparse = build_sparse_attention(config, head_dim=attn.to_q.out_features // attn.heads,
+                                                mask_model=self.mask_model).to(attn.to_q.weight.device)
+            processors.append((attn, self.processor(attn.processor, sparse, layer_index, policy, state)))
+        if not processors:
+            raise ValueError(f"found no self-attention layers matching {self.attention!r} in this {self.class_name}")
+        return processors
+
 
 SPECS = (
     ModelSpec("WanTransformer3DModel", r"(blocks)\.(\d+)\.attn1", WanSparseAttnProcessor, "wan"),
@@ -76,7 +90,13 @@ SPECS = (
 )
 
 
-def _spec(module: nn.Module) -> ModelSpec:
+def _spec(module: nn.Module, config) -> ModelSpec | UNetSpec:
+    if isinstance(config, AgentSDConfig):
+        if any(cls.__name__ == UNetSpec.class_name and cls.__module__.startswith("diffusers.")
+               for cls in type(module).__mro__):
+            return UNetSpec()
+        hint = " (pass pipe.unet)" if hasattr(module, "components") else ""
+        raise TypeError(f"AgentSDConfig supports diffusers' UNet2DConditionModel; got {type(module).__name__}{hint}")
     for spec in SPECS:
         if any(cls.__name__ == spec.class_name and cls.__module__.startswith("diffusers.") for cls in type(module).__mro__):
             return spec
@@ -95,7 +115,7 @@ class _TransformerHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, spec: ModelSpec, state: RunState) -> None:
+    def __init__(self, spec: ModelSpec | UNetSpec, state: RunState) -> None:
         super().__init__()
         self.spec, self.state = spec, state
         self.contexts = StateManager(_NoState)  # `cache_context` sets the pipeline's CacheContext here
@@ -114,7 +134,7 @@ class _TransformerHook(ModelHook):
     @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         call = self.signature.bind_partial(module, *args, **kwargs).arguments
-        self.state.grid = self.spec.grid(module, call["hidden_states"])
+        self.state.grid = self.spec.grid(module, call[self.spec.latent_argument])
         timestep, context = call.get("timestep"), self._context()
         if module.training and torch.is_grad_enabled():
             self.state.step = None  # fine-tuning: sparse
@@ -154,30 +174,25 @@ class _ProcessorHook(ModelHook):
 
 
 def apply_attention(module: nn.Module, config) -> None:
-    """Run `config`'s sparse attention in the self-attention layers of a diffusers video transformer.
+    """Run `config`'s attention in the self-attention layers of a diffusers video transformer or SD UNet.
 
     `module`: a `WanTransformer3DModel` (Wan2.1/2.2, T2V/I2V: only `attn1` changes, cross-attention
     keeps its processor), `HunyuanVideoTransformer3DModel` (video rows sparse, text rows and
     columns dense, token refiner untouched) or `CogVideoXTransformer3DModel`. `config`: a
-    `RadialAttentionConfig`, `SLAConfig` or `NeighborhoodAttentionConfig`. Fuse QKV projections
+    `RadialAttentionConfig`, `SLAConfig` or `NeighborhoodAttentionConfig`; or a
+    `UNet2DConditionModel` (SD 1.5, 2.1, SDXL) with an `AgentSDConfig`. Fuse QKV projections
     before applying (CogVideoX's `fuse_qkv_projections` replaces every processor).
     """
-    if not isinstance(config, CONFIGS):
-        names = ", ".join(c.__name__ for c in CONFIGS)
+    configs = (*CONFIGS, AgentSDConfig)
+    if not isinstance(config, configs):
+        names = ", ".join(c.__name__ for c in configs)
         raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
-    spec = _spec(module)
+    spec = _spec(module, config)
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if registry.get_hook(HOOK_NAME) is not None:
         raise ValueError("zoo attention is already applied to this model: call remove_attention(model) first")
-    state, policy = RunState(), config.policy
-    sparse, processors = None, []
-    for _, attn, layer_index in spec.layers(module):
-        if sparse is None or isinstance(config, SLAConfig):  # radial and NA have no weights: one shared
-            sparse = build_sparse_attention(config, head_dim=attn.to_q.out_features // attn.heads,
-                                            mask_model=spec.mask_model).to(attn.to_q.weight.device)
-        processors.append((attn, spec.processor(attn.processor, sparse, layer_index, policy, state)))
-    if not processors:
-        raise ValueError(f"found no self-attention layers matching {spec.attention!r} in this {spec.class_name}")
+    state = RunState()
+    processors = spec.processors(module, config, state)
     registry.register_hook(_TransformerHook(spec, state), HOOK_NAME)
     for attn, processor in processors:
         HookRegistry.check_if_exists_or_initialize(attn).register_hook(_ProcessorHook(processor), HOOK_NAME)

@@ -22,7 +22,7 @@ class RunState:
     """
 
     def __init__(self) -> None:
-        self.grid: tuple[int, int, int] | None = None
+        self.grid: tuple[int, ...] | None = None  # (frames, height, width); a UNet's (height, width)
         self.step: int | None = None
         self.last_timestep: float | None = None
 
