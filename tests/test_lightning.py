@@ -355,6 +355,11 @@ def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
     meta = json.loads(Path(result["export"]).with_suffix(".json").read_text())
     assert meta["pretrained_cfg"]["input_size"] == ([1, 4, 8, 8] if kind == "video" else [1, 8, 8])
     assert meta["pretrained_cfg"].get("flow_shift") == (1.0 if kind == "video" else None)  # the shift it trained with
+    from zoo.weights import recorded_model
+
+    recorded = recorded_model(tmp_path / "checkpoints" / "last.ckpt")  # Lightning checkpoints record the shift too
+    assert recorded["architecture"] == arch
+    assert recorded.get("pretrained_cfg", {}).get("flow_shift") == (1.0 if kind == "video" else None)
 
 
 def test_generate_rebuilds_the_model_from_a_training_checkpoint(tmp_path, capsys):

@@ -559,7 +559,8 @@ def read_export_config(path: str | os.PathLike) -> dict | None:
 
 def recorded_model(path: str | os.PathLike) -> dict | None:
     """What rebuilds the network saved at `path`: the export's JSON (`read_export_config`), else a Lightning
-    checkpoint's hyper-parameters as the same keys (`architecture`, `model_args`); None if neither is there."""
+    checkpoint's hyper-parameters as the same keys (`architecture`, `model_args`, and `pretrained_cfg` with the
+    `flow_shift` a flow model trained with); None if neither is there."""
     exported = read_export_config(path)
     if exported is not None or Path(path).suffix != ".ckpt":
         return exported
@@ -567,7 +568,10 @@ def recorded_model(path: str | os.PathLike) -> dict | None:
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("model_name"), str):
         return None
-    return {"architecture": hparams["model_name"].partition(".")[0], "model_args": dict(hparams.get("model_kwargs") or {})}
+    recorded = {"architecture": hparams["model_name"].partition(".")[0], "model_args": dict(hparams.get("model_kwargs") or {})}
+    if isinstance(checkpoint.get("flow_shift"), float):
+        recorded["pretrained_cfg"] = {"flow_shift": checkpoint["flow_shift"]}
+    return recorded
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -130,8 +130,8 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
     """Load --checkpoint or the registered weights into `model` (any attention backend).
 
     Returns the source and the weights' cfg (the registered entry's, or the `pretrained_cfg` that
-    `zoo.weights.export` wrote next to --checkpoint, else {}): sampling settings the weights were
-    trained with, such as `flow_shift`.
+    `zoo.weights.export` wrote next to --checkpoint or a Lightning checkpoint holds, else {}): sampling
+    settings the weights were trained with, such as `flow_shift`.
 
     A checkpoint trained with one attention loads into another (`load_state_dict_any_attention`),
     so dense weights run with radial / SLA / NA when no fine-tuned ones are registered.
@@ -146,7 +146,7 @@ def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
             state, source, converter = weights.read_checkpoint(args.checkpoint), args.checkpoint, None
         except weights.WeightsError as e:
             raise CliError(f"--checkpoint {e}") from None
-        cfg = (weights.read_export_config(args.checkpoint) or {}).get("pretrained_cfg", {})
+        cfg = (weights.recorded_model(args.checkpoint) or {}).get("pretrained_cfg", {})
     else:
         w = registered_weights(name, entry, prefer)
         if w is None:

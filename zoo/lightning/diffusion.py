@@ -149,6 +149,11 @@ class DiffusionModule(pl.LightningModule):
             loss_fn, sample_fn = loss_fn or default_loss, sample_fn or default_sample
         self.loss_fn, self.sample_fn = loss_fn, sample_fn
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning checkpoints record `flow_shift` too, so `zoo generate-video --checkpoint last.ckpt` samples with it."""
+        if self.flow_shift is not None:
+            checkpoint["flow_shift"] = self.flow_shift
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss_fn(self.model, x, y)
