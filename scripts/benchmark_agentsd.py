@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
 from zoo.diffusers import AgentSDConfig, apply_attention, remove_attention
+from zoo.weights import atomic_path
 
 SD15 = dict(cross_attention_dim=768, attention_head_dim=8)  # the other class defaults are SD 1.5's
 SDXL = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -171,15 +171,11 @@ def main(argv=None) -> list[dict]:
     rows = [run_row(name, rows_spec[name], args, device, dtype) for name in names]
     print("\n".join(table(rows) + verdicts(rows)), flush=True)
     if args.json:
-        partial = f"{args.json}.partial"
-        with open(partial, "w", encoding="utf-8") as f:  # atomic: write beside, fsync, rename
-            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-            report = {"command": " ".join(["python", "scripts/benchmark_agentsd.py", *(argv or sys.argv[1:])]),
-                      "device": device_name, "torch": torch.__version__, "schedule": SCHEDULE, "rows": rows}
-            json.dump(report, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, args.json)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        report = {"command": " ".join(["python", "scripts/benchmark_agentsd.py", *(argv or sys.argv[1:])]),
+                  "device": device_name, "torch": torch.__version__, "schedule": SCHEDULE, "rows": rows}
+        with atomic_path(args.json) as tmp:  # a killed run leaves the old file or the new one
+            tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     return rows
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import pkgutil
 import sys
 import time
@@ -34,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from zoo.weights import atomic_path
 
 # the targets: (row, plugin, what) -> minimum speedup over the fastest dense backend
 TARGETS = {
@@ -346,15 +347,11 @@ def main(argv=None) -> list[Row]:
                 torch.cuda.empty_cache()
     print("\n".join(summary(rows, args)), flush=True)
     if args.json:
-        partial = f"{args.json}.partial"
-        with open(partial, "w", encoding="utf-8") as f:  # atomic: write beside, fsync, rename
-            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-            report = {"command": " ".join(["python", "scripts/benchmark_pipelines.py", *(argv or sys.argv[1:])]),
-                      "device": device_name, "torch": torch.__version__, "rows": {r.name: r.results for r in rows}}
-            json.dump(report, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, args.json)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        report = {"command": " ".join(["python", "scripts/benchmark_pipelines.py", *(argv or sys.argv[1:])]),
+                  "device": device_name, "torch": torch.__version__, "rows": {r.name: r.results for r in rows}}
+        with atomic_path(args.json) as tmp:  # a killed run leaves the old file or the new one
+            tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     return rows
 
 
