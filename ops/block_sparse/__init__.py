@@ -11,7 +11,7 @@ import torch
 
 from .._checks import autocast_cast, check_scale
 from .._cost import is_counting_flops
-from .._kernels import kernel_module
+from .._kernels import kernel_module, usable_kernel
 from . import fa4
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
@@ -38,12 +38,9 @@ def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: i
     """Why the Triton kernel cannot run these inputs, or None."""
     if q.device.type not in KERNEL_DEVICES:
         return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
-    module = _kernel_module()
+    module = usable_kernel(__name__, q)
     if isinstance(module, str):
         return module
-    if (q.dtype == torch.bfloat16 and q.device.type == "cuda"
-            and torch.cuda.get_device_capability(q.device) < (8, 0)):
-        return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     return module.can_run(q, k, v, block_q, block_k)
 
 

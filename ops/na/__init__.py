@@ -11,7 +11,7 @@ import torch
 
 from .._checks import autocast_cast
 from .._cost import is_counting_flops
-from .._kernels import kernel_module
+from .._kernels import kernel_module, usable_kernel
 from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
@@ -32,12 +32,9 @@ def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | N
         return "FLOP counting runs the reference's cost model"
     if q.numel() == 0:
         return "empty input (nothing to launch)"
-    module = _kernel_module()
+    module = usable_kernel(__name__, q)
     if isinstance(module, str):
         return module
-    if (q.dtype == torch.bfloat16 and q.device.type == "cuda"
-            and torch.cuda.get_device_capability(q.device) < (8, 0)):
-        return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     return module.can_run(q, k, v)
 
 
