@@ -178,7 +178,8 @@ def cache_path(name: str) -> Path:
     return cache_dir() / weights.name / weights.filename
 
 
-def _offline() -> bool:
+def offline_mode() -> bool:
+    """True when HF_HUB_OFFLINE or ZOO_OFFLINE is set: nothing is downloaded, a missing file says what to fetch."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "ZOO_OFFLINE"))
 
 
@@ -199,7 +200,7 @@ def fetch(weights: Weights, progress: bool = True) -> Path:
         return target
     where = weights.url or f"https://huggingface.co/{weights.hf_hub_id}/resolve/main/{weights.hf_filename}"
     place = f"download {where} and place it at {target} (ZOO_CACHE moves the cache root)"
-    if _offline():
+    if offline_mode():
         raise WeightsError(f"{weights.name}: offline mode and {target} is not cached; {place}")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

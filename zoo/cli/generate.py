@@ -103,11 +103,11 @@ def load_vae(name: str, device):
     from huggingface_hub import try_to_load_from_cache
 
     from zoo.dit.diffusion import VAE_SOURCES, load_vae
-    from zoo.weights import _offline
+    from zoo.weights import offline_mode
 
     repo = VAE_SOURCES[name]
     fix = f"download it with `huggingface-cli download {repo}` (into the Hugging Face cache), or pass --vae none for raw latents"
-    if _offline() and not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+    if offline_mode() and not isinstance(try_to_load_from_cache(repo, "config.json"), str):
         raise CliError(f"--vae {name}: offline mode and {repo} is not cached; {fix}")
     try:
         return load_vae(name, device)
