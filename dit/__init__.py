@@ -21,7 +21,7 @@ Video DiT, flow matching with any attention backend::
     loss = zoo.dit.FlowMatching(shift=5.0).training_losses(model, latents, y=labels)["loss"].mean()
     latents = zoo.dit.sample_video(model, labels, num_steps=50, guidance_scale=5.0, scheduler="unipc")
 
-A checkpoint trained with one attention loads into another: `model.load_state_dict_any_attention`.
+A checkpoint trained with one attention loads into another: `zoo.weights.load_weights(model, state_or_path)`.
 """
 from . import dit, video_dit  # noqa: F401  (registers the generators)
 from .attention import ATTENTION_BACKENDS, fill_backend_keys

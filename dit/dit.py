@@ -296,13 +296,9 @@ class DiT(nn.Module):
         x = torch.randn(batch_size, self.in_channels, *size, device=device)
         return x, torch.full((batch_size,), 500, device=device), torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    # zoo.weights.load_checkpoint tries this, so `create_model(..., checkpoint_path=dense_ckpt,
-    # attention="sla")` fills the backend-only keys too
+    # zoo.weights.load_weights applies this to every source, so weights trained with any attention load
+    # (`create_model(..., checkpoint_path=dense_ckpt, attention="sla")` fills the backend-only keys)
     checkpoint_converter = staticmethod(fill_backend_keys)
-
-    def load_state_dict_any_attention(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a checkpoint trained with another attention backend (e.g. dense into SLA)."""
-        self.load_state_dict(fill_backend_keys(state, self), strict=True)
 
 
 # ---- diffusers DiTTransformer2DModel layout ------------------------------------------------

@@ -279,13 +279,9 @@ class VideoDiT(nn.Module):
         context = torch.randn(batch_size, 16, self.context_dim, device=device) if self.context_dim else None
         return x, t, y, context
 
-    # zoo.weights.load_checkpoint tries this, so `create_model(..., checkpoint_path=dense_ckpt,
-    # attention="sla")` fills the backend-only keys too
+    # zoo.weights.load_weights applies this to every source, so weights trained with any attention load
+    # (`create_model(..., checkpoint_path=dense_ckpt, attention="sla")` fills the backend-only keys)
     checkpoint_converter = staticmethod(fill_backend_keys)
-
-    def load_state_dict_any_attention(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a checkpoint trained with another attention backend (e.g. dense into SLA)."""
-        self.load_state_dict(fill_backend_keys(state, self), strict=True)
 
 
 _SIZES = {

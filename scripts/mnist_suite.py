@@ -98,12 +98,12 @@ def stage_classify(args, root: Path, summary: dict) -> torch.nn.Module:
 
 
 def stage_dit(args, root: Path, summary: dict, classifier) -> None:
+    import zoo
     from zoo import digits, dit, media
-    from zoo.lightning.diffusion import create_generator
 
     init = [f"model.checkpoint_path={args.dit_init}"] if args.dit_init else []
     res = train("diffusion/dit_s_2_mnist.yaml", [f"data.path={args.data}", f"output_dir={root / 'dit'}", *init, *args.quick_dit])
-    model = create_generator("dit_s_2", checkpoint_path=res["export"]).to(args.device).eval()
+    model = zoo.create_model("dit_s_2", checkpoint_path=res["export"]).to(args.device).eval()
     labels = torch.arange(10).repeat_interleave(args.per_class)
     out = {"steps": res["global_step"], "train_seconds": res["seconds"], "init": args.dit_init,
            "params": sum(p.numel() for p in model.parameters())}
@@ -125,10 +125,10 @@ def stage_dit(args, root: Path, summary: dict, classifier) -> None:
 
 def score_video(args, cfg, attention: str, export: str, classifier) -> dict:
     """Per-frame digit accuracy of `--videos-per-class` videos per class drawn from `export` (+ a GIF)."""
+    import zoo
     from zoo import digits, dit, media, weights
-    from zoo.lightning.diffusion import create_generator
 
-    model = create_generator("video_dit_s_2", checkpoint_path=export).to(args.device).eval()
+    model = zoo.create_model("video_dit_s_2", checkpoint_path=export).to(args.device).eval()
     shift = weights.read_export_config(export)["pretrained_cfg"]["flow_shift"]  # as `zoo generate-video --checkpoint` samples it
     labels = torch.arange(10).repeat_interleave(args.videos_per_class)
     g = torch.Generator(device=args.device).manual_seed(0)

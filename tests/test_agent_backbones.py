@@ -9,7 +9,7 @@ import torch
 import zoo
 
 zoo.list_models()  # registers the models before zoo.weights is imported by name (import order)
-from zoo.weights import WeightsError, get_weights, load_checkpoint  # noqa: E402
+from zoo.weights import WeightsError, get_weights, load_weights  # noqa: E402
 
 # Parameter counts of the official model definitions (LeapLabTHU/Agent-Attention@207ce3e,
 # FLatten-Transformer@abdb115, InLine@e463a6f) instantiated with the released configs; for these
@@ -155,7 +155,7 @@ def test_checkpoint_in_official_layout_loads_strictly(tmp_path, monkeypatch):
     torch.save({"model": state, "config": config, "epoch": 299}, path)
     monkeypatch.delitem(sys.modules, "yacs.config")
     fresh = zoo.create_model("agent_pvt_tiny")
-    load_checkpoint(fresh, path)
+    load_weights(fresh, path)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, state[k]), k
 

@@ -96,7 +96,7 @@ def test_bad_checkpoint_is_one_line_and_leaves_the_model_alone(tmp_path, case):
         if case == "unreadable export JSON":
             zoo.create_model("zootest_toynet", checkpoint_path=path)
         else:
-            weights.load_checkpoint(model, path)
+            weights.load_weights(model, path)
     _one_line(str(e.value), names, phrase)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

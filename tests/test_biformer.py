@@ -144,7 +144,7 @@ def test_official_checkpoint_loads_through_the_registry(tiny, tmp_path):
     other = tmp_path / "broken.pth"
     torch.save({"model": broken}, other)
     with pytest.raises(zoo.weights.WeightsError, match="missing keys: stages.3.0.attn.proj.bias"):
-        zoo.weights.load_checkpoint(loaded, other)
+        zoo.weights.load_weights(loaded, other)
 
 
 def _bra_by_hand(layer, x, scale, pad_first):

@@ -68,7 +68,7 @@ def test_the_payload_runs_when_loaded_unsafely(tmp_path):
 def test_zoo_weights_readers_refuse_pickled_code(tmp_path, fmt, name):
     path, marker = _evil(tmp_path, fmt, name)
     for read in (weights.load_tensors_only, weights.read_checkpoint,
-                 lambda p: weights.load_checkpoint(zoo.create_model("zootest_toynet"), p)):
+                 lambda p: weights.load_weights(zoo.create_model("zootest_toynet"), p)):
         with pytest.raises(WeightsError) as e:
             read(path)
         _assert_refused(str(e.value), path, marker)
@@ -195,7 +195,7 @@ def test_legitimate_checkpoints_load(tmp_path, fmt, monkeypatch):
     assert dict(loaded["config"]) == {"MODEL": {"TYPE": "toy"}, "TRAIN": {"LR": 1e-3}}
     assert loaded["nested"] == checkpoint["nested"]
     fresh = zoo.create_model("zootest_toynet")
-    weights.load_checkpoint(fresh, path)
+    weights.load_weights(fresh, path)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, state[k]), k
 

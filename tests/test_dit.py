@@ -128,7 +128,7 @@ def test_official_layout_file_loads_unchanged(tmp_path):
     path = tmp_path / "DiT-tiny.pt"
     torch.save(state, path)
     other = DiT(**TINY).eval()
-    zoo.weights.load_checkpoint(other, path)
+    zoo.weights.load_weights(other, path)
     x, t, y = model.example_inputs(2)
     torch.testing.assert_close(other(x, t, y), model(x, t, y), rtol=0, atol=0)
 
@@ -193,7 +193,7 @@ def test_diffusers_conversion_refuses_drifted_embedders():
 def test_image_dit_sla_topk_1_equals_dense():
     dense = _randomize(DiT(**TINY))
     sla = DiT(**TINY, attention="sla", attention_kwargs=dict(topk=1.0, block_size=4)).eval()
-    sla.load_state_dict_any_attention(dense.state_dict())
+    zoo.weights.load_weights(sla, dense.state_dict())
     x, t, y = dense.example_inputs(2)
     torch.testing.assert_close(sla(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
 

@@ -324,7 +324,7 @@ def test_video_samples_written(tmp_path):
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
     """The zoo's own DiT (DDPM) and video DiT (flow matching) through `run(cfg)`: loss goes down, export reloads."""
-    from zoo.lightning.diffusion import create_generator
+    import zoo
     from zoo.lightning.train import run
 
     common = [f"output_dir={tmp_path}", f"export={tmp_path / 'g.safetensors'}", "data.kind=synthetic", "data.num_classes=4",
@@ -347,7 +347,7 @@ def test_diffusion_config_fit_real_generators_and_export(tmp_path, kind):
     assert (tmp_path / "samples" / "step0000040.png").is_file()
     if kind == "video":
         assert (tmp_path / "samples" / "step0000040.gif").is_file()
-    model = create_generator(arch, checkpoint_path=result["export"])
+    model = zoo.create_model(arch, checkpoint_path=result["export"])
     from safetensors.torch import load_file
 
     exported = load_file(result["export"])

@@ -179,7 +179,7 @@ def test_hf_transformers_layout_loads_through_the_converter(tmp_path, arch, pref
     path = tmp_path / "pytorch_model.bin"
     torch.save(hf, path)
     model = zoo.create_model(arch, **kw)
-    weights.load_checkpoint(model, path, arch=arch)  # finds convert_hf_nat among the arch's registered entries
+    weights.load_weights(model, path, arch=arch)  # finds convert_hf_nat among the arch's registered entries
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert weights.get_weights(f"{arch}.hf_in1k").converter is convert_hf_nat

@@ -76,7 +76,7 @@ def test_official_checkpoint_loads_strict(tmp_path):
     path = tmp_path / "MAViT_T.pth"
     torch.save({"model": state, "epoch": 3}, path)
     model = zoo.create_model("mavit_tiny")
-    weights.load_checkpoint(model, path)
+    weights.load_weights(model, path)
     own = model.state_dict()
     assert set(own) == set(state)
     for k, v in state.items():

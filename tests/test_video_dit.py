@@ -29,7 +29,7 @@ def _pair(attention, attention_kwargs, **kw):
     """A random dense model and the same weights under another attention backend."""
     dense = _randomize(VideoDiT(**{**TINY, **kw}))
     other = VideoDiT(**{**TINY, **kw}, attention=attention, attention_kwargs=attention_kwargs).eval()
-    other.load_state_dict_any_attention(dense.state_dict())
+    zoo.weights.load_weights(other, dense.state_dict())
     return dense, other
 
 
@@ -229,7 +229,7 @@ def test_sla_topk_1_equals_dense_and_dense_checkpoints_load():
     x, t, y = _inputs(dense)
     torch.testing.assert_close(sla(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
     sparse = VideoDiT(**TINY, attention="sla", attention_kwargs=dict(topk=0.25, block_size=16)).eval()
-    sparse.load_state_dict_any_attention(dense.state_dict())
+    zoo.weights.load_weights(sparse, dense.state_dict())
     assert not torch.allclose(sparse(x, t, y), dense(x, t, y), atol=1e-4)
     sparse(x, t, y).square().mean().backward()
     assert sparse.blocks[0].attn.backend.sla.proj_l.weight.grad is not None  # trainable projection

@@ -37,7 +37,7 @@ def test_local_source_with_sha256_loads_strictly(tmp_path):
     torch.save({"model": source.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
     _register("zootest_toynet.local_a", file=str(path), sha256=weights.sha256_of(path))
     target = _model()
-    weights.load_pretrained(target, "zootest_toynet.local_a")
+    weights.load_weights(target, "zootest_toynet.local_a")
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v)
 
@@ -49,7 +49,7 @@ def test_sha256_mismatch_names_file_and_leaves_model_untouched(tmp_path):
     target = _model()
     before = _snapshot(target)
     with pytest.raises(WeightsError, match=r"toy\.pth: sha256 mismatch"):
-        weights.load_pretrained(target, "zootest_toynet.local_b")
+        weights.load_weights(target, "zootest_toynet.local_b")
     _assert_untouched(target, before)
 
 
@@ -62,7 +62,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, suffix):
     target = _model()
     before = _snapshot(target)
     with pytest.raises(WeightsError, match="truncated or corrupt"):
-        weights.load_checkpoint(target, path)
+        weights.load_weights(target, path)
     _assert_untouched(target, before)
 
 
@@ -76,7 +76,7 @@ def test_missing_unexpected_and_shape_mismatch_are_listed(tmp_path):
     target = _model()
     before = _snapshot(target)
     with pytest.raises(WeightsError) as err:
-        weights.load_checkpoint(target, path)
+        weights.load_weights(target, path)
     text = str(err.value)
     assert "missing keys: stem.bias" in text
     assert "unexpected keys: extra.weight" in text
@@ -88,14 +88,14 @@ def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([1, 2, 3], path)
     with pytest.raises(WeightsError, match="no state dict of tensors"):
-        weights.load_checkpoint(_model(), path)
+        weights.load_weights(_model(), path)
 
 
 def test_offline_url_source_says_where_to_place_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
     entry = _register("zootest_toynet.remote", url="https://example.org/weights/toy_remote.pth")
     with pytest.raises(WeightsError) as err:
-        weights.load_pretrained(_model(), "zootest_toynet.remote")
+        weights.load_weights(_model(), "zootest_toynet.remote")
     expected = tmp_path / "cache" / "zootest_toynet.remote" / "toy_remote.pth"
     assert weights.cache_path("zootest_toynet.remote") == expected
     assert str(expected) in str(err.value) and entry.url in str(err.value)
@@ -103,7 +103,7 @@ def test_offline_url_source_says_where_to_place_the_file(tmp_path, monkeypatch):
     expected.parent.mkdir(parents=True, exist_ok=True)
     torch.save(source.state_dict(), expected)  # the user places the file as told
     target = _model()
-    weights.load_pretrained(target, "zootest_toynet.remote")
+    weights.load_weights(target, "zootest_toynet.remote")
     assert torch.equal(target.stem.weight, source.stem.weight)
 
 
@@ -130,7 +130,7 @@ def test_converter_maps_an_official_layout(tmp_path):
         return {k.removeprefix("backbone."): v for k, v in state.items()}
 
     target = _model()
-    weights.load_checkpoint(target, path, converter=strip_backbone)
+    weights.load_weights(target, path, converter=strip_backbone)
     assert torch.equal(target.stem.weight, source.stem.weight)
 
 

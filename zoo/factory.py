@@ -8,6 +8,7 @@ import math
 import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,12 +70,9 @@ def resolve_cfg(variant: str, kwargs: dict[str, Any]):
 
 def load_classifier_weights(model: torch.nn.Module, arch: str, tag: str | None, overlay: dict | None) -> None:
     """`pretrained=True` for a classifier: the file of timm's `pretrained_cfg_overlay=dict(file=PATH)` when given
-    (read as tensors only, official layouts through the arch's converters), else the registered weights `arch.tag`."""
+    (official layouts through the arch's converters), else the registered weights `arch.tag`."""
     file = (overlay or {}).get("file")
-    if file:
-        _weights.load_checkpoint(model, file, arch=arch)
-    else:
-        _weights.load_pretrained(model, f"{arch}.{tag}" if tag else arch)
+    _weights.load_weights(model, Path(file) if file else _weights.get_weights(f"{arch}.{tag}" if tag else arch), arch=arch)
 
 
 # arguments timm's `build_model_with_cfg` takes for every classifier, besides the model class's own
@@ -227,16 +225,16 @@ def create_model(
         model.pretrained_cfg = {**model.pretrained_cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}}
     if checkpoint_path is not None:
         target = getattr(model, "model", model) if kwargs.get("features_only") else model
-        _weights.load_checkpoint(target, checkpoint_path, arch=arch)
+        _weights.load_weights(target, Path(checkpoint_path), arch=arch)
     return model
 
 
 def load_generator_weights(model: torch.nn.Module, arch: str, pretrained: bool, tag: str | None, default_tag: str | None) -> None:
-    """Pretrained loading for generators (not built through timm)."""
+    """`pretrained=True` for a generator (not built through timm): the registered weights `arch.tag`."""
     if not pretrained:
         return
     tag = tag or default_tag
-    _weights.load_pretrained(model, f"{arch}.{tag}" if tag else arch)
+    _weights.load_weights(model, _weights.get_weights(f"{arch}.{tag}" if tag else arch))
 
 
 def model_info(model_name: str, with_flops: bool = True) -> dict[str, Any]:
@@ -265,3 +263,76 @@ def model_info(model_name: str, with_flops: bool = True) -> dict[str, Any]:
         for n in list_pretrained(entry.name)
     }
     return info
+
+
+# tag suffixes of weights fine-tuned with one attention backend (`<tag>_<attention>`)
+_ATTENTION_TAG_SUFFIXES = ("_radial", "_sla", "_na")
+
+
+def default_weights(model_name: str, attention: str | None = None) -> _weights.Weights | None:
+    """The registered weights `model_name` loads: its `arch.tag`, else the arch's default tag; with `attention`, the
+    tag fine-tuned for it (`<tag>_<attention>`) if one is registered, else one fine-tuned for no backend. None if none."""
+    arch, tag = split_name(model_name)
+    if tag:
+        return _weights.get_weights(model_name) if _weights.has_weights(model_name) else None
+    tags = [t for t in get_entry(arch).tags if _weights.has_weights(f"{arch}.{t}")]
+    if attention:
+        tags = ([t for t in tags if t.endswith(f"_{attention}")] or [t for t in tags if not t.endswith(_ATTENTION_TAG_SUFFIXES)]
+                or tags)
+    return _weights.get_weights(f"{arch}.{tags[0]}") if tags else None
+
+
+def register_derived_models(module: str, derived: dict[str, tuple[str, dict[str, Any]]], papers: dict[str, str],
+                            attention_args: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
+    """Register each `name -> (base model, arguments)` as a model of the base's kind: the base built with those
+    arguments, carrying `name`'s pretrained cfgs and weights from `module`'s `default_cfgs` (timm needs them
+    there). A classifier's class count and input channels come from its cfg. `attention_args[name]` gives a
+    generator, per `attention=`, the backend settings used when no `attention_kwargs` are passed (those its
+    fine-tuned weights trained with); its default weights are the ones fine-tuned for that attention."""
+    import sys
+
+    from ._registry import register_model
+
+    for name, (base, args) in derived.items():
+        kind = get_entry(base).kind
+        if kind == "classifier":
+            entrypoint = _derived_classifier(name, base, args)
+        else:
+            entrypoint = _derived_generator(name, base, args, (attention_args or {}).get(name, {}))
+        entrypoint.__name__ = entrypoint.__qualname__ = name
+        entrypoint.__module__ = module
+        entrypoint.__doc__ = f"{base} with {name}'s arguments and pretrained weights ({module})."
+        setattr(sys.modules[module], name, entrypoint)  # as a `def` there would be: timm lists it in the module's __all__
+        register_model(entrypoint, kind=kind, paper=papers[name])
+
+
+def _derived_classifier(name: str, base: str, args: dict[str, Any]):
+    def entrypoint(pretrained: bool = False, **kwargs):
+        # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
+        cfg = resolve_cfg(name, kwargs).to_dict()
+        overlay = kwargs.pop("pretrained_cfg_overlay", None)
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("cache_dir", None)
+        defaults = {"num_classes": cfg["num_classes"], "in_chans": cfg["input_size"][0], **args}
+        model = get_entry(base).fn(pretrained=False, **{**defaults, **kwargs})
+        model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
+        model.zoo_architecture, model.zoo_model_args = name, dict(kwargs)
+        if pretrained:
+            load_classifier_weights(model, name, cfg.get("tag"), overlay)
+        return model
+
+    return entrypoint
+
+
+def _derived_generator(name: str, base: str, args: dict[str, Any], attention_args: dict[str, dict[str, Any]]):
+    def entrypoint(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
+        attention = kwargs.get("attention", "dense")
+        if attention in attention_args and kwargs.get("attention_kwargs") is None:
+            kwargs["attention_kwargs"] = dict(attention_args[attention])
+        model = get_entry(base).fn(**{**args, **kwargs})
+        if pretrained:
+            requested = f"{name}.{pretrained_tag}" if pretrained_tag else name
+            _weights.load_weights(model, default_weights(requested, attention) or _weights.get_weights(requested))
+        return model
+
+    return entrypoint

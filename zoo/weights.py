@@ -7,6 +7,10 @@ after) and a converter from the official layout to ours. Loading downloads into 
 (`ZOO_CACHE`, else `<torch hub dir>/attnzoo`), verifies, reads tensors only (never pickled code:
 `load_tensors_only`), converts, and checks every key and shape *before* touching the model, so a
 bad file leaves the model exactly as it was. Files are written atomically (`atomic_path`).
+
+`load_weights(model, source)` is the one way weights enter a model: a registered `arch.tag`, a
+checkpoint file of any format, or a state dict; everything else (`create_model(pretrained=,
+checkpoint_path=)`, the CLI, Lightning) calls it.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -261,8 +265,11 @@ def read_checkpoint(path: str | os.PathLike) -> StateDict:
     Unwraps the usual containers (`state_dict`, `model`, `model_ema`, ...) and strips
     `module.`, `_orig_mod.` and (for Lightning checkpoints) `model.` prefixes.
     """
-    path = Path(path)
-    state = load_tensors_only(path)
+    return _state_dict_of(load_tensors_only(path), Path(path))
+
+
+def _state_dict_of(state: Any, path: Path) -> StateDict:
+    """The flat state dict inside what `load_tensors_only` read from `path` (see `read_checkpoint`)."""
     lightning = isinstance(state, dict) and "pytorch-lightning_version" in state
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}} is not seen, but {"state_dict": {...}} is
         if isinstance(state, dict):
@@ -409,23 +416,7 @@ def check_state_dict(model: torch.nn.Module, state: StateDict, source: str, igno
         raise WeightsError(f"{source} does not match {type(model).__name__}: {'; '.join(parts)}")
 
 
-def _convert(model, state, converters: list[Converter], source: str) -> StateDict:
-    """Our layout as is; otherwise the first registered converter whose output matches."""
-    own = model.state_dict()
-    if set(state) == set(own):
-        return state
-    first_error = None
-    for converter in converters:
-        try:
-            converted = converter(dict(state), model)
-            check_state_dict(model, converted, source)
-            return converted
-        except Exception as e:  # a converter for another layout may fail outright: try the next
-            first_error = first_error or e
-    return state
-
-
-def load_state_dict(model: torch.nn.Module, state: StateDict, source: str, ignore: tuple[str, ...] = ()) -> None:
+def _load_checked(model: torch.nn.Module, state: StateDict, source: str, ignore: tuple[str, ...] = ()) -> None:
     """Check then load strictly (keys under `ignore` keep the model's own values)."""
     check_state_dict(model, state, source, ignore)
     if ignore:
@@ -452,28 +443,117 @@ def _head_mismatch(model, state: StateDict, num_classes: int | None) -> tuple[st
     return heads
 
 
-def load_pretrained(model: torch.nn.Module, name: str, progress: bool = True) -> None:
-    """Fetch, verify, convert and load the registered weights `name` (arch.tag) into `model`."""
-    weights = get_weights(name)
-    path = fetch_verified(weights, progress=progress)
-    state = read_checkpoint(path)
-    if weights.converter is not None:
-        state = weights.converter(state, model)
-    ignore = _head_mismatch(model, state, weights.cfg.get("num_classes", 1000 if _classifier_keys(model) else None))
-    load_state_dict(model, {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state, f"{path} ({name})", ignore)
+Source = str | os.PathLike | Weights | Mapping[str, torch.Tensor]
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, converter: Converter | None = None, arch: str | None = None) -> None:
-    """Load a local checkpoint in our layout or an official one (through the arch's converters)."""
-    state = read_checkpoint(path)
-    converters = [converter] if converter else []
-    if getattr(model, "checkpoint_converter", None) is not None:  # the model's own (e.g. dense -> sparse attention)
-        converters.append(model.checkpoint_converter)
+@dataclass(frozen=True)
+class Loaded:
+    """What `load_weights` loaded: `source` names it for messages (`arch.tag (where)` or the path); `cfg` is the
+    weights' own cfg (the registered entry's, or the `pretrained_cfg` an export or a Lightning checkpoint
+    recorded, else empty): settings they were trained with, such as a flow model's `flow_shift`."""
+
+    source: str
+    cfg: dict[str, Any]
+
+
+def load_weights(model: torch.nn.Module, source: Source, *, converter: Converter | None = None,
+                 arch: str | None = None, progress: bool = True) -> Loaded:
+    """Load weights into `model`: fetch, verify, read (tensors only), convert, check, then load.
+
+    `source` is one of:
+      - a registered `arch.tag` or its `Weights`: fetched into the cache (`fetch_verified`), checked
+        against its sha256 and converted by its registered converter; a classifier whose class count
+        differs from the weights' keeps its own head (as timm does);
+      - a checkpoint file (a `Path`, or a `str` with a path separator, a checkpoint suffix or that exists):
+        safetensors, `.pth`/`.pt`/`.bin`, a Lightning `.ckpt` or a `zoo.weights.export` file, read as is
+        in our layout, else through `converter` or the registered converters of `arch` (default: the
+        model's `pretrained_cfg['architecture']`), whichever output fits the model;
+      - a state dict in memory, treated as a file's.
+    The model's own `checkpoint_converter` (if it has one) always completes the state dict, e.g. a DiT
+    fills the keys only its attention backend has, so dense weights load into an SLA model. Every key
+    and shape is checked before the model is touched: a bad source raises a one-line `WeightsError`
+    and leaves the model as it was.
+    """
+    entry = _registered(source)
+    if entry is not None:
+        path = fetch_verified(entry, progress=progress)
+        label = f"{path} ({entry.name})"
+        state = read_checkpoint(path)
+        if entry.converter is not None:
+            state = _run_converter(entry.converter, state, model, label)
+        state = _complete(model, state, label)
+        ignore = _head_mismatch(model, state, entry.cfg.get("num_classes", 1000 if _classifier_keys(model) else None))
+        _load_checked(model, {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state, label, ignore)
+        return Loaded(f"{entry.name} ({entry.describe()})", dict(entry.cfg))
+    if isinstance(source, Mapping):
+        label, state, cfg = "the given state dict", dict(source), {}
+    else:
+        path = Path(source)
+        label, raw = str(path), load_tensors_only(path)
+        state = _state_dict_of(raw, path)
+        recorded = read_export_config(path) or (_lightning_record(raw) if path.suffix == ".ckpt" else None) or {}
+        cfg = dict(recorded.get("pretrained_cfg") or {})
+    converters = [converter] if converter is not None else []
     arch = arch or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch:
         converters += [w.converter for w in weights_for_arch(arch) if w.converter is not None and w.converter not in converters]
-    state = _convert(model, state, converters, str(path))
-    load_state_dict(model, state, str(path))
+    _load_checked(model, _convert(model, state, converters, label), label)
+    return Loaded(label, cfg)
+
+
+def _registered(source: Source) -> Weights | None:
+    """The registry entry `source` names; None for a file or a state dict. A `str` is a registered name
+    unless it names a file (a path separator, a checkpoint suffix, or an existing file)."""
+    if isinstance(source, Weights):
+        return source
+    if not isinstance(source, str):
+        return None
+    path = Path(source)
+    if not has_weights(source) and (os.sep in source or "/" in source or path.suffix in CHECKPOINT_SUFFIXES or path.exists()):
+        return None
+    return get_weights(source)
+
+
+def _converter_name(converter: Converter) -> str:
+    return getattr(converter, "__name__", type(converter).__name__)
+
+
+def _run_converter(converter: Converter, state: StateDict, model: torch.nn.Module, source: str) -> StateDict:
+    """`converter(state, model)`, its failure a one-line `WeightsError` naming the source and the converter."""
+    try:
+        return converter(dict(state), model)
+    except Exception as e:  # converters index and reshape freely: any failure means "not this layout"
+        raise WeightsError(f"{source}: converter {_converter_name(converter)} failed ({_first_line(e)})") from None
+
+
+def _complete(model: torch.nn.Module, state: StateDict, source: str) -> StateDict:
+    """The model's own `checkpoint_converter` applied, if it has one (e.g. DiT's `fill_backend_keys`)."""
+    own = getattr(model, "checkpoint_converter", None)
+    return state if own is None else _run_converter(own, state, model, source)
+
+
+def _convert(model: torch.nn.Module, state: StateDict, converters: list[Converter], source: str) -> StateDict:
+    """The first that fits the model of: the state as is, then each converter's output (official layouts),
+    each completed by the model's own converter. None fits: one line with why each attempt failed."""
+    try:
+        converted = _complete(model, state, source)
+        check_state_dict(model, converted, source)
+        return converted
+    except WeightsError as e:
+        as_is = e
+    failures = []
+    for converter in converters:
+        try:
+            converted = _complete(model, _run_converter(converter, state, model, source), source)
+            check_state_dict(model, converted, source)
+            return converted
+        except WeightsError as e:
+            why = str(e).removeprefix(f"{source}: ").removeprefix(f"{source} does not match {type(model).__name__}: ")
+            failures.append(f"{_converter_name(converter)}: {why if len(why) <= 300 else why[:300] + '...'}")
+    if not failures:
+        raise as_is
+    raise WeightsError(f"{as_is}; converters tried: {' | '.join(failures)}")
 
 
 def _model_args(model) -> dict:
@@ -565,7 +645,11 @@ def recorded_model(path: str | os.PathLike) -> dict | None:
     exported = read_export_config(path)
     if exported is not None or Path(path).suffix != ".ckpt":
         return exported
-    checkpoint = load_tensors_only(path, mmap=True)
+    return _lightning_record(load_tensors_only(path, mmap=True))
+
+
+def _lightning_record(checkpoint: Any) -> dict | None:
+    """`recorded_model`'s keys from what a Lightning checkpoint holds (its hyper-parameters and `flow_shift`)."""
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("model_name"), str):
         return None

@@ -105,68 +105,40 @@ def check_model_name(name: str, kind: str | None = None):
     return entry
 
 
-def registered_weights(name: str, entry, prefer: str | None = None):
-    """The weight entry to load for `name` (`arch.tag` or the arch's default tag), or None."""
-    from zoo import weights
-    from zoo._registry import split_name
-
-    arch, tag = split_name(name)
-    if tag:
-        return weights.get_weights(name) if weights.has_weights(name) else None
-    tags = [t for t in entry.tags if weights.has_weights(f"{arch}.{t}")]
-    if prefer:
-        preferred = [t for t in tags if t.endswith(f"_{prefer}")]
-        tags = preferred or [t for t in tags if not any(t.endswith(f"_{a}") for a in ("radial", "sla", "na"))] or tags
-    return weights.get_weights(f"{arch}.{tags[0]}") if tags else None
-
-
 def no_weights_message(name: str) -> str:
     return (f"{name} has no pretrained weights registered: pass --checkpoint PATH (e.g. a file written by "
             f"`zoo train ... export=PATH`), or --random-init for an untrained model")
 
 
-def load_generator_weights(args: argparse.Namespace, model, name: str, entry,
-                           prefer: str | None = None) -> tuple[str, dict]:
-    """Load --checkpoint or the registered weights into `model` (any attention backend).
+def load_cli_weights(args: argparse.Namespace, model, name: str, attention: str | None = None) -> tuple[str, dict]:
+    """Load --checkpoint or the registered weights of `name` into `model`, through `zoo.weights.load_weights`.
 
+    Without a tag, the registered weights are the arch's default ones, or those fine-tuned for `attention`
+    (`zoo.factory.default_weights`); a checkpoint trained with one attention loads into another (the model's
+    own converter), so dense weights run with radial / SLA / NA when no fine-tuned ones are registered.
     Returns the source and the weights' cfg (the registered entry's, or the `pretrained_cfg` that
     `zoo.weights.export` wrote next to --checkpoint or a Lightning checkpoint holds, else {}): sampling
     settings the weights were trained with, such as `flow_shift`.
-
-    A checkpoint trained with one attention loads into another (`load_state_dict_any_attention`),
-    so dense weights run with radial / SLA / NA when no fine-tuned ones are registered.
     """
     from zoo import weights
+    from zoo.factory import default_weights
 
     if args.random_init:
         return "random init (untrained)", {}
-    cfg = {}
     if args.checkpoint:
         try:
-            state, source, converter = weights.read_checkpoint(args.checkpoint), args.checkpoint, None
+            loaded = weights.load_weights(model, Path(args.checkpoint), arch=name.partition(".")[0], progress=not args.quiet)
         except weights.WeightsError as e:
             raise CliError(f"--checkpoint {e}") from None
-        cfg = (weights.recorded_model(args.checkpoint) or {}).get("pretrained_cfg", {})
-    else:
-        w = registered_weights(name, entry, prefer)
-        if w is None:
-            raise CliError(no_weights_message(name))
-        try:
-            path = weights.fetch_verified(w, progress=not args.quiet)
-        except weights.WeightsError as e:
-            raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
-        state, source, converter, cfg = weights.read_checkpoint(path), f"{w.name} ({w.describe()})", w.converter, w.cfg
-    if converter is not None:
-        state = converter(state, model)
-    if hasattr(model, "load_state_dict_any_attention"):
-        from zoo.dit import fill_backend_keys
-
-        state = fill_backend_keys(state, model)
+        return loaded.source, loaded.cfg
+    registered = default_weights(name, attention)
+    if registered is None:
+        raise CliError(no_weights_message(name))
     try:
-        weights.load_state_dict(model, state, source)
+        loaded = weights.load_weights(model, registered, progress=not args.quiet)
     except weights.WeightsError as e:
-        raise CliError(str(e)) from None
-    return source, cfg
+        raise CliError(f"{e}; or pass --checkpoint PATH, or --random-init for an untrained model") from None
+    return loaded.source, loaded.cfg
 
 
 def writable_dir(path: str | os.PathLike) -> Path:

@@ -14,7 +14,6 @@ from ._common import (
     info,
     no_weights_message,
     number,
-    registered_weights,
 )
 
 DEFAULT_CLASSIFIER = "biformer_mnist"
@@ -45,10 +44,12 @@ def load_classifier(args: argparse.Namespace):
     import timm
 
     import zoo
+    from zoo.factory import default_weights
 
     name = args.model or DEFAULT_CLASSIFIER
     timm_only = timm.is_model(name) and not zoo.list_models(name.partition(".")[0])
-    entry = None if timm_only else check_model_name(name, kind="classifier")
+    if not timm_only:
+        check_model_name(name, kind="classifier")
     _check_images(args.images)
     if timm_only:  # a timm model: timm loads its weights
         pretrained = not (args.random_init or args.checkpoint)
@@ -60,7 +61,7 @@ def load_classifier(args: argparse.Namespace):
             raise CliError(f"timm could not load {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "pass --checkpoint PATH or --random-init") from None
         if args.checkpoint:  # through the zoo's tensors-only reader, as every other checkpoint
-            zoo.weights.load_checkpoint(model, args.checkpoint)
+            zoo.weights.load_weights(model, Path(args.checkpoint))
         return name, model, f"timm {'pretrained' if pretrained else args.checkpoint or 'random init'}"
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
@@ -68,7 +69,7 @@ def load_classifier(args: argparse.Namespace):
         return name, zoo.create_model(name, checkpoint_path=args.checkpoint), args.checkpoint
     if args.random_init:
         return name, zoo.create_model(name), "random init (untrained)"
-    w = registered_weights(name, entry)
+    w = default_weights(name)
     if w is None:
         raise CliError(no_weights_message(name))
     try:

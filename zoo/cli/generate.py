@@ -13,7 +13,7 @@ from ._common import (
     check_model_name,
     device_of,
     info,
-    load_generator_weights,
+    load_cli_weights,
     number,
     writable_dir,
 )
@@ -88,13 +88,13 @@ def _build(args: argparse.Namespace, default: str, **kwargs):
     import zoo
 
     name = _model_name(args, default)
-    entry = check_model_name(name, kind="generator")
+    check_model_name(name, kind="generator")
     kwargs = {**_exported_args(args, name), **_model_args(getattr(args, "model_arg", None)), **kwargs}
     try:
         model = zoo.create_model(name.partition(".")[0], **kwargs)
     except (TypeError, ValueError) as e:
         raise CliError(f"--model-arg: {e}" if getattr(args, "model_arg", None) else f"{name}: {e}") from None
-    return name, entry, model
+    return name, model
 
 
 def load_vae(name: str, device):
@@ -125,10 +125,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = media.check_writable(args.out, (".png",)) if args.out else None
     out_dir = writable_dir(args.out_dir) if args.out_dir else None
     device = device_of(args)
-    name, entry, model = _build(args, DEFAULT_IMAGE_MODEL)
+    name, model = _build(args, DEFAULT_IMAGE_MODEL)
     if len(getattr(model, "input_size", ())) != 2:
         raise CliError(f"{name} is a video model: use `zoo generate-video --model {name}`")
-    source, _ = load_generator_weights(args, model, name, entry)
+    source, _ = load_cli_weights(args, model, name)
     labels = _labels(args, model.num_classes)
     vae = None if args.vae in ("none", "auto") else args.vae
     if args.vae == "auto" and model.in_channels == 4:
@@ -187,7 +187,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     out = media.check_writable(args.out, (".mp4", ".gif"))
     device = device_of(args)
     name = _model_name(args, DEFAULT_VIDEO_MODEL)
-    entry = check_model_name(name, kind="generator")
+    check_model_name(name, kind="generator")
     if args.attention not in dit.ATTENTION_BACKENDS:
         raise CliError(f"--attention {args.attention!r}: {name} supports {', '.join(dit.ATTENTION_BACKENDS)}")
     kwargs = dict(_exported_args(args, name), **_model_args(args.model_arg), attention=args.attention)
@@ -205,7 +205,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
         if any(k > g for k, g in zip(args.na_kernel, grid)):
             raise CliError(f"--na-kernel {' '.join(map(str, args.na_kernel))} exceeds the token grid {grid} (frames, height, width) "
                            f"of {name}: use a kernel no larger than the grid on each axis")
-    source, weights_cfg = load_generator_weights(args, model, name, entry, prefer=args.attention)
+    source, weights_cfg = load_cli_weights(args, model, name, attention=args.attention)
     labels = _labels(args, model.num_classes)
     info(args, f"{name}: {source}; attention {args.attention}: {attention_sparsity(model)}")
     model.to(device).eval()

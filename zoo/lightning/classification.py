@@ -8,6 +8,7 @@ top-1 / top-5 on validation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
         check_model_args(name, dict(num_classes=num_classes, in_chans=in_chans, **kwargs))  # one line, not timm's TypeError
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
         if checkpoint_path:  # through the zoo's tensors-only reader, as every other checkpoint
-            zoo.weights.load_checkpoint(model, checkpoint_path)
+            zoo.weights.load_weights(model, Path(checkpoint_path))
         model.zoo_architecture = split_name(name)[0]
         model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     return model

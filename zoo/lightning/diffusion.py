@@ -92,27 +92,6 @@ def _check_scheduler(name: str, known: tuple[str, ...]) -> None:
         raise ValueError(f"diffusion.objective_kwargs.scheduler={name!r}: use one of {', '.join(known)}")
 
 
-def create_generator(name: str, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs) -> nn.Module:
-    """`zoo.create_model`, loading `checkpoint_path` across attention backends (dense -> radial / SLA fine-tuning).
-
-    The model arguments recorded next to an export (`zoo.weights.export`) are used, with
-    `kwargs` taking precedence (e.g. `attention='sla'` over the dense run's).
-    """
-    import zoo
-
-    if checkpoint_path:
-        exported = zoo.weights.read_export_config(checkpoint_path) or {}
-        if exported.get("architecture") == name.partition(".")[0]:
-            kwargs = {**exported.get("model_args", {}), **kwargs}
-    model = zoo.create_model(name, pretrained=pretrained, **kwargs)
-    if checkpoint_path:
-        state = zoo.weights.read_checkpoint(checkpoint_path)
-        if hasattr(model, "load_state_dict_any_attention"):
-            state = zoo.dit.fill_backend_keys(state, model)
-        zoo.weights.load_state_dict(model, state, str(checkpoint_path))
-    return model
-
-
 class DiffusionModule(pl.LightningModule):
     """Train a class-conditional generator named `model_name` (or a given `model`).
 
@@ -136,7 +115,12 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss_fn", "sample_fn"])
         if model is None:
-            model = create_generator(model_name, pretrained, checkpoint_path, **dict(model_kwargs or {}))
+            import zoo
+
+            # an export's recorded arguments apply, `model_kwargs` over them (e.g. attention='sla' over a dense run's);
+            # weights of another attention backend load too (dense -> radial / SLA fine-tuning)
+            model = zoo.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path or None,
+                                     **dict(model_kwargs or {}))
         self.model = model
         self.sample_classes = _sample_classes(sample_classes, getattr(model, "num_classes", None))
         # the shift our flow loss trains with (None for DDPM or a given loss_fn): exports record it as `flow_shift`,

@@ -20,6 +20,9 @@ Shipped (see `SHIPPED`; TRAINING.md has the runs and scores):
 Registered without weights (not trained): `agent_swin_mnist`. An entry gains weights by adding
 the file here and its sha256 to `SHIPPED`.
 
+This module is data only (arguments, cfgs, the shipped files' sha256): `zoo.factory.register_derived_models`
+builds each model from its family and loads its weights through `zoo.weights.load_weights`.
+
 The architecture arguments equal the `model.kwargs` of the configs that trained them
 (configs/classify/<name>.yaml, configs/diffusion/*.yaml: checked by tests/test_cli.py);
 TRAINING.md records the runs (command, device, time, scores). Weights are fp16
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zoo._registry import register_model
+from zoo.factory import register_derived_models
 from zoo.weights import generate_default_cfgs
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -48,6 +51,7 @@ CLASSIFIER_ARGS = {
 }
 DIT_ARGS = dict(input_size=32, in_channels=1, num_classes=10, learn_sigma=False, depth=6, hidden_size=192, num_heads=3, class_dropout_prob=0.1)
 VIDEO_DIT_ARGS = dict(in_channels=1, num_classes=10, input_size=(16, 32, 32), depth=6, hidden_size=192, num_heads=3, class_dropout_prob=0.1)
+GENERATOR_ARGS = {"dit_s_2_mnist": ("dit_s_2", DIT_ARGS), "video_dit_s_2_mmnist": ("video_dit_s_2", VIDEO_DIT_ARGS)}
 # the sparse fine-tunes' backend settings (TRAINING.md), used when `attention=` is given without attention_kwargs
 VIDEO_ATTENTION_ARGS = {"radial": dict(block_size=64, decay_factor=0.2), "sla": dict(topk=0.2)}
 VIDEO_FLOW_SHIFT = 1.0  # the timestep shift it was trained with (configs/diffusion/video_dit_s_2_mmnist.yaml)
@@ -94,80 +98,18 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _classifier(name: str, pretrained: bool, kwargs: dict):
-    """The family's entrypoint with the digit arguments, carrying this name's pretrained cfg."""
-    from zoo._registry import get_entry
-    from zoo.factory import load_classifier_weights, resolve_cfg
+PAPERS = {
+    "nat_mnist": "Neighborhood Attention Transformer (CVPR 2023); small width, trained on MNIST",
+    "biformer_mnist": "BiFormer (CVPR 2023); small width, trained on MNIST",
+    "mavit_mnist": "MAViT: magnitude-aware linear attention; small width, trained on MNIST",
+    "agent_swin_mnist": "Agent Attention (ECCV 2024), Swin macro; small width, trained on MNIST",
+    "dit_s_2_mnist": "Scalable Diffusion Models with Transformers (ICCV 2023); 6x192, MNIST pixels",
+    "video_dit_s_2_mmnist": "zoo video DiT (flow matching); 6x192, Moving-MNIST 16x32x32",
+}
 
-    # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
-    cfg = resolve_cfg(name, kwargs).to_dict()
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("cache_dir", None)
-    base, args = CLASSIFIER_ARGS[name]
-    model = get_entry(base).fn(pretrained=False, **{"num_classes": 10, "in_chans": 1, **args, **kwargs})
-    model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
-    model.zoo_architecture, model.zoo_model_args = name, dict(kwargs)
-    if pretrained:
-        load_classifier_weights(model, name, cfg.get("tag") or "mnist", overlay)
-    return model
-
-
-@register_model(paper="Neighborhood Attention Transformer (CVPR 2023); small width, trained on MNIST")
-def nat_mnist(pretrained: bool = False, **kwargs):
-    return _classifier("nat_mnist", pretrained, kwargs)
-
-
-@register_model(paper="BiFormer (CVPR 2023); small width, trained on MNIST")
-def biformer_mnist(pretrained: bool = False, **kwargs):
-    return _classifier("biformer_mnist", pretrained, kwargs)
-
-
-@register_model(paper="MAViT: magnitude-aware linear attention; small width, trained on MNIST")
-def mavit_mnist(pretrained: bool = False, **kwargs):
-    return _classifier("mavit_mnist", pretrained, kwargs)
-
-
-@register_model(paper="Agent Attention (ECCV 2024), Swin macro; small width, trained on MNIST")
-def agent_swin_mnist(pretrained: bool = False, **kwargs):
-    return _classifier("agent_swin_mnist", pretrained, kwargs)
-
-
-def _load_any_attention(model, name: str) -> None:
-    """Registered weights into a generator of any attention backend (dense weights fill SLA's zero projection)."""
-    from zoo import weights
-    from zoo.dit import fill_backend_keys
-
-    path = weights.fetch_verified(weights.get_weights(name))
-    weights.load_state_dict(model, fill_backend_keys(weights.read_checkpoint(path), model), f"{path} ({name})")
-
-
-@register_model(kind="generator", paper="Scalable Diffusion Models with Transformers (ICCV 2023); 6x192, MNIST pixels")
-def dit_s_2_mnist(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
-    from zoo._registry import get_entry
-
-    model = get_entry("dit_s_2").fn(**{**DIT_ARGS, **kwargs})
-    if pretrained:
-        _load_any_attention(model, f"dit_s_2_mnist.{pretrained_tag or 'mnist'}")
-    return model
-
-
-@register_model(kind="generator", paper="zoo video DiT (flow matching); 6x192, Moving-MNIST 16x32x32")
-def video_dit_s_2_mmnist(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
-    """Default tag: the fine-tune for the requested `attention` if one is shipped, else the dense weights."""
-    from zoo import weights
-    from zoo._registry import get_entry
-
-    attention = kwargs.get("attention", "dense")
-    if attention in VIDEO_ATTENTION_ARGS and kwargs.get("attention_kwargs") is None:
-        kwargs["attention_kwargs"] = dict(VIDEO_ATTENTION_ARGS[attention])
-    model = get_entry("video_dit_s_2").fn(**{**VIDEO_DIT_ARGS, **kwargs})
-    if pretrained:
-        tag = pretrained_tag or f"mmnist_{kwargs.get('attention', 'dense')}"
-        if not weights.has_weights(f"video_dit_s_2_mmnist.{tag}"):
-            tag = "mmnist"
-        _load_any_attention(model, f"video_dit_s_2_mmnist.{tag}")
-    return model
+# the registered models (after default_cfgs, which timm reads from this module)
+register_derived_models(__name__, {**CLASSIFIER_ARGS, **GENERATOR_ARGS}, PAPERS,
+                        attention_args={"video_dit_s_2_mmnist": VIDEO_ATTENTION_ARGS})
 
 
 def shipped_files() -> list[Path]:
