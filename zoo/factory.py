@@ -282,26 +282,26 @@ def default_weights(model_name: str, attention: str | None = None) -> _weights.W
     return _weights.get_weights(f"{arch}.{tags[0]}") if tags else None
 
 
-def register_derived_models(module: str, derived: dict[str, tuple[str, dict[str, Any]]], papers: dict[str, str],
+def register_derived_models(module: str, classifiers: dict[str, tuple[str, dict[str, Any]]],
+                            generators: dict[str, tuple[str, dict[str, Any]]], papers: dict[str, str],
                             attention_args: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
-    """Register each `name -> (base model, arguments)` as a model of the base's kind: the base built with those
-    arguments, carrying `name`'s pretrained cfgs and weights from `module`'s `default_cfgs` (timm needs them
-    there). A classifier's class count and input channels come from its cfg. `attention_args[name]` gives a
-    generator, per `attention=`, the backend settings used when no `attention_kwargs` are passed (those its
-    fine-tuned weights trained with); its default weights are the ones fine-tuned for that attention."""
+    """Register each `name -> (base model, arguments)`: the base built with those arguments, carrying `name`'s
+    pretrained cfgs and weights from `module`'s `default_cfgs` (timm reads them there). A classifier's class count
+    and input channels come from its cfg. `attention_args[name]` gives a generator, per `attention=`, the backend
+    settings used when no `attention_kwargs` are passed (those its fine-tuned weights trained with); its default
+    weights are the ones fine-tuned for that attention. Bases are looked up when a model is built, not here:
+    registration runs while the families' modules may still be importing."""
     import sys
 
     from ._registry import register_model
 
-    for name, (base, args) in derived.items():
-        kind = get_entry(base).kind
-        if kind == "classifier":
-            entrypoint = _derived_classifier(name, base, args)
-        else:
-            entrypoint = _derived_generator(name, base, args, (attention_args or {}).get(name, {}))
+    entrypoints = [(name, "classifier", _derived_classifier(name, base, args)) for name, (base, args) in classifiers.items()]
+    entrypoints += [(name, "generator", _derived_generator(name, base, args, (attention_args or {}).get(name, {})))
+                    for name, (base, args) in generators.items()]
+    for name, kind, entrypoint in entrypoints:
         entrypoint.__name__ = entrypoint.__qualname__ = name
         entrypoint.__module__ = module
-        entrypoint.__doc__ = f"{base} with {name}'s arguments and pretrained weights ({module})."
+        entrypoint.__doc__ = f"{name}: a {kind} built from its family with the arguments and weights {module} gives it."
         setattr(sys.modules[module], name, entrypoint)  # as a `def` there would be: timm lists it in the module's __all__
         register_model(entrypoint, kind=kind, paper=papers[name])
 

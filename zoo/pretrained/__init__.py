@@ -108,8 +108,7 @@ PAPERS = {
 }
 
 # the registered models (after default_cfgs, which timm reads from this module)
-register_derived_models(__name__, {**CLASSIFIER_ARGS, **GENERATOR_ARGS}, PAPERS,
-                        attention_args={"video_dit_s_2_mmnist": VIDEO_ATTENTION_ARGS})
+register_derived_models(__name__, CLASSIFIER_ARGS, GENERATOR_ARGS, PAPERS, attention_args={"video_dit_s_2_mmnist": VIDEO_ATTENTION_ARGS})
 
 
 def shipped_files() -> list[Path]:
