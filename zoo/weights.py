@@ -544,13 +544,19 @@ def _convert(model: torch.nn.Module, state: StateDict, converters: list[Converte
         as_is = e
     failures = []
     for converter in converters:
+        name = _converter_name(converter)
         try:
-            converted = _complete(model, _run_converter(converter, state, model, source), source)
+            converted = converter(dict(state), model)
+        except Exception as e:  # a converter for another layout may fail outright: try the next
+            failures.append(f"{name} failed ({_first_line(e)})")
+            continue
+        try:
+            converted = _complete(model, converted, source)
             check_state_dict(model, converted, source)
             return converted
         except WeightsError as e:
             why = str(e).removeprefix(f"{source}: ").removeprefix(f"{source} does not match {type(model).__name__}: ")
-            failures.append(f"{_converter_name(converter)}: {why if len(why) <= 300 else why[:300] + '...'}")
+            failures.append(f"{name}: {why if len(why) <= 300 else why[:300] + '...'}")
     if not failures:
         raise as_is
     raise WeightsError(f"{as_is}; converters tried: {' | '.join(failures)}")
