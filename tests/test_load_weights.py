@@ -239,3 +239,10 @@ def test_default_weights_prefer_the_attention_fine_tune():
     assert default_weights(name, "na").name == f"{name}.mmnist"  # no NA fine-tune: the dense weights
     assert default_weights(f"{name}.mmnist_radial", "sla").name == f"{name}.mmnist_radial"  # a tag is taken as given
     assert default_weights("dit_s_2") is None and default_weights("nat_mnist.bogus") is None
+
+
+def test_an_unregistered_tag_of_a_derived_generator_is_refused_not_replaced():
+    """It once fell back to the dense weights silently; now it lists what is registered."""
+    with pytest.raises(WeightsError) as e:
+        zoo.create_model("video_dit_s_2_mmnist.mmnist_na", pretrained=True, attention="na", attention_kwargs=dict(kernel_size=3))
+    assert "\n" not in str(e.value) and "registered: video_dit_s_2_mmnist.mmnist, " in str(e.value)
