@@ -60,6 +60,38 @@ def register_model(fn: Callable | None = None, *, kind: str = "classifier", pape
     return wrap if fn is None else wrap(fn)
 
 
+def register_derived_models(module: str, classifiers: dict[str, tuple[str, dict]], generators: dict[str, tuple[str, dict]],
+                            papers: dict[str, str], attention_args: dict[str, dict[str, dict]] | None = None) -> None:
+    """Register each `name -> (base model, arguments)` of `module`: the base built with those arguments, carrying
+    `name`'s pretrained cfgs and weights from `module`'s `default_cfgs` (timm reads them there); see
+    `zoo.factory.build_derived_classifier` / `build_derived_generator`. `attention_args[name]`: a generator's backend
+    settings per `attention=`. Bases are looked up when a model is built: they may still be importing now."""
+    def classifier(name: str, base: str, args: dict) -> Callable:
+        def entrypoint(pretrained: bool = False, **kwargs):
+            from .factory import build_derived_classifier
+
+            return build_derived_classifier(name, base, args, pretrained, kwargs)
+
+        return entrypoint
+
+    def generator(name: str, base: str, args: dict) -> Callable:
+        def entrypoint(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
+            from .factory import build_derived_generator
+
+            return build_derived_generator(name, base, args, (attention_args or {}).get(name, {}), pretrained, pretrained_tag, kwargs)
+
+        return entrypoint
+
+    entrypoints = [(name, "classifier", classifier(name, *spec)) for name, spec in classifiers.items()]
+    entrypoints += [(name, "generator", generator(name, *spec)) for name, spec in generators.items()]
+    for name, kind, entrypoint in entrypoints:
+        entrypoint.__name__ = entrypoint.__qualname__ = name
+        entrypoint.__module__ = module
+        entrypoint.__doc__ = f"{name}: a {kind} built from its family with the arguments and weights {module} gives it."
+        setattr(sys.modules[module], name, entrypoint)  # as a `def` there would be: timm lists it in the module's __all__
+        register_model(entrypoint, kind=kind, paper=papers[name])
+
+
 def split_name(name: str) -> tuple[str, str]:
     arch, _, tag = name.partition(".")
     return arch, tag

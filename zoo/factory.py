@@ -282,57 +282,33 @@ def default_weights(model_name: str, attention: str | None = None) -> _weights.W
     return _weights.get_weights(f"{arch}.{tags[0]}") if tags else None
 
 
-def register_derived_models(module: str, classifiers: dict[str, tuple[str, dict[str, Any]]],
-                            generators: dict[str, tuple[str, dict[str, Any]]], papers: dict[str, str],
-                            attention_args: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
-    """Register each `name -> (base model, arguments)`: the base built with those arguments, carrying `name`'s
-    pretrained cfgs and weights from `module`'s `default_cfgs` (timm reads them there). A classifier's class count
-    and input channels come from its cfg. `attention_args[name]` gives a generator, per `attention=`, the backend
-    settings used when no `attention_kwargs` are passed (those its fine-tuned weights trained with); its default
-    weights are the ones fine-tuned for that attention. Bases are looked up when a model is built, not here:
-    registration runs while the families' modules may still be importing."""
-    import sys
-
-    from ._registry import register_model
-
-    entrypoints = [(name, "classifier", _derived_classifier(name, base, args)) for name, (base, args) in classifiers.items()]
-    entrypoints += [(name, "generator", _derived_generator(name, base, args, (attention_args or {}).get(name, {})))
-                    for name, (base, args) in generators.items()]
-    for name, kind, entrypoint in entrypoints:
-        entrypoint.__name__ = entrypoint.__qualname__ = name
-        entrypoint.__module__ = module
-        entrypoint.__doc__ = f"{name}: a {kind} built from its family with the arguments and weights {module} gives it."
-        setattr(sys.modules[module], name, entrypoint)  # as a `def` there would be: timm lists it in the module's __all__
-        register_model(entrypoint, kind=kind, paper=papers[name])
+def build_derived_classifier(name: str, base: str, args: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]):
+    """The classifier `base` built with `args` (then `kwargs`), carrying `name`'s pretrained cfg (its class count and
+    input channels too) and, with `pretrained`, its weights (`zoo._registry.register_derived_models`)."""
+    # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
+    cfg = resolve_cfg(name, kwargs).to_dict()
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("cache_dir", None)
+    defaults = {"num_classes": cfg["num_classes"], "in_chans": cfg["input_size"][0], **args}
+    model = get_entry(base).fn(pretrained=False, **{**defaults, **kwargs})
+    model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
+    model.zoo_architecture, model.zoo_model_args = name, dict(kwargs)
+    if pretrained:
+        load_classifier_weights(model, name, cfg.get("tag"), overlay)
+    return model
 
 
-def _derived_classifier(name: str, base: str, args: dict[str, Any]):
-    def entrypoint(pretrained: bool = False, **kwargs):
-        # timm passes the tag (str), a cfg or nothing; resolve it against this name's default_cfgs
-        cfg = resolve_cfg(name, kwargs).to_dict()
-        overlay = kwargs.pop("pretrained_cfg_overlay", None)
-        kwargs.pop("pretrained_cfg", None)
-        kwargs.pop("cache_dir", None)
-        defaults = {"num_classes": cfg["num_classes"], "in_chans": cfg["input_size"][0], **args}
-        model = get_entry(base).fn(pretrained=False, **{**defaults, **kwargs})
-        model.pretrained_cfg = model.default_cfg = {**cfg, "architecture": name}
-        model.zoo_architecture, model.zoo_model_args = name, dict(kwargs)
-        if pretrained:
-            load_classifier_weights(model, name, cfg.get("tag"), overlay)
-        return model
-
-    return entrypoint
-
-
-def _derived_generator(name: str, base: str, args: dict[str, Any], attention_args: dict[str, dict[str, Any]]):
-    def entrypoint(pretrained: bool = False, pretrained_tag: str | None = None, **kwargs):
-        attention = kwargs.get("attention", "dense")
-        if attention in attention_args and kwargs.get("attention_kwargs") is None:
-            kwargs["attention_kwargs"] = dict(attention_args[attention])
-        model = get_entry(base).fn(**{**args, **kwargs})
-        if pretrained:
-            requested = f"{name}.{pretrained_tag}" if pretrained_tag else name
-            _weights.load_weights(model, default_weights(requested, attention) or _weights.get_weights(requested))
-        return model
-
-    return entrypoint
+def build_derived_generator(name: str, base: str, args: dict[str, Any], attention_args: dict[str, dict[str, Any]],
+                            pretrained: bool, pretrained_tag: str | None, kwargs: dict[str, Any]):
+    """The generator `base` built with `args` (then `kwargs`); `attention_args` gives, per `attention=`, the backend
+    settings used when no `attention_kwargs` are passed (those its fine-tuned weights trained with). With
+    `pretrained`: the weights `name.pretrained_tag`, else those fine-tuned for the attention (`default_weights`)."""
+    attention = kwargs.get("attention", "dense")
+    if attention in attention_args and kwargs.get("attention_kwargs") is None:
+        kwargs["attention_kwargs"] = dict(attention_args[attention])
+    model = get_entry(base).fn(**{**args, **kwargs})
+    if pretrained:
+        requested = f"{name}.{pretrained_tag}" if pretrained_tag else name
+        _weights.load_weights(model, default_weights(requested, attention) or _weights.get_weights(requested))
+    return model

@@ -20,8 +20,8 @@ Shipped (see `SHIPPED`; TRAINING.md has the runs and scores):
 Registered without weights (not trained): `agent_swin_mnist`. An entry gains weights by adding
 the file here and its sha256 to `SHIPPED`.
 
-This module is data only (arguments, cfgs, the shipped files' sha256): `zoo.factory.register_derived_models`
-builds each model from its family and loads its weights through `zoo.weights.load_weights`.
+This module is data only (arguments, cfgs, the shipped files' sha256): `zoo._registry.register_derived_models`
+registers each model, `zoo.factory` builds it from its family and loads its weights through `zoo.weights.load_weights`.
 
 The architecture arguments equal the `model.kwargs` of the configs that trained them
 (configs/classify/<name>.yaml, configs/diffusion/*.yaml: checked by tests/test_cli.py);
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zoo.factory import register_derived_models
+from zoo._registry import register_derived_models
 from zoo.weights import generate_default_cfgs
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
