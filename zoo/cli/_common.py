@@ -114,9 +114,12 @@ def registered_weights(name: str, entry, prefer: str | None = None):
     if tag:
         return weights.get_weights(name) if weights.has_weights(name) else None
     tags = [t for t in entry.tags if weights.has_weights(f"{arch}.{t}")]
-    if prefer:
+    if prefer:  # a tag `<data>_<backend>` holds a fine-tune for that attention backend
+        from zoo.dit import attention_backends
+
         preferred = [t for t in tags if t.endswith(f"_{prefer}")]
-        tags = preferred or [t for t in tags if not any(t.endswith(f"_{a}") for a in ("radial", "sla", "na"))] or tags
+        fine_tunes = tuple(f"_{a}" for a in attention_backends() if a != "dense")
+        tags = preferred or [t for t in tags if not t.endswith(fine_tunes)] or tags
     return weights.get_weights(f"{arch}.{tags[0]}") if tags else None
 
 
