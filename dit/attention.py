@@ -172,8 +172,12 @@ class RadialAttention(AttentionBackend):
         super().check_options(options, head_dim, grid)
         values = cls.with_defaults(options)
         _require_op("SparsityPolicy", "radial")(dense_layers=values["dense_layers"], dense_timesteps=values["dense_timesteps"])
-        _require_op("radial_block_mask", "radial")(grid[0], grid[1] * grid[2], values["decay_factor"],
-                                                   block_size=values["block_size"], model=values["mask_model"])
+        mask = _require_op("radial_block_mask", "radial")
+        try:  # the op calls the option `model`
+            mask(1, 1, 1.0, block_size=1, model=values["mask_model"])
+        except ValueError as e:
+            raise ValueError(f"mask_model: {e}") from None
+        mask(grid[0], grid[1] * grid[2], values["decay_factor"], block_size=values["block_size"], model=values["mask_model"])
 
     @classmethod
     def from_options(cls, *, head_dim: int, grid: tuple[int, ...], layer_index: int, options: dict[str, Any]) -> RadialAttention:

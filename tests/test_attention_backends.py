@@ -54,6 +54,7 @@ def test_radial_dense_layers_skip_nothing():
     ("radial", dict(decay_factor=-1.0), GRID, "decay_factor"),
     ("radial", dict(dense_timesteps=-1), GRID, "dense_timesteps"),
     ("radial", dict(block_size=0), GRID, "block_size"),
+    ("radial", dict(mask_model="cogvideo"), GRID, "mask_model"),
     ("radial", {}, (4, 4), "video"),
     ("sla", dict(topk=2.0), GRID, "topk"),
     ("sla", dict(top_k=0.1), GRID, "top_k"),
