@@ -133,7 +133,7 @@ class DenseAttention(AttentionBackend):
 
     def __init__(self):
         super().__init__()
-        self._attend = _require_op("dense_attention", "dense")
+        self._attend = _require_op("dense_attention", self.name)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...], step_index: int | None = None) -> torch.Tensor:
         return self._attend(q, k, v)
@@ -159,9 +159,9 @@ class RadialAttention(AttentionBackend):
     def __init__(self, num_frames: int, tokens_per_frame: int, layer_index: int = 0, decay_factor: float = 1.0,
                  block_size: int = 128, dense_layers: int = 0, dense_timesteps: int = 0, mask_model: str = "wan"):
         super().__init__()
-        self._attend = _require_op("radial_attention", "radial")
-        self._dense = _require_op("dense_attention", "radial")  # the policy's dense layers and steps
-        self.policy = _require_op("SparsityPolicy", "radial")(dense_layers=dense_layers, dense_timesteps=dense_timesteps)
+        self._attend = _require_op("radial_attention", self.name)
+        self._dense = _require_op("dense_attention", self.name)  # the policy's dense layers and steps
+        self.policy = _require_op("SparsityPolicy", self.name)(dense_layers=dense_layers, dense_timesteps=dense_timesteps)
         self.num_frames, self.tokens_per_frame = int(num_frames), int(tokens_per_frame)
         self.layer_index, self.decay_factor, self.block_size, self.mask_model = layer_index, decay_factor, block_size, mask_model
 
@@ -171,8 +171,8 @@ class RadialAttention(AttentionBackend):
             raise ValueError("needs video (frames, height, width) tokens; use video_dit_* models")
         super().check_options(options, head_dim, grid)
         values = cls.with_defaults(options)
-        _require_op("SparsityPolicy", "radial")(dense_layers=values["dense_layers"], dense_timesteps=values["dense_timesteps"])
-        mask = _require_op("radial_block_mask", "radial")
+        _require_op("SparsityPolicy", cls.name)(dense_layers=values["dense_layers"], dense_timesteps=values["dense_timesteps"])
+        mask = _require_op("radial_block_mask", cls.name)
         try:  # the op calls the option `model`
             mask(1, 1, 1.0, block_size=1, model=values["mask_model"])
         except ValueError as e:
@@ -226,7 +226,7 @@ class SparseLinearBackend(AttentionBackend):
 
     def __init__(self, head_dim: int, **sla_kwargs):
         super().__init__()
-        self.sla = _require_op("SparseLinearAttention", "sla")(head_dim, **sla_kwargs)
+        self.sla = _require_op("SparseLinearAttention", self.name)(head_dim, **sla_kwargs)
 
     @classmethod
     def check_options(cls, options: dict[str, Any], head_dim: int, grid: tuple[int, ...]) -> None:
@@ -260,7 +260,7 @@ class NeighborhoodBackend(AttentionBackend):
         super().__init__()
         if rank not in (2, 3):
             raise ValueError(f"neighborhood attention needs a 2-D or 3-D token grid, got rank {rank}")
-        self._op = _require_op(f"na{rank}d", "na")
+        self._op = _require_op(f"na{rank}d", self.name)
         from zoo.ops.na import normalize_args
 
         self.kernel_size, self.dilation, self.stride, _ = normalize_args(rank, kernel_size, dilation, stride, False)

@@ -166,3 +166,12 @@ def test_registration_refuses_what_cannot_work(own_backend):
     with pytest.raises(TypeError, match="AttentionBackend subclass"):
         register_backend(torch.nn.Identity)
     assert "incomplete" not in attention_backends()
+
+
+@pytest.mark.parametrize("name, op", [("radial", "radial_block_mask"), ("sla", "SparseLinearAttention"), ("na", "na3d")])
+def test_a_backend_whose_op_is_missing_names_it(monkeypatch, name, op):
+    from zoo import ops
+
+    monkeypatch.delattr(ops, op)
+    with pytest.raises(ImportError, match=rf"attention='{name}' needs zoo.ops.{op}, which this install of zoo lacks"):
+        attention.build_backend(name, head_dim=16, grid=GRID, layer_index=0, options=SPARSE_OPTIONS[name])
