@@ -38,7 +38,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -293,6 +293,8 @@ class NeighborhoodBackend(AttentionBackend):
 def build_backend(attention: str, *, head_dim: int, grid: tuple[int, ...], layer_index: int, options: dict | None = None) -> AttentionBackend:
     """The registered backend `attention` for block `layer_index`, its `options` checked first (one-line errors)."""
     backend = get_backend(attention)
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"attention_kwargs must be a dict of attention={attention!r}'s options, got {type(options).__name__}")
     options = dict(options or {})
     try:
         backend.check_options(options, head_dim, grid)

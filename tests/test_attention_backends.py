@@ -73,9 +73,11 @@ def test_bad_options_are_refused_before_building_with_one_line(name, options, gr
     assert str(built.value).startswith(f"attention={name!r}: ")
 
 
-def test_unknown_backend_lists_the_registered_ones():
+def test_unknown_backend_lists_the_registered_ones_and_options_must_be_a_dict():
     with pytest.raises(ValueError, match="unknown attention 'flash'; choose one of dense, radial, sla, na$"):
         VideoDiT(**TINY, attention="flash")
+    with pytest.raises(ValueError, match="attention_kwargs must be a dict of attention='na'.s options, got list"):
+        VideoDiT(**TINY, attention="na", attention_kwargs=[3, 3, 3])
 
 
 # ---- a backend of one's own ---------------------------------------------------------------------
