@@ -252,8 +252,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        f"{DEFAULT_VIDEO_MODEL} (Moving-MNIST, 16 frames of 32x32) runs on CPU.",
                        epilog=VIDEO_EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
-    p.add_argument("--attention", default="dense", help="a backend of zoo.dit.attention_backends(): built in dense, radial, "
-                   "sla, na; others once registered with zoo.dit.register_backend")
+    p.add_argument("--attention", default="dense", help="attention backend: dense, radial, sla or na, or one registered with "
+                   "zoo.dit.register_backend before calling zoo.cli.main (zoo.dit.attention_backends() lists them)")
     p.add_argument("--na-kernel", type=COUNT, nargs=3, default=[3, 7, 7], metavar=("F", "H", "W"), help="NA kernel per axis")
     p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's)")
     p.add_argument("--classes", type=CLASS_ID, nargs="+", default=[3], help="one video per class id")
