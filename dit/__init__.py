@@ -22,13 +22,16 @@ Video DiT, flow matching with any attention backend::
     latents = zoo.dit.sample_video(model, labels, num_steps=50, guidance_scale=5.0, scheduler="unipc")
 
 A checkpoint trained with one attention loads into another: `zoo.weights.load_weights(model, state_or_path)`.
+The backends (dense, radial, sla, na) are one registry, `zoo.dit.attention_backends()`; a backend of
+your own joins it with `zoo.dit.register_backend` (see `zoo.dit.attention`).
 """
 from . import dit, video_dit  # noqa: F401  (registers the generators)
-from .attention import ATTENTION_BACKENDS, fill_backend_keys
+from .attention import AttentionBackend, attention_backends, fill_backend_keys, get_backend, register_backend
 from .diffusion import GaussianDiffusion, sample
 from .dit import DiT, diffusers_to_dit, dit_to_diffusers, to_diffusers
 from .flow import FlowMatching, sample_video
 from .video_dit import VideoDiT
 
 __all__ = ["DiT", "VideoDiT", "GaussianDiffusion", "FlowMatching", "sample", "sample_video", "dit_to_diffusers",
-           "diffusers_to_dit", "to_diffusers", "fill_backend_keys", "ATTENTION_BACKENDS"]
+           "diffusers_to_dit", "to_diffusers", "fill_backend_keys", "AttentionBackend", "attention_backends", "get_backend",
+           "register_backend"]

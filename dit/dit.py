@@ -117,7 +117,7 @@ class LabelEmbedder(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with the official fused `qkv` / `proj` layout; the attention
-    itself is the pluggable backend (`dense`, `sla`, `na`)."""
+    itself is the pluggable backend (a registered `zoo.dit.AttentionBackend`)."""
 
     def __init__(self, dim: int, num_heads: int, backend: nn.Module, qkv_bias: bool = True):
         super().__init__()
@@ -179,8 +179,9 @@ class DiT(nn.Module):
             class `num_classes` (0 means no null class and no guidance).
         num_classes: number of class labels.
         learn_sigma: also predict the variance interpolation (out channels = 2 * in).
-        attention: `dense` (SDPA), `sla` or `na` (see `zoo.dit.attention`).
-        attention_kwargs: that backend's options.
+        attention: a registered backend (`zoo.dit.attention_backends()`): `dense` (SDPA), `sla`, `na`
+            or one's own (`zoo.dit.register_backend`); `radial` needs video tokens.
+        attention_kwargs: that backend's options (checked before the model is built).
     """
 
     def __init__(

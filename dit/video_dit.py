@@ -12,8 +12,8 @@ class-conditional on 101 labels (UCF-101) by default. The RoPE equals diffusers'
 WanRotaryPosEmbed (tested). Deviations from Wan: DiT's per-block adaLN Linear instead of Wan's
 shared time projection plus per-block table, modulation in the model's dtype (Wan: fp32), a
 fused qkv Linear, and no image (I2V) branch.
-`attention=` picks the self-attention backend (`dense`, `radial`, `sla`, `na`; see
-`zoo.dit.attention`); cross-attention is always dense, as in the radial and SLA ports of Wan.
+`attention=` picks the self-attention backend (`dense`, `radial`, `sla`, `na`, or one registered
+with `zoo.dit.register_backend`; see `zoo.dit.attention`); cross-attention is always dense, as in the radial and SLA ports of Wan.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class VideoDiT(nn.Module):
         context_dim: text-embedding width for cross-attention (e.g. 4096 for umT5; None: no text).
         qk_norm: RMSNorm on q and k (Wan).
         rope_theta: RoPE base.
-        attention / attention_kwargs: the self-attention backend and its options.
+        attention / attention_kwargs: the self-attention backend (`zoo.dit.attention_backends()`) and its options.
     """
 
     def __init__(

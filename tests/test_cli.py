@@ -100,6 +100,20 @@ def test_generate_video_frames_and_report(capsys, tmp_path, suffix, attention, s
     assert f"attention {attention}: {skipped}% of attention skipped" in err and re.search(r"sampling took [0-9.]+ s", err)
 
 
+def test_generate_video_radial_reports_the_share_outside_its_mask(capsys, tmp_path):
+    """Radial without shipped weights (random init): the report is the share of token pairs outside the radial mask."""
+    from zoo.ops import radial_block_mask
+
+    code, _, err = run(capsys, "generate-video", *TINY_VIDEO[:-1], "--frames", "6", "--attention", "radial",
+                       "--model-arg", "attention_kwargs={block_size: 16, decay_factor: 0.2}", "--out", str(tmp_path / "v.gif"))
+    assert code == 0, err
+    block_mask = radial_block_mask(6, 16, 0.2, block_size=16)  # 6 frames of 4 x 4 tokens, a block per frame
+    token_mask = block_mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    expected = 1 - token_mask.float().mean().item()
+    assert 0.05 < expected < 1
+    assert f"attention radial: {100 * expected:.1f}% of attention skipped (mean over 2 layers)" in err
+
+
 def _embedded_video_skipped(attention: str, grid: tuple[int, int, int]) -> float:
     """What each op skips on `grid` with the embedded fine-tunes' settings, computed from the ops, not the backends."""
     from zoo.ops.radial import block_mask_pairs, radial_block_mask

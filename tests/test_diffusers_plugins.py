@@ -146,6 +146,9 @@ def test_configs_convert_to_and_from_the_zoo_video_dit(config):
     if config.kind != "radial":
         with pytest.raises(ValueError, match="dense_layers"):
             to_video_dit(type(config).from_dict({**config.to_dict(), "dense_layers": 1}))
+    else:
+        with pytest.raises(ValueError, match="no legacy; set legacy=False"):
+            to_video_dit(type(config).from_dict({**config.to_dict(), "legacy": True}))
 
 
 def test_unsupported_models_and_misuse_are_one_line_errors():

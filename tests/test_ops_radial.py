@@ -125,6 +125,15 @@ def dense_oracle(q, k, v, element_mask, scale):
     return torch.softmax(scores, -1) @ v
 
 
+def test_mask_built_under_the_meta_device_leaves_the_cache_on_cpu():
+    """A model built with `torch.device("meta")` (a size check) once cached a meta mask for every later caller."""
+    args = (3, 20, 0.7, 16)  # a resolution no other test caches
+    with torch.device("meta"):
+        radial_block_mask(*args)
+    mask = radial_block_mask(*args)
+    assert mask.device.type == "cpu" and mask.any()
+
+
 @pytest.mark.parametrize("model,text", [("wan", 0), ("hunyuan", 11)])
 def test_radial_attention_matches_dense_oracle(model, text):
     torch.manual_seed(0)

@@ -265,10 +265,6 @@ def model_info(model_name: str, with_flops: bool = True) -> dict[str, Any]:
     return info
 
 
-# tag suffixes of weights fine-tuned with one attention backend (`<tag>_<attention>`)
-_ATTENTION_TAG_SUFFIXES = ("_radial", "_sla", "_na")
-
-
 def default_weights(model_name: str, attention: str | None = None) -> _weights.Weights | None:
     """The registered weights `model_name` loads: its `arch.tag`, else the arch's default tag; with `attention`, the
     tag fine-tuned for it (`<tag>_<attention>`) if one is registered, else one fine-tuned for no backend. None if none."""
@@ -276,9 +272,11 @@ def default_weights(model_name: str, attention: str | None = None) -> _weights.W
     if tag:
         return _weights.get_weights(model_name) if _weights.has_weights(model_name) else None
     tags = [t for t in get_entry(arch).tags if _weights.has_weights(f"{arch}.{t}")]
-    if attention:
-        tags = ([t for t in tags if t.endswith(f"_{attention}")] or [t for t in tags if not t.endswith(_ATTENTION_TAG_SUFFIXES)]
-                or tags)
+    if attention:  # a tag `<data>_<backend>` holds a fine-tune for that attention backend
+        from zoo.dit import attention_backends
+
+        fine_tunes = tuple(f"_{name}" for name in attention_backends() if name != "dense")
+        tags = [t for t in tags if t.endswith(f"_{attention}")] or [t for t in tags if not t.endswith(fine_tunes)] or tags
     return _weights.get_weights(f"{arch}.{tags[0]}") if tags else None
 
 

@@ -12,7 +12,7 @@ import torch
 from .._checks import autocast_cast
 from .._cost import is_counting_flops
 from .._kernels import kernel_module, usable_kernel
-from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention
+from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention, normalize_args
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
 BACKENDS = ("triton", "reference")  # in "auto" order ("flash_attn_4" slots in here when it lands)
@@ -147,4 +147,4 @@ na1d = _na(1)
 na2d = _na(2)
 na3d = _na(3)
 
-__all__ = ["na1d", "na2d", "na3d", "na_backend", "na_legacy_pad", "axis_neighbors", "neighborhood_attention"]
+__all__ = ["na1d", "na2d", "na3d", "na_backend", "na_legacy_pad", "axis_neighbors", "neighborhood_attention", "normalize_args"]

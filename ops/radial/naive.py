@@ -115,7 +115,12 @@ def _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, t
 
 
 @functools.lru_cache(maxsize=16)
-def _radial_block_mask(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy):
+def _radial_block_mask(*args) -> torch.Tensor:
+    with torch.device("cpu"):  # cached and shared: never on the caller's default device (e.g. a meta-device build)
+        return _build_radial_block_mask(*args)
+
+
+def _build_radial_block_mask(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy):
     s, B = tokens_per_frame, block_size
     video = num_frames * s
     n_blocks = -(-(video + text_tokens) // B)

@@ -41,13 +41,15 @@ def bench_model(rest: list[str]) -> int:
     import torch
 
     import zoo
+    from zoo.dit import attention_backends
 
     from . import ArgumentParser
     from ._common import check_model_name, device_of, number
 
     p = ArgumentParser(prog="zoo bench model", description=bench_model.__doc__)
     p.add_argument("--model", default="video_dit_s_2", help="a generator (video_dit_* for radial)")
-    p.add_argument("--attention", nargs="+", default=["dense", "radial", "sla"], help="backends; the first is the baseline")
+    p.add_argument("--attention", nargs="+", default=["dense", "radial", "sla"], choices=attention_backends(),
+                   help="backends (zoo.dit.attention_backends()); the first is the baseline")
     p.add_argument("--input-size", type=number(int, 1), nargs="+", default=None, help="model input_size, e.g. 16 32 32")
     p.add_argument("--batch-size", type=number(int, 1), default=1)
     p.add_argument("--repeats", type=number(int, 1), default=10)

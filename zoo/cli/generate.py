@@ -188,8 +188,8 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     device = device_of(args)
     name = _model_name(args, DEFAULT_VIDEO_MODEL)
     check_model_name(name, kind="generator")
-    if args.attention not in dit.ATTENTION_BACKENDS:
-        raise CliError(f"--attention {args.attention!r}: {name} supports {', '.join(dit.ATTENTION_BACKENDS)}")
+    if args.attention not in dit.attention_backends():
+        raise CliError(f"--attention {args.attention!r}: {name} supports {', '.join(dit.attention_backends())}")
     kwargs = dict(_exported_args(args, name), **_model_args(args.model_arg), attention=args.attention)
     if args.attention == "na":
         kwargs["attention_kwargs"] = {"kernel_size": args.na_kernel}
@@ -252,7 +252,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        f"{DEFAULT_VIDEO_MODEL} (Moving-MNIST, 16 frames of 32x32) runs on CPU.",
                        epilog=VIDEO_EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
-    p.add_argument("--attention", default="dense", help="dense, radial, sla or na")
+    p.add_argument("--attention", default="dense", help="attention backend: dense, radial, sla or na, or one registered with "
+                   "zoo.dit.register_backend before calling zoo.cli.main (zoo.dit.attention_backends() lists them)")
     p.add_argument("--na-kernel", type=COUNT, nargs=3, default=[3, 7, 7], metavar=("F", "H", "W"), help="NA kernel per axis")
     p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's)")
     p.add_argument("--classes", type=CLASS_ID, nargs="+", default=[3], help="one video per class id")

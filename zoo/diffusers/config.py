@@ -140,30 +140,33 @@ class NeighborhoodAttentionConfig(_PluginConfig):
 CONFIGS = (RadialAttentionConfig, SLAConfig, NeighborhoodAttentionConfig)
 
 
-_VIDEO_DIT_NAMES = {"radial": RadialAttentionConfig, "sla": SLAConfig, "na": NeighborhoodAttentionConfig}
+_BY_KIND = {config.kind: config for config in CONFIGS}  # each kind is also the name of the VideoDiT backend
 
 
 def to_video_dit(config: _PluginConfig) -> tuple[str, dict[str, Any]]:
     """(`attention`, `attention_kwargs`) that give the zoo's `VideoDiT` the same attention as `config`.
 
-    The VideoDiT SLA and NA backends have no dense layers or steps: a config with either is an error.
+    The VideoDiT backend's `options` (`zoo.dit.get_backend(config.kind)`) say which fields carry
+    over; any other field must keep its default (SLA and NA have no dense layers or steps in the
+    VideoDiT, radial no legacy rule), else this is an error.
     """
-    options = dataclasses.asdict(config)
-    if config.kind != "radial":
-        if config.dense_layers or config.dense_timesteps:
-            raise ValueError(f"VideoDiT's {config.kind} backend has no dense_layers/dense_timesteps; set them to 0")
-        del options["dense_layers"], options["dense_timesteps"]
-    if config.kind == "radial":
-        del options["legacy"]
-        if config.legacy:
-            raise ValueError("VideoDiT's radial backend has no legacy rule; use legacy=False")
+    from zoo.dit import get_backend
+
+    takes = get_backend(config.kind).options
+    options = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in takes:
+            options[field.name] = value
+        elif value != field.default:
+            raise ValueError(f"VideoDiT's {config.kind} backend has no {field.name}; set {field.name}={field.default!r}")
     return config.kind, options
 
 
 def from_video_dit(attention: str, attention_kwargs: dict[str, Any] | None = None) -> _PluginConfig:
     """The plugin config of a VideoDiT's `attention` / `attention_kwargs` (`mask_model` is dropped: the
     plugin takes the mask rule from the diffusers model it is applied to)."""
-    if attention not in _VIDEO_DIT_NAMES:
-        raise ValueError(f"attention must be one of {sorted(_VIDEO_DIT_NAMES)} to become a plugin, got {attention!r}")
+    if attention not in _BY_KIND:
+        raise ValueError(f"attention must be one of {sorted(_BY_KIND)} to become a plugin, got {attention!r}")
     options = {k: v for k, v in (attention_kwargs or {}).items() if k != "mask_model"}
-    return _VIDEO_DIT_NAMES[attention].from_dict(options)
+    return _BY_KIND[attention].from_dict(options)
