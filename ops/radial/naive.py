@@ -36,7 +36,7 @@ import struct
 import torch
 
 from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
-from .._cost import cost_placeholder, is_counting_flops
+from .._cost import block_mask_pairs, cost_placeholder, is_counting_flops
 from ..block_sparse import BlockSparseLayout, block_sparse_attention, block_sparse_layout
 
 MODELS = ("wan", "hunyuan")
@@ -169,15 +169,6 @@ def _device_layout(args: tuple, device: torch.device) -> BlockSparseLayout:
     """The mask as checked key-block lists, so repeated calls skip the per-call check (a host sync)."""
     n = args[0] * args[1] + args[5]
     return block_sparse_layout(n, n, block_mask=_device_mask(args, device), block_size=args[3], device=device)
-
-
-def block_mask_pairs(block_mask: torch.Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
-    """Number of (query, key) token pairs a block mask `[..., nQb, nKb]` keeps (partial tails counted exactly)."""
-    rows = torch.full((block_mask.shape[-2],), block_q, dtype=torch.float64)
-    rows[-1] = n_q - block_q * (block_mask.shape[-2] - 1)
-    cols = torch.full((block_mask.shape[-1],), block_k, dtype=torch.float64)
-    cols[-1] = n_k - block_k * (block_mask.shape[-1] - 1)
-    return int(torch.einsum("q,...qk,k->", rows, block_mask.to(torch.float64).cpu(), cols).round())
 
 
 def radial_attention(

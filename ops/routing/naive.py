@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_same, check_scale, check_tensor
+from .._checks import check_same, check_scale, check_tensor, positive_int_pair
 from .._cost import cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_backend
 from ..block_sparse.naive import block_sparse_attention_reference
@@ -40,16 +40,9 @@ from ..block_sparse.naive import block_sparse_attention_reference
 LAYOUT = "[batch, height, width, heads, head_dim]"
 
 
-def _n_win_pair(n_win: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (n_win, n_win) if isinstance(n_win, int) else tuple(n_win)
-    if len(pair) != 2 or not all(isinstance(n, int) and n >= 1 for n in pair):
-        raise ValueError(f"n_win must be a positive int or (n_h, n_w) of positive ints, got {n_win!r}")
-    return pair
-
-
 def region_geometry(height: int, width: int, n_win: int | tuple[int, int]) -> tuple[int, int, int, int]:
     """`(n_h, n_w, region_h, region_w)`: regions per side and region side lengths (ceil division)."""
-    n_h, n_w = _n_win_pair(n_win)
+    n_h, n_w = positive_int_pair("n_win", n_win, "(n_h, n_w)")
     return n_h, n_w, math.ceil(height / n_h), math.ceil(width / n_w)
 
 

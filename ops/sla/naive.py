@@ -47,13 +47,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
-from .._cost import cost_placeholder, is_counting_flops
+from .._checks import (
+    SEQUENCE_LAYOUT,
+    autocast_cast,
+    block_size_pair,
+    check_allocation,
+    check_qkv,
+    check_scale,
+    check_tensor,
+)
+from .._cost import block_mask_pairs, cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_attention
-from ..block_sparse.naive import _pair
-from ..radial.naive import block_mask_pairs
 
-LAYOUT = "[batch, heads, seq_len, head_dim]"
 FEATURE_MAPS = {
     "softmax": lambda x: x.softmax(dim=-1),
     "elu": lambda x: F.elu(x) + 1,
@@ -98,9 +103,9 @@ def sla_block_map(
     Not differentiable (the selection is discrete, as in the paper). Ties between equal scores
     are broken by `torch.sort` order.
     """
-    check_tensor("q", q, 4, LAYOUT)
-    check_tensor("k", k, 4, LAYOUT)
-    block_q, block_k = _pair(block_size)
+    check_tensor("q", q, 4, SEQUENCE_LAYOUT)
+    check_tensor("k", k, 4, SEQUENCE_LAYOUT)
+    block_q, block_k = block_size_pair(block_size)
     batch, heads, n_q, n_k = *q.shape[:3], k.shape[2]
     n_qb, n_kb = -(-n_q // block_q), -(-n_k // block_k)
     n_critical, n_negligible = _block_counts(n_kb, topk, negligible)
@@ -217,13 +222,7 @@ def sparse_linear_attention(
     Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
     """
     q, k, v = autocast_cast(q, k, v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}: q and k must share head_dim")
+    check_qkv(q, k, v)
     dim_v = v.shape[-1]
     if not isinstance(proj_weight, torch.Tensor) or tuple(proj_weight.shape) != (dim_v, dim_v):
         got = tuple(proj_weight.shape) if isinstance(proj_weight, torch.Tensor) else type(proj_weight).__name__
@@ -239,7 +238,7 @@ def sparse_linear_attention(
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if linear_on == "all" and negligible:
         raise ValueError(f"negligible={negligible} skips blocks, which linear_on='all' cannot: use linear_on='marginal'")
-    block_q, block_k = _pair(block_size)
+    block_q, block_k = block_size_pair(block_size)
     n_q, n_k, dim = q.shape[2], k.shape[2], q.shape[-1]
     expected = (q.shape[0], q.shape[1], math.ceil(n_q / block_q), math.ceil(n_k / block_k))
     if block_map is None:
