@@ -107,7 +107,10 @@ def check_scale(name: str, value: float | None) -> None:
 
 def positive_int_pair(name: str, value: int | tuple[int, int], pair: str) -> tuple[int, int]:
     """`value` or `(value, value)` as two ints >= 1 (block sizes, regions per side); `pair` names the two."""
-    values = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    try:
+        values = (value, value) if isinstance(value, int) else tuple(value)  # tuples, lists, config lists
+    except TypeError:
+        values = ()
     if len(values) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in values):
         raise ValueError(f"{name} must be a positive int or {pair} of positive ints, got {value!r}")
     return values
