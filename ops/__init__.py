@@ -19,7 +19,7 @@ from .linear_rmt import mala_attention, rala_attention
 from .na import na1d, na2d, na3d, na_backend, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
 from .routing import bi_level_routing_attention, bi_level_routing_backend, bra_routing
-from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
+from .sla import SparseLinearAttention, sla_backend, sla_block_map, sparse_linear_attention
 
 __all__ = [
     "agent_attention",
@@ -48,6 +48,7 @@ __all__ = [
     "SparsityPolicy",
     "sparse_linear_attention",
     "sla_block_map",
+    "sla_backend",
     "SparseLinearAttention",
     "counting_flops",
     "na1d",

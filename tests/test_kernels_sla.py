@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from zoo.ops import sla_block_map, sparse_linear_attention
+from zoo.ops import sla_backend, sla_block_map, sparse_linear_attention
 
 import zoo  # noqa: F401  (the subprocess imports the same package)
 
@@ -33,14 +33,14 @@ import json, sys
 import torch
 import torch.nn.functional as F
 from zoo.ops import sla_block_map, sparse_linear_attention
-from zoo.ops.sla import triton_kernel
-from zoo.ops.sla.triton_kernel import sla_fused
+from zoo.ops.sla import kernel as sla_kernel
+from zoo.ops.sla.kernel import sla_fused
 
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 seed = int(sys.argv[1])
-triton_kernel.BWD_Q_TILE = int(sys.argv[3])  # below block_q: the backward's sub-tiling runs too
+sla_kernel.BWD_Q_TILE = int(sys.argv[3])  # below block_q: the backward's sub-tiling runs too
 torch.manual_seed(seed)
 out = []
 for nq, nk, d, bq, bk, feat, lin, neg, topk in json.loads(sys.argv[2]):
@@ -83,12 +83,17 @@ def test_fused_kernel_matches_reference_under_interpreter():
         assert max(r["errs"]) < 5e-3, (seed, r)  # [out, dq, dk, dv, dW]
 
 
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    """CPU tensors never reach the kernel (the interpreter is not the CPU path)."""
-    import zoo.ops.sla.naive as naive
-
+def test_backend_choice_names_reason():
+    """CPU tensors never reach the kernel (the interpreter is not the CPU path); a named backend that cannot
+    run the call says why."""
     q = torch.randn(1, 1, 20, 32, dtype=torch.float16)
-    assert not naive._fused_supported(q, q, q, (16, 16))
+    backend, reason = sla_backend(q, q, q, 16)
+    assert backend == "reference" and "cpu" in reason
+    assert sla_backend(q, q, q, 16, backend="reference") == ("reference", "")
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: tensors are on cpu"):
+        sla_backend(q, q, q, 16, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        sla_backend(q, q, q, 16, backend="fa4")
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from .._checks import block_size_pair
-from .naive import FEATURE_MAPS, LINEAR_ON, _block_counts, sparse_linear_attention
+from . import sparse_linear_attention
+from .naive import FEATURE_MAPS, LINEAR_ON, _block_counts
 
 
 class SparseLinearAttention(nn.Module):
