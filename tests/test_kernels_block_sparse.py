@@ -274,11 +274,12 @@ def test_kernels_compile_for_hopper_without_gpu(dim, blocks, window):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from zoo.ops.block_sparse import kernel as bsk
+    from zoo.ops.routing.kernel import packed_config
 
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i64", "CNT": "*i64", "TIDX": "*i32", "TCNT": "*i32",
                 "KPM": "*u8", "TPAD": "*u8", **dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*bf16")}
     packed = window is not None and window[3]
-    config = bsk.packed_config(blocks[0], dim) if packed else bsk.default_config(*blocks, dim)
+    config = packed_config(blocks[0], dim) if packed else bsk.default_config(*blocks, dim)
     geometry = dict(WINDOW=False, WINDOW_MASK=False, REGION_H=1, REGION_W=1, PACK=False) if window is None else dict(
         WINDOW=True, WINDOW_MASK=window[2], REGION_H=window[0], REGION_W=window[1], PACK=packed)
     for fn, key in ((bsk._fwd_kernel, "fwd"), (bsk._bwd_dq_kernel, "dq"), (bsk._bwd_dkdv_kernel, "dkdv")):

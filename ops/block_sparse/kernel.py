@@ -26,11 +26,11 @@ past N, the same tail semantics). Inputs whose strides TMA cannot take (not 16-b
 kernel. Backward is unchanged. (Triton's warp specialisation of this loop was tried: faster, but its
 logsumexp came out wrong on the H100 with triton 3.6; BENCHMARKS.md.)
 
-Region windows (`RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]` maps and block r is
+Region windows (`zoo.ops.routing.kernel.RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]` maps and block r is
 region r, a 2-D window of the map; every kernel computes its tiles' addresses from the region and slot
 (`_rows`), so no region-ordered copy exists; missing slots (a region's padding slots, the missing tokens of
 border regions) are masked; with `packed`, the list side of each kernel fills a tile with the tokens of
-several small listed regions (`_packed_rows`). Gradients are written with their own buffers' strides, so
+several small listed regions (`_packed_rows`; tiles from `zoo.ops.routing.kernel.packed_config`). Gradients are written with their own buffers' strides, so
 views with gaps (a fused qkv projection's q/k/v) are read in place too.
 
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
@@ -41,7 +41,7 @@ backward, dq masks the same tiles; dk/dv of padded keys are stored as exact zero
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ import triton
 import triton.language as tl
 
 from .layout import BlockSparseLayout
+
+if TYPE_CHECKING:  # the window geometry is routing attention's; this kernel only reads it
+    from ..routing.kernel import RegionWindows
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -589,7 +592,7 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
     return None
 
 
-def _tile(block: int, cap: int = 128) -> int:
+def largest_tile(block: int, cap: int = 128) -> int:
     """The largest tile of `TILES` (at most `cap`) that divides a mask block."""
     return next(t for t in TILES if t <= cap and block % t == 0)
 
@@ -600,17 +603,17 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
     A block that is a multiple of 128 (64) runs like a block of 128 (64); blocks of 16 or 32 (routing
     attention's small regions) use tiles of their size, not tuned.
     """
-    tq, tk = _tile(block_q), _tile(block_k)
+    tq, tk = largest_tile(block_q), largest_tile(block_k)
     if head_dim > 64:
         fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=3, TMA=tq == tk == 128)
         dq = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=2 if tq == tk == 128 else 3)
         # K/V as B operands pays at 64 keys per program (fewer spills), not at 128 (more): H100 sweep
-        dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=tk, num_warps=8 if tk == 128 else 4, num_stages=3,
+        dkdv = dict(BLOCK_M=largest_tile(block_q, 64), BLOCK_N=tk, num_warps=8 if tk == 128 else 4, num_stages=3,
                     KV_AS_B=tk == 64)
     else:
         fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=4, num_stages=3)
-        dq = dict(BLOCK_M=tq, BLOCK_N=_tile(block_k, 64), num_warps=8 if tq == 128 else 4, num_stages=3)
-        dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=_tile(block_k, 64), num_warps=4, num_stages=3, KV_AS_B=False)
+        dq = dict(BLOCK_M=tq, BLOCK_N=largest_tile(block_k, 64), num_warps=8 if tq == 128 else 4, num_stages=3)
+        dkdv = dict(BLOCK_M=largest_tile(block_q, 64), BLOCK_N=largest_tile(block_k, 64), num_warps=4, num_stages=3, KV_AS_B=False)
     return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
 
 
@@ -618,26 +621,6 @@ def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (any other strides: the kernels take them, and write
     gradients with their own buffers' strides), else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-@dataclass(frozen=True)
-class RegionWindows:
-    """Mask blocks that are 2-D windows of a `[B, height, width, heads, D]` map (routing attention's regions).
-
-    Block r is region r (row-major, `n_w` per row) of `region_h x region_w` tokens; a block has
-    `block_q = block_k` slots, its tokens row-major first. `masked`: some slot holds no token (more slots
-    than tokens, or partial border regions), so every tile masks its missing slots. `packed` (small
-    regions, at most half their slots used): the side that walks a list (keys in forward and dq, queries
-    in dk/dv) packs the tokens of consecutive listed regions into each tile instead of one padded region
-    per step (BiFormer's 2x2-token regions: one 64-key step instead of 16 steps of 16 slots, 4 of them
-    real); tiles then come from `packed_config`.
-    """
-
-    n_w: int
-    region_h: int
-    region_w: int
-    masked: bool
-    packed: bool = False
 
 
 def _dims(t: torch.Tensor, window: RegionWindows | None) -> tuple[int, int, int]:
@@ -675,17 +658,6 @@ def _check_config(cfg: dict[str, int], block_q: int, block_k: int, packed: str |
     """Tiles must divide the mask blocks, except on a packed list side (`packed`: "BLOCK_M" or "BLOCK_N")."""
     if (block_q % cfg["BLOCK_M"] and packed != "BLOCK_M") or (block_k % cfg["BLOCK_N"] and packed != "BLOCK_N"):
         raise ValueError(f"tile {cfg} must divide the mask blocks ({block_q}, {block_k})")
-
-
-def packed_config(block: int, head_dim: int) -> dict[str, dict[str, int]]:
-    """Tiles for `RegionWindows(packed=True)`: blocks (regions of `block` slots) on the owning side, 32 packed
-    tokens on the list side, one warp per program (the tiles are tiny; more resident programs hide the gathers'
-    latency). Measured on an H100 for BiFormer-S's 2x2-token regions (B 128, 8 heads x 32, top-16): fwd 0.11 ms,
-    dq 0.12 ms, dk/dv 0.16 ms, against 0.29 / 0.26 / 0.33 ms with 4 warps and 64-token tiles (BENCHMARKS.md)."""
-    own = _tile(block)
-    return {"fwd": dict(BLOCK_M=own, BLOCK_N=32, num_warps=1, num_stages=2),
-            "dq": dict(BLOCK_M=own, BLOCK_N=32, num_warps=1, num_stages=2),
-            "dkdv": dict(BLOCK_M=32, BLOCK_N=own, num_warps=1, num_stages=2, KV_AS_B=False)}
 
 
 def _packed_side(window: RegionWindows | None, side: str) -> str | None:
