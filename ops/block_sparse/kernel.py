@@ -26,12 +26,12 @@ past N, the same tail semantics). Inputs whose strides TMA cannot take (not 16-b
 kernel. Backward is unchanged. (Triton's warp specialisation of this loop was tried: faster, but its
 logsumexp came out wrong on the H100 with triton 3.6; BENCHMARKS.md.)
 
-Region windows (`zoo.ops.routing.kernel.RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]` maps and block r is
-region r, a 2-D window of the map; every kernel computes its tiles' addresses from the region and slot
-(`_rows`), so no region-ordered copy exists; missing slots (a region's padding slots, the missing tokens of
-border regions) are masked; with `packed`, the list side of each kernel fills a tile with the tokens of
-several small listed regions (`_packed_rows`; tiles from `zoo.ops.routing.kernel.packed_config`). Gradients are written with their own buffers' strides, so
-views with gaps (a fused qkv projection's q/k/v) are read in place too.
+Region windows (`zoo.ops.routing.kernel.RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]`
+maps and block r is region r, a 2-D window of the map; every kernel computes its tiles' addresses from the region
+and slot (`_rows`), so no region-ordered copy exists; missing slots (a region's padding slots, the missing tokens
+of border regions) are masked; with `packed`, the list side of each kernel fills a tile with the tokens of several
+small listed regions (`_packed_rows`; tiles from `zoo.ops.routing.kernel.packed_config`). Gradients are written
+with their own buffers' strides, so views with gaps (a fused qkv projection's q/k/v) are read in place too.
 
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
 flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._flash import normalise, online_softmax, row_delta
 from .layout import BlockSparseLayout
 
 if TYPE_CHECKING:  # the window geometry is routing attention's; this kernel only reads it
@@ -153,26 +154,6 @@ def _token(row, col, img_w, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr):
-    """Fold one slice of raw scores `qk` (q . k, -inf = masked) and its values into the running max (log2
-    units: scores x `qk_scale`), normaliser and accumulator. The scale is applied inside the exponent, one
-    fused multiply-add per score (the max commutes with a positive scale), as Triton's attention tutorial does.
-
-    MASKED: some score may be -inf (a slice of padded keys before any valid one), so a row can still be all
-    -inf: keep -inf - -inf from giving NaN."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if MASKED:
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_ptr,
               MASK: tl.constexpr, HAS_KPM: tl.constexpr):
     """One BLOCK_N slice of keys: update the running max, normaliser and accumulator.
@@ -193,15 +174,7 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_
         if tl.load(flag_ptr) != 0:
             padded = tl.load(kpm_ptrs) != 0
             qk = tl.where(padded[None, :], float("-inf"), qk)
-    return _online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASK or HAS_KPM)
-
-
-@triton.jit
-def _normalise(acc, l_i, m_i):
-    """(output, natural-log logsumexp) of the accumulated rows; a row with no listed key: output 0, lse -inf."""
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    return out, tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    return online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASK or HAS_KPM)
 
 
 @triton.jit
@@ -281,7 +254,7 @@ def _fwd_kernel(
                                           _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM), qk_scale,
                                           kpm_ptr + start_n + offs_n, tpad_ptr, True, HAS_KPM)
 
-    out, lse = _normalise(acc, l_i, m_i)
+    out, lse = normalise(acc, l_i, m_i)
     tl.store(O + b * s_ob + h * s_oh + _offsets(q_row, q_col, s_on, s_ow, WINDOW)[:, None] + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + _token(q_row, q_col, img_w, WINDOW), lse, mask=row_ok)
@@ -337,7 +310,7 @@ def _fwd_kernel_tma(
             if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:
                 padded = tl.load(kpm_ptr + start_n + offs_n) != 0
                 qk = tl.where(padded[None, :], float("-inf"), qk)
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, HAS_KPM)
+        acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, HAS_KPM)
     if n_full < cnt:  # the partial last key block: only its tiles that hold keys, scores masked per key
         for s in range(0, tail_tiles):
             start_n = last_block * BLOCK_K + s * BLOCK_N
@@ -345,9 +318,9 @@ def _fwd_kernel_tma(
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
             qk = tl.where(valid[None, :], tl.dot(q, k.T), float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
+            acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
 
-    out, lse = _normalise(acc, l_i, m_i)
+    out, lse = normalise(acc, l_i, m_i)
     o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -562,23 +535,6 @@ def _transpose_lists_kernel(IDX, CNT, TIDX, TCNT, s_ib, s_ih, s_iq, s_cb, s_ch, 
     tl.store(TCNT + pid_bh * n_k_blocks + key_block, total)
 
 
-@triton.jit
-def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,  # noqa: E741
-                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < N_Q
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = pid_bh.to(tl.int64) * N_Q + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=ok, other=0.0)
-    tl.store(DELTA + rows, delta, mask=ok)
-
-
 # ----------------------------------------------------------------------------- launchers
 def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
     """None if the Triton kernel runs these inputs, else the reason it does not."""
@@ -782,15 +738,7 @@ def launch_delta(do, o, dlse, window=None):
     """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass (per map token, row-major, in window mode)."""
     if window is not None:  # the maps as [B, heads, height * width, D] sequences
         o, do = (t.reshape(t.shape[0], -1, *t.shape[3:]).transpose(1, 2) for t in (o, do))
-    batch, heads, n_q, dim = o.shape
-    delta = torch.empty(batch, heads, n_q, device=o.device, dtype=torch.float32)
-    rows = 64
-    dlse_arg = delta if dlse is None else dlse.float().contiguous()
-    _delta_kernel[(math.ceil(n_q / rows), batch * heads)](
-        o, do, dlse_arg, delta, *_strides(o, None)[:3], *_strides(do, None)[:3], heads, n_q,
-        BLOCK_M=rows, HEAD_DIM=dim, HAS_DLSE=dlse is not None,
-    )
-    return delta
+    return row_delta(do, o, dlse)
 
 
 def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None, window=None):

@@ -19,7 +19,7 @@ from .regions import check_inputs, region_geometry, region_slots, region_token_v
 def bra_routing(
     q: torch.Tensor, k: torch.Tensor, n_win: int | tuple[int, int], topk: int, scale: float | None = None
 ) -> torch.Tensor:
-    """The routed regions of every region: int64 `[B, n_win^2, topk]`, -1 for none (the rule: `zoo.ops.routing.naive`)."""
+    """The routed regions of every region: int64 `[B, n_win^2, topk]`, -1 for none (rule: `zoo.ops.routing.naive`)."""
     geometry = check_inputs(q, k, k, n_win, topk, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     valid = region_token_valid(q.shape[1], q.shape[2], *geometry, device=q.device)
