@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 
 def bounded_error(fast: torch.Tensor, low: torch.Tensor, exact: torch.Tensor, rounding: float) -> dict:
@@ -86,3 +87,29 @@ def dense_block_oracle(q, k, v, idx, block_q, block_k, scale, upcast, key_paddin
     lse = torch.logsumexp(scores, -1)
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
     return probs.to(v.dtype) @ v, lse
+
+
+SLA_FEATURE_MAPS = {"softmax": lambda x: x.softmax(-1), "elu": lambda x: F.elu(x) + 1, "relu": F.relu}
+
+
+def dense_sla_oracle(q, k, v, block_map, block_q, block_k, linear_on, feature_map, eps=1e-5, upcast=True):
+    """(O_s, O_l) of sparse-linear attention written with N x N element masks from the int8 `block_map` (1
+    critical, 0 marginal, -1 negligible): softmax over the critical elements (`dense_block_oracle`), linear
+    attention phi(q) phi(k)^T over the linear ones (marginal, or all with linear_on="all"). upcast=True in
+    float64; else phi(q), phi(k), their products and P rounded to the inputs' dtype, as the fused kernel's tile
+    products round them (float32 sums)."""
+    idx = torch.where(block_map == 1, torch.arange(block_map.shape[-1], device=block_map.device), -1)
+    o_s, _ = dense_block_oracle(q, k, v, idx, block_q, block_k, q.shape[-1] ** -0.5, upcast)
+    n_q, n_k = q.shape[2], k.shape[2]
+    expand = block_map.repeat_interleave(block_q, 2).repeat_interleave(block_k, 3)[:, :, :n_q, :n_k]
+    linear = torch.ones_like(expand, dtype=torch.bool) if linear_on == "all" else expand == 0
+    acc = torch.float64 if upcast else torch.float32
+    work = torch.float64 if upcast else q.dtype
+    phi = SLA_FEATURE_MAPS[feature_map]
+    a = (phi(q.to(acc)).to(work) @ phi(k.to(acc)).to(work).transpose(-1, -2)) * linear
+    den = a.to(acc).sum(-1, keepdim=True) + eps
+    # a row with no linear key: O_l = 0 and no gradient (an infinite denominator, as the kernel stores it; 1 / eps
+    # would overflow float16 in the low-precision backward)
+    den = torch.where(linear.any(-1, keepdim=True), den.clamp_min(torch.finfo(acc).tiny), float("inf"))
+    o_l = (a @ v.to(work)).to(acc) / den
+    return o_s, o_l
