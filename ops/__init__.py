@@ -7,8 +7,9 @@ One folder per op (`ops/<op>/`), one contract:
   tried before it cannot), `backend="auto"` takes the first that runs, a named backend that cannot run the
   call raises ValueError with the reason. Kernel modules are imported through `_kernels.py` (`usable_kernel`,
   `kernel_module`), so Triton is never a hard requirement.
-- `naive.py`: the exact PyTorch reference only (any device and dtype, autograd): the oracle the kernels are
-  tested against, and the fallback of the dispatch.
+- `naive.py`: the exact PyTorch reference (any device and dtype, autograd): the oracle the kernels are tested
+  against and the fallback of the dispatch, with the argument checks it shares with the kernel path (so both
+  refuse the same inputs); never a dispatch.
 - `kernel.py`: the Triton kernel and its launchers (`can_run(...)` says which inputs it takes); other backends
   are named after themselves (`fa4.py` for flash-attn-4, `flex.py` for FlexAttention).
 - other modules say what they hold: pieces both paths share (`block_sparse/layout.py`, `routing/regions.py`,
