@@ -37,8 +37,6 @@ class RegionWindows:
     packed: bool = False
 
 
-
-
 def packed_config(block: int, head_dim: int) -> dict[str, dict[str, int]]:
     """Tiles for `RegionWindows(packed=True)`: blocks (regions of `block` slots) on the owning side, 32 packed
     tokens on the list side, one warp per program (the tiles are tiny; more resident programs hide the gathers'
