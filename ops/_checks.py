@@ -6,6 +6,8 @@ import os
 
 import torch
 
+SEQUENCE_LAYOUT = "[batch, heads, seq_len, head_dim]"  # the sequence ops' layout (see zoo.ops)
+
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int | tuple[int, ...], layout: str) -> None:
     if not isinstance(t, torch.Tensor):
@@ -101,3 +103,30 @@ def check_scale(name: str, value: float | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number or None (head_dim ** -0.5), got {value!r}")
+
+
+def positive_int_pair(name: str, value: int | tuple[int, int], pair: str) -> tuple[int, int]:
+    """`value` or `(value, value)` as two ints >= 1 (block sizes, regions per side); `pair` names the two."""
+    try:
+        values = (value, value) if isinstance(value, int) else tuple(value)  # tuples, lists, config lists
+    except TypeError:
+        values = ()
+    if len(values) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in values):
+        raise ValueError(f"{name} must be a positive int or {pair} of positive ints, got {value!r}")
+    return values
+
+
+def block_size_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(block_q, block_k) of a block-sparse op's `block_size` argument."""
+    return positive_int_pair("block_size", block_size, "(block_q, block_k)")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v `[batch, heads, seq_len, head_dim]`: same dtype/device, matching batch/heads, k/v lengths, q/k dims."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, SEQUENCE_LAYOUT)
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}: q and k must share head_dim")

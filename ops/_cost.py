@@ -46,3 +46,12 @@ def _(like: torch.Tensor, macs: int) -> torch.Tensor:
 def cost_placeholder(like: torch.Tensor, macs: int) -> torch.Tensor:
     """Return the output placeholder for an op whose cost is `macs` multiply-adds."""
     return attention_cost(like, int(macs))
+
+
+def block_mask_pairs(block_mask: torch.Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
+    """Number of (query, key) token pairs a block mask `[..., nQb, nKb]` keeps (partial tails counted exactly)."""
+    rows = torch.full((block_mask.shape[-2],), block_q, dtype=torch.float64)
+    rows[-1] = n_q - block_q * (block_mask.shape[-2] - 1)
+    cols = torch.full((block_mask.shape[-1],), block_k, dtype=torch.float64)
+    cols[-1] = n_k - block_k * (block_mask.shape[-1] - 1)
+    return int(torch.einsum("q,...qk,k->", rows, block_mask.to(torch.float64).cpu(), cols).round())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from zoo.ops import sla_block_map, sparse_linear_attention
-from zoo.ops.sla import triton_kernel
+from zoo.ops.sla import kernel as sla_kernel
 
 TARGETS = {"fwd_flash": 13.7, "fwd_cudnn": 8.0, "bwd_flash": 5.0, "bwd_cudnn": 5.0}
 
@@ -65,7 +65,7 @@ def check_slice(q, k, v, w, b, bm, block) -> list[str]:
 def sweep(kind: str, key: tuple[int, int], run, configs) -> tuple[int, int]:
     best = None
     for cfg in configs:
-        triton_kernel.LAUNCH[kind][key] = cfg
+        sla_kernel.LAUNCH[kind][key] = cfg
         try:
             t = bench(run)
         except Exception as e:  # e.g. out of shared memory for this config
@@ -76,13 +76,13 @@ def sweep(kind: str, key: tuple[int, int], run, configs) -> tuple[int, int]:
             best = (t, cfg)
     if best is None:
         raise RuntimeError(f"no launch config of {configs} runs {kind} at (head_dim, block_q) {key}")
-    triton_kernel.LAUNCH[kind][key] = best[1]
+    sla_kernel.LAUNCH[kind][key] = best[1]
     return best[1]
 
 
 def breakdown(q, k, v, w, bm, block) -> dict[str, float]:
     """Forward pieces timed alone: block lists, phi(K)/S/z reduction, the fused kernel, the projection GEMM."""
-    tk = triton_kernel
+    tk = sla_kernel
     B, H, N, D = q.shape
     q3, k3, v3 = (t.detach().reshape(B * H, N, D) for t in (q, k, v))
     lut, n_crit, n_neg = tk._block_lists(bm)
@@ -156,7 +156,7 @@ def main() -> None:
             return sparse_linear_attention(q, k, v, w, b, linear_on=args.linear_on, feature_map=args.feature_map,
                                            block_size=block, block_map=bm)
 
-        key, bwd_key = (D, block[0]), (D, min(block[0], triton_kernel.BWD_Q_TILE))
+        key, bwd_key = (D, block[0]), (D, min(block[0], sla_kernel.BWD_Q_TILE))
         if args.sweep:
             cfgs = [(4, 2), (8, 1), (8, 2), (8, 3)]
             with torch.no_grad():
@@ -184,8 +184,8 @@ def main() -> None:
         kernel_ratio = t["fwd_flash"] / parts["kernel"]
         notes.append(
             f"block {block}: critical density {density:.4f}; launch (warps, stages) "
-            f"fwd {triton_kernel.LAUNCH['fwd'][key]}, bwd_q {triton_kernel.LAUNCH['bwd_q'][bwd_key]}, "
-            f"bwd_kv {triton_kernel.LAUNCH['bwd_kv'][bwd_key]}; forward pieces (ms): "
+            f"fwd {sla_kernel.LAUNCH['fwd'][key]}, bwd_q {sla_kernel.LAUNCH['bwd_q'][bwd_key]}, "
+            f"bwd_kv {sla_kernel.LAUNCH['bwd_kv'][bwd_key]}; forward pieces (ms): "
             + ", ".join(f"{n} {val:.3f}" for n, val in parts.items())
             + f" (fused kernel alone: {kernel_ratio:.2f}x SDPA flash, {t['fwd_cudnn'] / parts['kernel']:.2f}x cuDNN); "
             f"sla_block_map (not in the SLA times) {t_map:.3f} ms"

@@ -8,11 +8,11 @@ import sys
 
 import torch
 from zoo.ops import sparse_linear_attention
-from zoo.ops.sla import triton_kernel
+from zoo.ops.sla import kernel as sla_kernel
 
 
 def main(n: int = 4096, block_q: int = 128) -> None:
-    triton_kernel.LAUNCH["bwd_q"][(128, min(block_q, triton_kernel.BWD_Q_TILE))] = (8, 1)
+    sla_kernel.LAUNCH["bwd_q"][(128, min(block_q, sla_kernel.BWD_Q_TILE))] = (8, 1)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     weight = torch.randn(128, 128, device="cuda", dtype=torch.bfloat16) * 0.05

@@ -141,7 +141,7 @@ def routing_case(rng, kernel=False):
     dim_v = dim if kernel else rng.choice((dim, rng.randint(1, 8)))
     inputs = [randn(rng, batch, height, width, heads, dim), randn(rng, batch, height, width, heads, dim),
               randn(rng, batch, height, width, heads, dim_v)]
-    _, _, region_h, region_w = ops.routing.naive.region_geometry(height, width, (n_h, n_w))
+    _, _, region_h, region_w = ops.routing.region_geometry(height, width, (n_h, n_w))
 
     def op(q, k, v):
         return ops.bi_level_routing_attention(q, k, v, (n_h, n_w), topk)

@@ -38,6 +38,11 @@ BAD_INPUTS = {
     "block-sparse block_size 0": (
         lambda: ops.block_sparse_attention(*qkv(1, 2, 8, 4), block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool),
                                            block_size=0), "block_size"),
+    "block-sparse fractional block_size": (
+        lambda: ops.block_sparse_attention(*qkv(1, 2, 8, 4), block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool),
+                                           block_size=(4.5, 4)), "block_size must be a positive int"),
+    "sla fractional block_size": (
+        lambda: ops.sparse_linear_attention(*qkv(1, 2, 8, 4), r(4, 4), block_size=(4, 4.0)), "block_size"),
     "block-sparse key block out of range": (
         lambda: ops.block_sparse_attention(*qkv(1, 2, 8, 4), block_indices=torch.tensor([[[[0], [5]]]]),
                                            block_size=4), "block_indices"),

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import dense_sla_oracle
 from zoo.ops import SparseLinearAttention, counting_flops, sla_block_map, sparse_linear_attention
 
 import zoo
-
-PHI = {"softmax": lambda x: x.softmax(-1), "elu": lambda x: F.elu(x) + 1, "relu": F.relu}
 
 
 def loop_block_map(q, k, topk, negligible, bq, bk):
@@ -37,18 +36,8 @@ def loop_block_map(q, k, topk, negligible, bq, bk):
 
 
 def dense_oracle(q, k, v, w, bias, block_map, bq, bk, linear_on, feature_map, eps=1e-5):
-    """O_s: softmax over the critical elements; O_l: linear attention over the linear elements,
-    both written with N x N element masks."""
-    nq, nk = q.shape[2], k.shape[2]
-    expand = block_map.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :nq, :nk]
-    critical = expand == 1
-    linear = torch.ones_like(critical) if linear_on == "all" else expand == 0
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    probs = torch.softmax(scores.masked_fill(~critical, float("-inf")), -1).nan_to_num(0.0)
-    o_s = probs @ v
-    phi = PHI[feature_map]
-    a = (phi(q) @ phi(k).transpose(-1, -2)) * linear
-    o_l = (a @ v) / (eps + a.sum(-1, keepdim=True))
+    """O_s + proj(O_l), both written with N x N element masks (float64)."""
+    o_s, o_l = dense_sla_oracle(q, k, v, block_map, bq, bk, linear_on, feature_map, eps)
     return o_s + F.linear(o_l, w, bias)
 
 

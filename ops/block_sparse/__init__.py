@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import autocast_cast, check_scale
+from .._checks import autocast_cast, check_qkv, check_scale
 from .._cost import is_counting_flops
 from .._kernels import kernel_module, usable_kernel
 from . import fa4
@@ -19,7 +19,6 @@ from .naive import (
     block_indices_to_mask,
     block_mask_to_indices,
     block_sparse_attention_reference,
-    check_qkv,
     resolve_block_indices,
 )
 

@@ -26,12 +26,12 @@ past N, the same tail semantics). Inputs whose strides TMA cannot take (not 16-b
 kernel. Backward is unchanged. (Triton's warp specialisation of this loop was tried: faster, but its
 logsumexp came out wrong on the H100 with triton 3.6; BENCHMARKS.md.)
 
-Region windows (`RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]` maps and block r is
-region r, a 2-D window of the map; every kernel computes its tiles' addresses from the region and slot
-(`_rows`), so no region-ordered copy exists; missing slots (a region's padding slots, the missing tokens of
-border regions) are masked; with `packed`, the list side of each kernel fills a tile with the tokens of
-several small listed regions (`_packed_rows`). Gradients are written with their own buffers' strides, so
-views with gaps (a fused qkv projection's q/k/v) are read in place too.
+Region windows (`zoo.ops.routing.kernel.RegionWindows`, routing attention): q, k, v stay `[B, H, W, heads, D]`
+maps and block r is region r, a 2-D window of the map; every kernel computes its tiles' addresses from the region
+and slot (`_rows`), so no region-ordered copy exists; missing slots (a region's padding slots, the missing tokens
+of border regions) are masked; with `packed`, the list side of each kernel fills a tile with the tokens of several
+small listed regions (`_packed_rows`; tiles from `zoo.ops.routing.kernel.packed_config`). Gradients are written
+with their own buffers' strides, so views with gaps (a fused qkv projection's q/k/v) are read in place too.
 
 Key padding (`key_padding_mask`, True = never attended, anywhere in the sequence): a per-key-tile
 flag says which `BLOCK_N` tiles hold a padded key; only those load the per-key mask and mask their
@@ -41,14 +41,18 @@ backward, dq masks the same tiles; dk/dv of padded keys are stored as exact zero
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._flash import normalise, online_softmax, row_delta
 from .layout import BlockSparseLayout
+
+if TYPE_CHECKING:  # the window geometry is routing attention's; this kernel only reads it
+    from ..routing.kernel import RegionWindows
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -150,26 +154,6 @@ def _token(row, col, img_w, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASKED: tl.constexpr):
-    """Fold one slice of raw scores `qk` (q . k, -inf = masked) and its values into the running max (log2
-    units: scores x `qk_scale`), normaliser and accumulator. The scale is applied inside the exponent, one
-    fused multiply-add per score (the max commutes with a positive scale), as Triton's attention tutorial does.
-
-    MASKED: some score may be -inf (a slice of padded keys before any valid one), so a row can still be all
-    -inf: keep -inf - -inf from giving NaN."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if MASKED:
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_ptr,
               MASK: tl.constexpr, HAS_KPM: tl.constexpr):
     """One BLOCK_N slice of keys: update the running max, normaliser and accumulator.
@@ -190,15 +174,7 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, valid, qk_scale, kpm_ptrs, flag_
         if tl.load(flag_ptr) != 0:
             padded = tl.load(kpm_ptrs) != 0
             qk = tl.where(padded[None, :], float("-inf"), qk)
-    return _online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASK or HAS_KPM)
-
-
-@triton.jit
-def _normalise(acc, l_i, m_i):
-    """(output, natural-log logsumexp) of the accumulated rows; a row with no listed key: output 0, lse -inf."""
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    return out, tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    return online_softmax(acc, l_i, m_i, qk, v, qk_scale, MASK or HAS_KPM)
 
 
 @triton.jit
@@ -278,7 +254,7 @@ def _fwd_kernel(
                                           _key_valid(start_n, offs_n, N_K, kpm_ptr, HAS_KPM), qk_scale,
                                           kpm_ptr + start_n + offs_n, tpad_ptr, True, HAS_KPM)
 
-    out, lse = _normalise(acc, l_i, m_i)
+    out, lse = normalise(acc, l_i, m_i)
     tl.store(O + b * s_ob + h * s_oh + _offsets(q_row, q_col, s_on, s_ow, WINDOW)[:, None] + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + _token(q_row, q_col, img_w, WINDOW), lse, mask=row_ok)
@@ -334,7 +310,7 @@ def _fwd_kernel_tma(
             if tl.load(tpad_ptr + start_n // BLOCK_N) != 0:
                 padded = tl.load(kpm_ptr + start_n + offs_n) != 0
                 qk = tl.where(padded[None, :], float("-inf"), qk)
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, HAS_KPM)
+        acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, HAS_KPM)
     if n_full < cnt:  # the partial last key block: only its tiles that hold keys, scores masked per key
         for s in range(0, tail_tiles):
             start_n = last_block * BLOCK_K + s * BLOCK_N
@@ -342,9 +318,9 @@ def _fwd_kernel_tma(
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
             qk = tl.where(valid[None, :], tl.dot(q, k.T), float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
+            acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
 
-    out, lse = _normalise(acc, l_i, m_i)
+    out, lse = normalise(acc, l_i, m_i)
     o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -559,23 +535,6 @@ def _transpose_lists_kernel(IDX, CNT, TIDX, TCNT, s_ib, s_ih, s_iq, s_cb, s_ch, 
     tl.store(TCNT + pid_bh * n_k_blocks + key_block, total)
 
 
-@triton.jit
-def _delta_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N_Q,  # noqa: E741
-                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x strides can pass 2**31
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < N_Q
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = pid_bh.to(tl.int64) * N_Q + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=ok, other=0.0)
-    tl.store(DELTA + rows, delta, mask=ok)
-
-
 # ----------------------------------------------------------------------------- launchers
 def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
     """None if the Triton kernel runs these inputs, else the reason it does not."""
@@ -589,7 +548,7 @@ def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, blo
     return None
 
 
-def _tile(block: int, cap: int = 128) -> int:
+def largest_tile(block: int, cap: int = 128) -> int:
     """The largest tile of `TILES` (at most `cap`) that divides a mask block."""
     return next(t for t in TILES if t <= cap and block % t == 0)
 
@@ -600,17 +559,17 @@ def default_config(block_q: int, block_k: int, head_dim: int) -> dict[str, dict[
     A block that is a multiple of 128 (64) runs like a block of 128 (64); blocks of 16 or 32 (routing
     attention's small regions) use tiles of their size, not tuned.
     """
-    tq, tk = _tile(block_q), _tile(block_k)
+    tq, tk = largest_tile(block_q), largest_tile(block_k)
     if head_dim > 64:
         fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=3, TMA=tq == tk == 128)
         dq = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=8 if tq == 128 else 4, num_stages=2 if tq == tk == 128 else 3)
         # K/V as B operands pays at 64 keys per program (fewer spills), not at 128 (more): H100 sweep
-        dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=tk, num_warps=8 if tk == 128 else 4, num_stages=3,
+        dkdv = dict(BLOCK_M=largest_tile(block_q, 64), BLOCK_N=tk, num_warps=8 if tk == 128 else 4, num_stages=3,
                     KV_AS_B=tk == 64)
     else:
         fwd = dict(BLOCK_M=tq, BLOCK_N=tk, num_warps=4, num_stages=3)
-        dq = dict(BLOCK_M=tq, BLOCK_N=_tile(block_k, 64), num_warps=8 if tq == 128 else 4, num_stages=3)
-        dkdv = dict(BLOCK_M=_tile(block_q, 64), BLOCK_N=_tile(block_k, 64), num_warps=4, num_stages=3, KV_AS_B=False)
+        dq = dict(BLOCK_M=tq, BLOCK_N=largest_tile(block_k, 64), num_warps=8 if tq == 128 else 4, num_stages=3)
+        dkdv = dict(BLOCK_M=largest_tile(block_q, 64), BLOCK_N=largest_tile(block_k, 64), num_warps=4, num_stages=3, KV_AS_B=False)
     return {"fwd": fwd, "dq": dq, "dkdv": dkdv}
 
 
@@ -618,26 +577,6 @@ def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (any other strides: the kernels take them, and write
     gradients with their own buffers' strides), else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-@dataclass(frozen=True)
-class RegionWindows:
-    """Mask blocks that are 2-D windows of a `[B, height, width, heads, D]` map (routing attention's regions).
-
-    Block r is region r (row-major, `n_w` per row) of `region_h x region_w` tokens; a block has
-    `block_q = block_k` slots, its tokens row-major first. `masked`: some slot holds no token (more slots
-    than tokens, or partial border regions), so every tile masks its missing slots. `packed` (small
-    regions, at most half their slots used): the side that walks a list (keys in forward and dq, queries
-    in dk/dv) packs the tokens of consecutive listed regions into each tile instead of one padded region
-    per step (BiFormer's 2x2-token regions: one 64-key step instead of 16 steps of 16 slots, 4 of them
-    real); tiles then come from `packed_config`.
-    """
-
-    n_w: int
-    region_h: int
-    region_w: int
-    masked: bool
-    packed: bool = False
 
 
 def _dims(t: torch.Tensor, window: RegionWindows | None) -> tuple[int, int, int]:
@@ -675,17 +614,6 @@ def _check_config(cfg: dict[str, int], block_q: int, block_k: int, packed: str |
     """Tiles must divide the mask blocks, except on a packed list side (`packed`: "BLOCK_M" or "BLOCK_N")."""
     if (block_q % cfg["BLOCK_M"] and packed != "BLOCK_M") or (block_k % cfg["BLOCK_N"] and packed != "BLOCK_N"):
         raise ValueError(f"tile {cfg} must divide the mask blocks ({block_q}, {block_k})")
-
-
-def packed_config(block: int, head_dim: int) -> dict[str, dict[str, int]]:
-    """Tiles for `RegionWindows(packed=True)`: blocks (regions of `block` slots) on the owning side, 32 packed
-    tokens on the list side, one warp per program (the tiles are tiny; more resident programs hide the gathers'
-    latency). Measured on an H100 for BiFormer-S's 2x2-token regions (B 128, 8 heads x 32, top-16): fwd 0.11 ms,
-    dq 0.12 ms, dk/dv 0.16 ms, against 0.29 / 0.26 / 0.33 ms with 4 warps and 64-token tiles (BENCHMARKS.md)."""
-    own = _tile(block)
-    return {"fwd": dict(BLOCK_M=own, BLOCK_N=32, num_warps=1, num_stages=2),
-            "dq": dict(BLOCK_M=own, BLOCK_N=32, num_warps=1, num_stages=2),
-            "dkdv": dict(BLOCK_M=32, BLOCK_N=own, num_warps=1, num_stages=2, KV_AS_B=False)}
 
 
 def _packed_side(window: RegionWindows | None, side: str) -> str | None:
@@ -810,15 +738,7 @@ def launch_delta(do, o, dlse, window=None):
     """rowsum(dO * O) - dlse, fp32 [B, H, N_q], in one pass (per map token, row-major, in window mode)."""
     if window is not None:  # the maps as [B, heads, height * width, D] sequences
         o, do = (t.reshape(t.shape[0], -1, *t.shape[3:]).transpose(1, 2) for t in (o, do))
-    batch, heads, n_q, dim = o.shape
-    delta = torch.empty(batch, heads, n_q, device=o.device, dtype=torch.float32)
-    rows = 64
-    dlse_arg = delta if dlse is None else dlse.float().contiguous()
-    _delta_kernel[(math.ceil(n_q / rows), batch * heads)](
-        o, do, dlse_arg, delta, *_strides(o, None)[:3], *_strides(do, None)[:3], heads, n_q,
-        BLOCK_M=rows, HEAD_DIM=dim, HAS_DLSE=dlse is not None,
-    )
-    return delta
+    return row_delta(do, o, dlse)
 
 
 def launch_dq(do, q, k, v, lse, delta, idx, cnt, block_q, block_k, scale, cfg, kpm=None, window=None):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .naive import _check_indices, _pair, block_indices_to_mask, block_mask_to_indices
+from .._checks import block_size_pair
+from .naive import _check_indices, block_indices_to_mask, block_mask_to_indices
 
 
 def sort_lists(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ def block_sparse_layout(
         block_indices: int `[B|1, H|1, ceil(n_q/block_q), max_k]`, key-block ids, -1 = unused.
         device: where the layout lives (default: the mask's device).
     """
-    block_q, block_k = _pair(block_size)
+    block_q, block_k = block_size_pair(block_size)
     n_qb, n_kb = math.ceil(n_q / block_q), math.ceil(n_k / block_k)
     if (block_mask is None) == (block_indices is None):
         raise ValueError("pass exactly one of block_mask or block_indices")

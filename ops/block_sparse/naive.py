@@ -19,18 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_allocation, check_same, check_scale, check_tensor, empty_output
+from .._checks import block_size_pair, check_allocation, check_qkv, check_scale, empty_output
 from .._cost import cost_placeholder, is_counting_flops
-
-LAYOUT = "[batch, heads, seq_len, head_dim]"
-
-
-def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    if len(block_size) != 2 or min(block_size) < 1:
-        raise ValueError(f"block_size must be a positive int or (block_q, block_k), got {block_size}")
-    return int(block_size[0]), int(block_size[1])
 
 
 def block_mask_to_indices(block_mask: torch.Tensor) -> torch.Tensor:
@@ -84,17 +74,6 @@ def _check_key_padding_mask(key_padding_mask: torch.Tensor, batch: int, n_k: int
         )
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q, k, v `[batch, heads, seq_len, head_dim]`: same dtype/device, matching batch/heads, k/v lengths, q/k dims."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}")
-
-
 def resolve_block_indices(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,7 +85,7 @@ def resolve_block_indices(
     """Check the arguments of block-sparse attention; return (int64 lists [B|1, H|1, nQb, max_k] on q's device,
     block_q, block_k). Shared by the reference and the Triton path, so both refuse the same inputs."""
     check_qkv(q, k, v)
-    block_q, block_k = _pair(block_size)
+    block_q, block_k = block_size_pair(block_size)
     batch, heads, n_q, _ = q.shape
     n_q_blocks, n_k_blocks = math.ceil(n_q / block_q), math.ceil(k.shape[2] / block_k)
     if (block_mask is None) == (block_indices is None):

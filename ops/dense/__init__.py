@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import autocast_cast
+from .._checks import autocast_cast, check_qkv
 from .._cost import is_counting_flops
 from ..block_sparse import fa4
-from ..block_sparse.naive import check_qkv
 
 DENSE_BACKENDS = ("fa4", "sdpa")  # the order backend="auto" tries them
 

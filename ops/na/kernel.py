@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse.kernel import _normalise, _online_softmax, launch_delta
+from .._flash import normalise, online_softmax, row_delta
 from .naive import axis_neighbors
 
 LOG2E = 1.4426950408889634
@@ -227,7 +227,7 @@ def _na_query_kernel(
                 if HAS_RPB:
                     _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, q_ok[:, None], NA_DIM)
             else:
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, False)
+                acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, False)
         else:
             k_ok = (kc0 <= end0) & (kc1 <= end1) & (kc2 <= end2)
             k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
@@ -241,7 +241,7 @@ def _na_query_kernel(
                 if HAS_RPB:
                     _rpb_grad(ds, qc0, qc1, qc2, kc0, kc1, kc2, ks0, ks1, ks2, drpb_head, qk > float("-inf"), NA_DIM)
             else:
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
+                acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
 
     if HAS_EXTRA:  # the additional keys: one dense segment of the same softmax
         BLOCK_E: tl.constexpr = TK0 * TK1 * TK2
@@ -259,13 +259,13 @@ def _na_query_kernel(
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                 dq = tl.dot(ds.to(k.dtype), k, dq)
             else:
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
+                acc, l_i, m_i = online_softmax(acc, l_i, m_i, qk, v, qk_scale, True)
 
     if BACKWARD:
         dq_off = b * s_gb + h * s_gh + _offsets(qc0, qc1, qc2, g0, g1, g2, dil0, dil1, dil2, s_g0, s_g1, s_g2)
         tl.store(DQ + dq_off[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
     else:
-        out, lse = _normalise(acc, l_i, m_i)
+        out, lse = normalise(acc, l_i, m_i)
         tl.store(O + o_off[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None])
         tl.store(LSE + token, lse, mask=q_ok)
 
@@ -494,8 +494,8 @@ def backward(do, dlse, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, dilatio
     configs = config or default_config(na_dim, max(dim, dim_v))
     table = bounds_table(tuple(spatial), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal), q.device)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = launch_delta(do.reshape(batch, n_tokens, heads, dim_v).transpose(1, 2),
-                         out.reshape(batch, n_tokens, heads, dim_v).transpose(1, 2), dlse)
+    delta = row_delta(do.reshape(batch, n_tokens, heads, dim_v).transpose(1, 2),
+                      out.reshape(batch, n_tokens, heads, dim_v).transpose(1, 2), dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     slots = configs["dq"].get("DRPB_SLOTS", 1)
     drpb = None if rpb is None else torch.zeros(slots, *rpb.shape, device=q.device, dtype=torch.float32)

@@ -1,31 +1,46 @@
-"""Bi-level routing attention (BiFormer): region-level top-k routing, then token attention."""
-from __future__ import annotations
+"""Bi-level routing attention (BiFormer): region-level top-k routing, then token attention.
 
-import functools
+Backends: "triton" (`kernel.py`: the block-sparse Triton kernel reading each region in place as a window of the
+map) and "reference" (`naive.py`, exact, any device and dtype); `regions.py` holds the region geometry and the
+routing both share. `bi_level_routing_backend` says which one a call takes and why.
+"""
+from __future__ import annotations
 
 import torch
 
 from .._checks import autocast_cast
 from .._cost import is_counting_flops
-from ..block_sparse import BlockSparseLayout, _kernel_module
-from .naive import (
-    _check_inputs,
-    _route,
-    bi_level_routing_attention_reference,
-    bi_level_routing_backend,
-    bra_routing,
-    has_empty_regions,
-    region_geometry,
-    region_slots,
-    region_token_valid,
-    whole_regions,
-)
+from .._kernels import kernel_module
+from ..block_sparse import block_sparse_backend
+from .naive import bi_level_routing_attention_reference
+from .regions import check_inputs, region_geometry, region_slots, region_token_valid, route
 
 
-@functools.lru_cache(maxsize=64)
-def _full_counts(shape: tuple[int, ...], topk: int, device: torch.device) -> torch.Tensor:
-    """int64 counts of lists that all hold `topk` regions (cached: one launch fewer per call; never modified)."""
-    return torch.full(shape, topk, dtype=torch.int64, device=device)
+def bra_routing(
+    q: torch.Tensor, k: torch.Tensor, n_win: int | tuple[int, int], topk: int, scale: float | None = None
+) -> torch.Tensor:
+    """The routed regions of every region: int64 `[B, n_win^2, topk]`, -1 for none (rule: `zoo.ops.routing.naive`)."""
+    geometry = check_inputs(q, k, k, n_win, topk, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    valid = region_token_valid(q.shape[1], q.shape[2], *geometry, device=q.device)
+    return route(q, k, geometry, valid, topk, scale)
+
+
+def bi_level_routing_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             n_win: int | tuple[int, int], backend: str = "auto") -> tuple[str, str]:
+    """("triton", "") when `bi_level_routing_attention` runs these inputs on the Triton block-sparse kernel
+    (regions of `region_slots(R)` token slots), else ("reference", the reason); a named `backend` ("triton",
+    "reference") is checked alone (ValueError with the reason when it cannot run them).
+
+    flash-attn-4 is not a routing backend: the Triton kernel reads each region in place as a 2-D window of the
+    map, FA4 takes sequences (a region-ordered copy of q, k, v per call), and BiFormer's head_dim 32 is outside
+    the head dims the zoo runs FA4 with."""
+    if backend == "fa4":
+        raise ValueError("backend='fa4' does not run routing attention (regions are 2-D windows of the map, read "
+                         "in place by the Triton kernel); use backend='auto', 'triton' or 'reference'")
+    _, _, region_h, region_w = region_geometry(q.shape[1], q.shape[2], n_win)
+    slots = region_slots(region_h * region_w)
+    return block_sparse_backend(q, k, v, slots, slots, backend, candidates=("triton", "reference"))
 
 
 def bi_level_routing_attention(
@@ -63,7 +78,7 @@ def bi_level_routing_attention(
 
     Backend: on CUDA for float16/bfloat16 and head_dim 32/64/128 (`bi_level_routing_backend` says),
     the Triton block-sparse kernel runs with the routed regions as its lists and reads each region as a
-    2-D window of q, k, v in place (`RegionWindows`): no region-ordered copy, no padding of the map,
+    2-D window of q, k, v in place (`zoo.ops.routing.kernel`): no region-ordered copy, no padding of the map,
     and K/V are never copied per routed region (the official gather holds `topk` copies). A region
     takes `region_slots(R)` slots (16, 32, 64 or a multiple of 64: whole kernel tiles); slots past its
     tokens and the missing tokens of partial border regions are masked in-kernel. Otherwise the exact
@@ -73,28 +88,11 @@ def bi_level_routing_attention(
     Memory (kernel path): the output, the routing and a float32 log-sum-exp per query and head.
     """
     q, k, v = autocast_cast(q, k, v)
-    geometry = _check_inputs(q, k, v, n_win, topk, scale)
+    geometry = check_inputs(q, k, v, n_win, topk, scale)
     if is_counting_flops() or bi_level_routing_backend(q, k, v, n_win, backend)[0] != "triton":
         return bi_level_routing_attention_reference(q, k, v, n_win, topk, scale=scale, return_routing=return_routing)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    height, width = q.shape[1:3]
-    n_h, n_w, region_h, region_w = geometry
-    tokens = region_h * region_w
-    slots = region_slots(tokens)
-    routing = _route(q, k, geometry, region_token_valid(height, width, *geometry, device=q.device), topk, scale)
-    n = n_h * n_w * slots
-    if has_empty_regions(height, width, geometry):  # -1 picks: lists sorted, valid entries first
-        layout = BlockSparseLayout.from_checked(routing[:, None], slots, slots, n, n, transpose=False)
-    else:  # every pick is a region: the top-k lists as they are (in-range and distinct by construction)
-        lists = routing[:, None]
-        layout = BlockSparseLayout(lists, _full_counts(tuple(lists.shape[:-1]), topk, q.device), None, None, slots,
-                                   slots, n, n)
-    kernel = _kernel_module()
-    packed = 2 * tokens <= slots  # regions of <= 8 tokens (16 slots): list-side tiles pack several regions' tokens
-    window = kernel.RegionWindows(n_w, region_h, region_w, packed=packed,
-                                  masked=slots > tokens or not whole_regions(height, width, geometry))
-    config = kernel.packed_config(slots, q.shape[-1]) if packed else None
-    out, _ = kernel.block_sparse_attention_triton(q, k, v, layout, scale, config=config, window=window)
+    out, routing = kernel_module(__name__).bi_level_routing_attention_triton(q, k, v, geometry, topk, scale)
     return (out, routing) if return_routing else out
 
 

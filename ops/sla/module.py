@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .naive import FEATURE_MAPS, LINEAR_ON, _block_counts, _pair, sparse_linear_attention
+from .._checks import block_size_pair
+from . import sparse_linear_attention
+from .naive import FEATURE_MAPS, LINEAR_ON, _block_counts
 
 
 class SparseLinearAttention(nn.Module):
@@ -34,7 +36,7 @@ class SparseLinearAttention(nn.Module):
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
         self.topk, self.negligible, self.linear_on = topk, negligible, linear_on
-        self.feature_map, self.block_size, self.eps = feature_map, _pair(block_size), eps
+        self.feature_map, self.block_size, self.eps = feature_map, block_size_pair(block_size), eps
         self.proj_l = nn.Linear(head_dim, head_dim)
         nn.init.zeros_(self.proj_l.weight)  # starts as pure top-k sparse attention
         nn.init.zeros_(self.proj_l.bias)

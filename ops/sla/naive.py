@@ -31,8 +31,8 @@ Faithful details (thu-ml/SLA `get_block_map`, `SparseLinearAttention`):
   linear block, as here, where an empty row gives 0 for any eps);
 - proj: Linear(head_dim_v, head_dim_v), zero-initialised (SLA starts as pure top-k sparse attention).
 On CUDA fp16/bf16 tensors with head_dim 32/64/128 (q, k, v alike) and power-of-two blocks of
-16..128 the call runs the fused Triton kernel of `triton_kernel.py` (both branches in one pass,
-forward and backward, every variant above); elsewhere this reference. The kernel keeps phi(q),
+16..128 `zoo.ops.sparse_linear_attention` runs the fused Triton kernel of `kernel.py` (both branches in
+one pass, forward and backward, every variant above); elsewhere this reference. The kernel keeps phi(q),
 phi(k) in the input dtype for its tile products (float32 accumulation), like the official one.
 
 Deviation: the official module casts q, k, v to bf16/fp16 and runs the linear branch in that
@@ -41,19 +41,23 @@ the output is cast back, which is what keeps fp16/bf16 finite at 64k tokens.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
-from .._cost import cost_placeholder, is_counting_flops
+from .._checks import (
+    SEQUENCE_LAYOUT,
+    autocast_cast,
+    block_size_pair,
+    check_allocation,
+    check_qkv,
+    check_scale,
+    check_tensor,
+)
+from .._cost import block_mask_pairs, cost_placeholder, is_counting_flops
 from ..block_sparse import block_sparse_attention
-from ..block_sparse.naive import _pair
-from ..radial.naive import block_mask_pairs
 
-LAYOUT = "[batch, heads, seq_len, head_dim]"
 FEATURE_MAPS = {
     "softmax": lambda x: x.softmax(dim=-1),
     "elu": lambda x: F.elu(x) + 1,
@@ -98,9 +102,9 @@ def sla_block_map(
     Not differentiable (the selection is discrete, as in the paper). Ties between equal scores
     are broken by `torch.sort` order.
     """
-    check_tensor("q", q, 4, LAYOUT)
-    check_tensor("k", k, 4, LAYOUT)
-    block_q, block_k = _pair(block_size)
+    check_tensor("q", q, 4, SEQUENCE_LAYOUT)
+    check_tensor("k", k, 4, SEQUENCE_LAYOUT)
+    block_q, block_k = block_size_pair(block_size)
     batch, heads, n_q, n_k = *q.shape[:3], k.shape[2]
     n_qb, n_kb = -(-n_q // block_q), -(-n_k // block_k)
     n_critical, n_negligible = _block_counts(n_kb, topk, negligible)
@@ -151,18 +155,6 @@ def _linear_branch(
     return out.flatten(2, 3)[:, :, :n_q]
 
 
-def _fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int]) -> bool:
-    """Whether the fused Triton kernel (`triton_kernel.py`) runs: CUDA, fp16/bf16, one head_dim of
-    32/64/128 for q, k and v, power-of-two blocks of 16..128, triton importable."""
-    d = q.shape[-1]
-    if not q.numel() or not k.numel():  # no work for the kernel
-        return False
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d in (32, 64, 128)
-            and k.shape[-1] == d and v.shape[-1] == d and all(b in (16, 32, 64, 128) for b in block_size)):
-        return False
-    return importlib.util.find_spec("triton") is not None
-
-
 def sla_cost(
     block_map: torch.Tensor, n_q: int, n_k: int, dim: int, dim_v: int, block_size: tuple[int, int], linear_on: str
 ) -> int:
@@ -182,48 +174,24 @@ def sla_cost(
     return batch * heads * per_head + aggregated * dim * (dim_v + 1) + critical * (dim + dim_v)
 
 
-def sparse_linear_attention(
+def resolve_sla_arguments(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor | None = None,
-    topk: float = 0.05,
-    negligible: float = 0.0,
-    linear_on: str = "marginal",
-    feature_map: str = "softmax",
-    block_size: int | tuple[int, int] = 64,
-    scale: float | None = None,
-    eps: float = 1e-5,
-    block_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """SLA: O = O_s + proj(O_l); variants and formulas in the module docstring.
-
-    Args:
-        q, k, v: `[batch, heads, seq_len, head_dim]` (k, v may have another seq_len; v another head_dim).
-        proj_weight, proj_bias: the learnable projection of O_l, `[Dv, Dv]` and `[Dv]` (F.linear layout).
-        topk: fraction k_h of key blocks per query-block row that are critical.
-        negligible: fraction k_l of key blocks per row that are skipped (0 = the released code).
-        linear_on: "marginal" (paper, SLA-1) or "all" (main branch: linear attention over all tokens).
-        feature_map: "softmax" | "elu" | "relu".
-        block_size: `block` or `(block_q, block_k)`; the official kernels use (64 or 128, 64).
-        scale: softmax scale of the sparse branch (default head_dim ** -0.5).
-        block_map: a precomputed `sla_block_map` (reused across calls, or for tests); when given,
-            `topk` and `negligible` are not used.
-
-    Memory (reference): the sparse branch is block_sparse_attention's chunked working set;
-    the linear branch holds S_j, Z_j and H_i, Z_i, i.e. B*H*(ceil(Nk/bk) + ceil(Nq/bq))*D*(Dv+1)
-    floats in float32, plus phi(q), phi(k) and O_l (B*H*N*D each); no N x N matrix.
-    Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
-    """
-    q, k, v = autocast_cast(q, k, v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}: q and k must share head_dim")
+    proj_bias: torch.Tensor | None,
+    topk: float,
+    negligible: float,
+    linear_on: str,
+    feature_map: str,
+    block_size: int | tuple[int, int],
+    scale: float | None,
+    eps: float,
+    block_map: torch.Tensor | None,
+) -> tuple[int, int, torch.Tensor]:
+    """Check the arguments of `zoo.ops.sparse_linear_attention`; return (block_q, block_k, the block map, computed
+    by `sla_block_map` when not given). Shared by the reference and the kernel path, so both refuse the same inputs."""
+    check_qkv(q, k, v)
     dim_v = v.shape[-1]
     if not isinstance(proj_weight, torch.Tensor) or tuple(proj_weight.shape) != (dim_v, dim_v):
         got = tuple(proj_weight.shape) if isinstance(proj_weight, torch.Tensor) else type(proj_weight).__name__
@@ -239,8 +207,8 @@ def sparse_linear_attention(
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if linear_on == "all" and negligible:
         raise ValueError(f"negligible={negligible} skips blocks, which linear_on='all' cannot: use linear_on='marginal'")
-    block_q, block_k = _pair(block_size)
-    n_q, n_k, dim = q.shape[2], k.shape[2], q.shape[-1]
+    block_q, block_k = block_size_pair(block_size)
+    n_q, n_k = q.shape[2], k.shape[2]
     expected = (q.shape[0], q.shape[1], math.ceil(n_q / block_q), math.ceil(n_k / block_k))
     if block_map is None:
         block_map = sla_block_map(q, k, topk, negligible, (block_q, block_k))
@@ -249,20 +217,36 @@ def sparse_linear_attention(
             f"block_map must be an int8 sla_block_map of shape {list(expected)}, "
             f"got {block_map.dtype} {tuple(block_map.shape)}"
         )
+    return block_q, block_k, block_map
 
+
+def sparse_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    topk: float = 0.05,
+    negligible: float = 0.0,
+    linear_on: str = "marginal",
+    feature_map: str = "softmax",
+    block_size: int | tuple[int, int] = 64,
+    scale: float | None = None,
+    eps: float = 1e-5,
+    block_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SLA, exact PyTorch (the formulas of the module docstring). See `zoo.ops.sparse_linear_attention`.
+
+    Memory: the sparse branch is block_sparse_attention's chunked working set; the linear branch holds
+    S_j, Z_j and H_i, Z_i, i.e. B*H*(ceil(Nk/bk) + ceil(Nq/bq))*D*(Dv+1) floats in float32, plus phi(q),
+    phi(k) and O_l (B*H*N*D each); no N x N matrix.
+    """
+    q, k, v = autocast_cast(q, k, v)
+    block_q, block_k, block_map = resolve_sla_arguments(q, k, v, proj_weight, proj_bias, topk, negligible, linear_on,
+                                                        feature_map, block_size, scale, eps, block_map)
     if is_counting_flops():
-        macs = sla_cost(block_map, n_q, n_k, dim, dim_v, (block_q, block_k), linear_on)
-        return cost_placeholder(q.new_empty(*q.shape[:3], dim_v), macs)
-
-    if _fused_supported(q, k, v, (block_q, block_k)):
-        from .triton_kernel import sla_fused  # triton is imported only on this path
-
-        o_s, o_l = sla_fused(q, k, v, block_map, dim**-0.5 if scale is None else scale, feature_map, linear_on, eps,
-                             (block_q, block_k))
-        # O_s + O_l W^T in one GEMM (float32 accumulate, one rounding), then the bias
-        out = torch.addmm(o_s.flatten(0, 2), o_l.flatten(0, 2), proj_weight.to(q.dtype).t()).view(o_s.shape)
-        return out if proj_bias is None else out + proj_bias.to(q.dtype)
-
+        macs = sla_cost(block_map, q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], (block_q, block_k), linear_on)
+        return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[-1]), macs)
     o_s = block_sparse_attention(q, k, v, block_mask=block_map == CRITICAL, block_size=(block_q, block_k), scale=scale)
     acc = torch.promote_types(q.dtype, torch.float32)
     phi = FEATURE_MAPS[feature_map]

@@ -47,6 +47,22 @@ LAUNCH["bwd_q"][(128, 64)] = (4, 3)
 LAUNCH["bwd_kv"][(128, 64)] = (8, 2)
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_BLOCKS = (16, 32, 64, 128)
+
+
+def can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
+    """None if the fused kernel runs these (checked) inputs, else the reason it does not."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head_dim q/k {q.shape[-1]}, v {v.shape[-1]} (the kernel takes one head_dim in {SUPPORTED_HEAD_DIMS})"
+    if block_q not in SUPPORTED_BLOCKS or block_k not in SUPPORTED_BLOCKS:
+        return f"block_size ({block_q}, {block_k}) (the kernel takes blocks in {SUPPORTED_BLOCKS})"
+    return None
+
+
 def _launch(kind: str, d: int, block_q: int) -> dict:
     warps, stages = LAUNCH[kind][(d, block_q)]
     return {"num_warps": warps, "num_stages": stages}
@@ -438,6 +454,6 @@ def sla_fused(
     feature_map: str, linear_on: str, eps: float, block_size: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O_s, O_l) of SLA in one fused kernel per direction; arguments as validated by
-    `zoo.ops.sparse_linear_attention` (which applies the projection after)."""
+    `zoo.ops.sparse_linear_attention` (which applies the projection after) and accepted by `can_run`."""
     block_q, block_k = block_size
     return _SLAFused.apply(q, k, v, block_map, float(scale), feature_map, linear_on, float(eps), block_q, block_k)

@@ -1,4 +1,4 @@
-"""Radial attention (Li et al., NeurIPS 2025): the static block mask and its attention.
+"""Radial attention (Li et al., NeurIPS 2025): the static block mask, built exactly as the official code.
 
 The mask is built frame pair by frame pair, exactly as `mit-han-lab/radial-attention`
 (`radial_attn/attn_mask.py` at 72788d4) builds it, so a mask computed here selects the same
@@ -35,9 +35,7 @@ import struct
 
 import torch
 
-from .._checks import autocast_cast, check_allocation, check_same, check_scale, check_tensor
-from .._cost import cost_placeholder, is_counting_flops
-from ..block_sparse import BlockSparseLayout, block_sparse_attention, block_sparse_layout
+from .._checks import check_allocation
 
 MODELS = ("wan", "hunyuan")
 THINNING_THRESHOLD = 128  # tokens; hard-coded in the official `get_diagonal_split_mask`
@@ -98,7 +96,7 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy) -> None:
+def check_mask_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy) -> None:
     _check_int("num_frames", num_frames, 1)
     _check_int("tokens_per_frame", tokens_per_frame, 1)
     _check_int("block_size", block_size, 1)
@@ -158,85 +156,13 @@ def radial_block_mask(
     Memory: O(ceil(N/B)^2) bools plus O(s^2 / B) per distinct frame-pair canvas; no token-level
     mask is built.
     """
-    _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy)
+    check_mask_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy)
     return _radial_block_mask(
         num_frames, tokens_per_frame, float(decay_factor), block_size, model, text_tokens, bool(legacy)
     ).clone()
 
 
 @functools.lru_cache(maxsize=16)
-def _device_mask(args: tuple, device: torch.device) -> torch.Tensor:
+def device_mask(args: tuple, device: torch.device) -> torch.Tensor:
+    """`[1, 1, nb, nb]` mask of checked `radial_block_mask` arguments on `device` (cached: never modify it)."""
     return _radial_block_mask(*args).to(device)[None, None]
-
-
-@functools.lru_cache(maxsize=16)
-def _device_layout(args: tuple, device: torch.device) -> BlockSparseLayout:
-    """The mask as checked key-block lists, so repeated calls skip the per-call check (a host sync)."""
-    n = args[0] * args[1] + args[5]
-    return block_sparse_layout(n, n, block_mask=_device_mask(args, device), block_size=args[3], device=device)
-
-
-def block_mask_pairs(block_mask: torch.Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
-    """Number of (query, key) token pairs a block mask `[..., nQb, nKb]` keeps (partial tails counted exactly)."""
-    rows = torch.full((block_mask.shape[-2],), block_q, dtype=torch.float64)
-    rows[-1] = n_q - block_q * (block_mask.shape[-2] - 1)
-    cols = torch.full((block_mask.shape[-1],), block_k, dtype=torch.float64)
-    cols[-1] = n_k - block_k * (block_mask.shape[-1] - 1)
-    return int(torch.einsum("q,...qk,k->", rows, block_mask.to(torch.float64).cpu(), cols).round())
-
-
-def radial_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    num_frames: int,
-    tokens_per_frame: int,
-    decay_factor: float,
-    block_size: int = 128,
-    model: str = "wan",
-    text_tokens: int = 0,
-    legacy: bool = False,
-    scale: float | None = None,
-    return_lse: bool = False,
-    backend: str = "auto",
-):
-    """Softmax attention restricted to the radial block mask (`radial_block_mask`).
-
-    Args:
-        q, k, v: `[batch, heads, N, head_dim]`, N = num_frames * tokens_per_frame + text_tokens,
-            tokens frame-major, video first then text.
-        The other arguments are `radial_block_mask`'s; `scale` defaults to head_dim ** -0.5; `backend` is
-            `block_sparse_attention`'s ("auto": flash-attn-4 on sm90/sm100 when installed, else Triton / reference).
-
-    The mask is built once per argument tuple and device (an LRU cache keyed by all of them, so
-    a new resolution gets a new mask). Runs `zoo.ops.block_sparse_attention`.
-
-    Faithful: HunyuanVideo's official path attends video -> (radial video + valid text) and
-    text -> everything; the same blocks are selected here. Its prompt padding mask is not an
-    argument: pass only the valid text tokens (`text_tokens` = their number), as a block mask
-    cannot drop single keys (the official text rows would also see the padded text keys).
-
-    Memory (reference): the block mask plus block_sparse_attention's chunked working set;
-    no N x N matrix. Inside `torch.autocast`, q, k, v are cast to its dtype (as SDPA).
-    """
-    q, k, v = autocast_cast(q, k, v)
-    check_tensor("q", q, 4, "[batch, heads, N, head_dim]")
-    check_same(("q", "k", "v"), (q, k, v))
-    _check_args(num_frames, tokens_per_frame, decay_factor, block_size, model, text_tokens, legacy)
-    check_scale("scale", scale)
-    n = num_frames * tokens_per_frame + text_tokens
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 4 or t.shape[2] != n:
-            raise ValueError(
-                f"{name} must be [batch, heads, N, head_dim] with N = num_frames * tokens_per_frame + text_tokens "
-                f"= {num_frames} * {tokens_per_frame} + {text_tokens} = {n}, got shape {tuple(t.shape)}"
-            )
-    args = (num_frames, tokens_per_frame, float(decay_factor), block_size, model, text_tokens, bool(legacy))
-    mask = _device_mask(args, q.device)
-    if is_counting_flops():
-        batch, heads, _, dim = q.shape
-        pairs = block_mask_pairs(mask, n, n, block_size, block_size)
-        out = cost_placeholder(q.new_empty(batch, heads, n, v.shape[-1]), batch * heads * pairs * (dim + v.shape[-1]))
-        return (out, q.new_zeros(batch, heads, n, dtype=torch.float32)) if return_lse else out
-    layout = _device_layout(args, q.device)
-    return block_sparse_attention(q, k, v, layout=layout, scale=scale, return_lse=return_lse, backend=backend)
