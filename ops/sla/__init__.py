@@ -11,7 +11,7 @@ import torch
 from .._checks import autocast_cast, block_size_pair, check_qkv
 from .._cost import is_counting_flops
 from .._kernels import kernel_module, usable_kernel
-from .naive import resolve_sla_arguments, sla_block_map, sparse_linear_attention_reference
+from .naive import CRITICAL, MARGINAL, NEGLIGIBLE, resolve_sla_arguments, sla_block_map, sparse_linear_attention_reference
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
 BACKENDS = ("triton", "reference")  # the order backend="auto" tries them
@@ -101,4 +101,4 @@ def sparse_linear_attention(
 
 from .module import SparseLinearAttention  # noqa: E402  (the module calls sparse_linear_attention above)
 
-__all__ = ["BACKENDS", "SparseLinearAttention", "sla_backend", "sla_block_map", "sparse_linear_attention"]
+__all__ = ["BACKENDS", "CRITICAL", "MARGINAL", "NEGLIGIBLE", "SparseLinearAttention", "sla_backend", "sla_block_map", "sparse_linear_attention"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from zoo import ops
 from zoo.diffusers.config import NeighborhoodAttentionConfig, RadialAttentionConfig, SLAConfig
-from zoo.ops.sla.naive import CRITICAL
+from zoo.ops.sla import CRITICAL
 
 
 class JointSequence:

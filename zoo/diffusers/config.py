@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from zoo.ops import SparseLinearAttention, SparsityPolicy
-from zoo.ops.na.naive import normalize_args
+from zoo.ops.na import normalize_args
 
 
 def _axes(name: str, value: Any) -> tuple[int, int, int]:
