@@ -386,26 +386,6 @@ def test_generate_rebuilds_the_model_from_a_training_checkpoint(tmp_path, capsys
     assert Image.open(out).size == (8 + 4, 8 + 4)  # one 8 x 8 sample with the grid's 2 px padding
 
 
-def test_fsdp_wraps_blocks_and_refuses_ema():
-    import zoo
-    from zoo.lightning.train import block_classes, build_callbacks, build_strategy
-
-    model = zoo.create_model("dit_s_2", input_size=8, in_channels=1, num_classes=4, depth=2, hidden_size=32, num_heads=2)
-
-    class Module:
-        pass
-
-    Module.model = model
-    cfg = zcfg.load_config(None, ["task=diffusion", "model.name=dit_s_2", "trainer.strategy=fsdp", "diffusion.ema_decay=0"])
-    strategy = build_strategy(cfg, Module)
-    assert type(strategy).__name__ == "FSDPStrategy"
-    assert {c.__name__ for c in block_classes(model, [])} == {"DiTBlock"}
-    with pytest.raises(zcfg.ConfigError, match="fsdp_wrap"):
-        block_classes(model, ["NoSuchBlock"])
-    with pytest.raises(zcfg.ConfigError, match="EMA does not support sharded"):
-        build_callbacks(zcfg.load_config(None, ["task=diffusion", "model.name=x", "trainer.strategy=fsdp"]))
-
-
 def test_import_zoo_does_not_import_lightning():
     code = "import sys, zoo; zoo.register_all_models(); zoo.list_models(); assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
