@@ -116,6 +116,7 @@ class TrainerCfg:
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False
+    log_throughput: bool = False  # log perf/samples_per_s (all processes) and perf/peak_mem_gib (per device)
 
 
 @dataclass

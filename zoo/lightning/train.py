@@ -10,6 +10,7 @@ Checkpoints are written atomically (`AtomicCheckpointIO`) and read as tensors on
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import sys
 import time
@@ -130,6 +131,42 @@ class RankSeed(_callbacks.Callback):
             pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
 
 
+class ThroughputLog(_callbacks.Callback):
+    """`perf/samples_per_s` (training samples per second over all processes, over the last `log_every_n_steps`
+    steps, validation excluded) and `perf/peak_mem_gib` (this device's peak allocated memory so far), every step.
+
+    Each step is timed to its end on the device (a CUDA sync per step: on only with `trainer.log_throughput`).
+    """
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.window: collections.deque[tuple[float, int]] = collections.deque()
+
+    def _now(self, pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.last is None:  # the first step, or the first after a validation: time from here
+            self.last = self._now(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = self._now(pl_module)
+        self.window.append((now - self.last, len(batch[0]) * trainer.world_size))
+        self.last = now
+        while len(self.window) > trainer.log_every_n_steps:
+            self.window.popleft()
+        seconds, samples = sum(s for s, _ in self.window), sum(n for _, n in self.window)
+        pl_module.log("perf/samples_per_s", samples / max(seconds, 1e-9), on_step=True, on_epoch=False)
+        if pl_module.device.type == "cuda":
+            pl_module.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30, on_step=True, on_epoch=False)
+
+
 class StepProgressBar(_callbacks.TQDMProgressBar):
     """The train bar of a step-limited run counts optimizer steps out of `max_steps`, across epochs.
 
@@ -164,6 +201,8 @@ def build_callbacks(cfg: DictConfig) -> list:
         callbacks.append(_callbacks.EMAWeightAveraging(decay=cfg.diffusion.ema_decay,
                                                update_starting_at_step=cfg.diffusion.ema_start_step or None))
     t = cfg.trainer
+    if t.log_throughput:
+        callbacks.append(ThroughputLog())
     if t.enable_progress_bar and t.max_steps > 0 and t.max_epochs in (None, -1):
         callbacks.append(StepProgressBar())
     return callbacks
@@ -369,5 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, weights.WeightsError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
+    if _launch_rank() == 0:  # one summary, not one per process
+        print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
     return 0
