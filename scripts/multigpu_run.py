@@ -89,7 +89,7 @@ class Runner:
                       resumed_from=result.get("resumed_from"), val_top1=last(rows, "val/top1"), val_loss=last(rows, "val/loss"),
                       samples_per_s=samples_per_s, step_s=global_batch / samples_per_s if samples_per_s else None,
                       peak_mem_gib=max((float(r["perf/peak_mem_gib"]) for r in rows if r.get("perf/peak_mem_gib")), default=None),
-                      checkpoints=ckpts, partial_files=[p.name for p in out.rglob("*.zoo-partial")], output_dir=str(out))
+                      checkpoints=ckpts, export=result.get("export"), partial_files=[p.name for p in out.rglob("*.zoo-partial")], output_dir=str(out))
         if proc.returncode:
             record["error"] = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:500]
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -145,8 +145,9 @@ class Runner:
         common = [f"trainer.max_steps={steps}", f"checkpoint.every_n_train_steps={steps}",
                   f"trainer.log_every_n_steps={1 if a.tiny else 5}", *(tiny if a.tiny else [])]
         strategies = ("ddp", "fsdp") if a.accelerator != "cpu" else ("ddp",)  # Lightning's FSDP needs CUDA
-        for strategy in strategies:
-            self.train(f"{model}_{strategy}", config, a.devices, batch * a.devices, strategy, *common)
+        for strategy in strategies:  # the FSDP run also exports: the full weights gathered from the shards
+            export = [f"export={self.out / f'{model}_{strategy}' / 'export.safetensors'}"] if strategy == "fsdp" else []
+            self.train(f"{model}_{strategy}", config, a.devices, batch * a.devices, strategy, *common, *export)
         if "fsdp" in strategies:
             self.train(f"{model}_fsdp_then_1gpu", config, 1, batch * a.devices, "auto",
                        f"resume={self.out / f'{model}_fsdp' / 'checkpoints' / 'last.ckpt'}", *common[2:],

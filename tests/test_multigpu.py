@@ -226,3 +226,33 @@ def test_grad_checkpointing_needs_a_model_that_has_it(tmp_path):
     cfg = zcfg.load_config(None, ["task=classify", "model.name=nat_mini", "model.grad_checkpointing=true"])
     with pytest.raises(zcfg.ConfigError, match="model.grad_checkpointing.*no set_grad_checkpointing"):
         enable_grad_checkpointing(cfg, torch.nn.Linear(2, 2))
+
+
+def test_rank_seed_gives_each_process_its_own_stream():
+    from types import SimpleNamespace
+
+    from zoo.lightning.train import RankSeed
+
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        RankSeed(7).setup(SimpleNamespace(world_size=2, global_rank=rank), None, "fit")
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(0)
+    RankSeed(7).setup(SimpleNamespace(world_size=1, global_rank=0), None, "fit")  # one process: the seed run() set stays
+    torch.testing.assert_close(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_log_throughput_writes_samples_per_second(tmp_path):
+    from zoo.lightning.train import run
+
+    cfg = zcfg.load_config(None, [*TINY, f"output_dir={tmp_path}", "export=null", "trainer.accelerator=cpu", "trainer.max_steps=3",
+                                  "data.batch_size=8", "trainer.precision=32-true", "trainer.log_throughput=true",
+                                  "checkpoint.every_n_train_steps=0", "trainer.limit_val_batches=0"])
+    run(cfg)
+    import csv
+
+    rows = [r for f in tmp_path.glob("csv/version_*/metrics.csv") for r in csv.DictReader(f.open())]
+    rates = [float(r["perf/samples_per_s"]) for r in rows if r.get("perf/samples_per_s")]
+    assert len(rates) == 3 and all(0 < rate < 1e6 for rate in rates)
