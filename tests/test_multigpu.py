@@ -256,3 +256,24 @@ def test_log_throughput_writes_samples_per_second(tmp_path):
     rows = [r for f in tmp_path.glob("csv/version_*/metrics.csv") for r in csv.DictReader(f.open())]
     rates = [float(r["perf/samples_per_s"]) for r in rows if r.get("perf/samples_per_s")]
     assert len(rates) == 3 and all(0 < rate < 1e6 for rate in rates)
+
+
+def test_weight_decay_groups_survive_fsdp_flattening():
+    """Under FSDP (use_orig_params) a weight is a flat 1-D shard inside `_fsdp_wrapped_module` by the time
+    optimizers are configured: the no-decay names recorded on the unwrapped model still put it in the decayed group."""
+    from zoo.lightning.optim import no_weight_decay_names, param_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    skip = no_weight_decay_names(net)
+    assert skip == {"0.bias", "1.weight", "1.bias"}
+
+    class Unit(torch.nn.Module):  # the name level FSDP inserts for each wrapped unit
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    wrapped = torch.nn.Sequential(Unit(net[0]), net[1])
+    net[0].weight = torch.nn.Parameter(net[0].weight.detach().flatten())  # what the shard looks like
+    decay, no_decay = param_groups(wrapped, 0.05, skip=skip)
+    assert [p.shape for p in decay["params"]] == [(16,)] and len(no_decay["params"]) == 3
+    assert param_groups(wrapped, 0.05)[0]["params"] == []  # without the recorded names the flat weight would lose its decay
