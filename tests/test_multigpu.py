@@ -30,11 +30,12 @@ TINY = ["task=classify", "model.name=vit_tiny_patch16_224", "model.kwargs.img_si
         f"checkpoint.every_n_train_steps={EPOCH}", "checkpoint.save_top_k=-1"]
 
 
-def train(out: Path, devices: int, *extra: str, accelerator: str = "cpu", precision: str = "64-true") -> subprocess.CompletedProcess:
+def train(out: Path, devices: int, *extra: str, accelerator: str = "cpu", precision: str = "64-true",
+          strategy: str = "ddp") -> subprocess.CompletedProcess:
     """`zoo train` in a fresh process (Lightning's DDP launcher re-runs this command once per extra process)."""
     cmd = [sys.executable, "-m", "zoo", "train", "--config", "classify/vit_mnist.yaml", *TINY, f"output_dir={out}",
            f"export={out}/export.safetensors", f"trainer.accelerator={accelerator}", f"trainer.devices={devices}",
-           f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", f"trainer.precision={precision}",
+           f"trainer.strategy={strategy if devices > 1 else 'auto'}", f"trainer.precision={precision}",
            f"data.batch_size={GLOBAL_BATCH // devices}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
@@ -115,6 +116,21 @@ def test_ddp_two_gpus_train_as_one_gpu(tmp_path):
     assert_same_training(one, two, **F64_TOL)
     resumed = tmp_path / "two_then_one"
     train(resumed, 1, f"resume={two / 'checkpoints' / 'step0000008.ckpt'}", accelerator="gpu")
+    torch.testing.assert_close(exported(resumed), exported(one), **F64_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_two_gpus_train_as_one_gpu_and_its_checkpoint_resumes_on_one(tmp_path):
+    """FSDP (one unit per ViT Block, full state dicts) shards the same float64 optimisation: same weights as one GPU;
+    its export gathers the shards, and its full checkpoint continues on one GPU without FSDP."""
+    one, sharded = tmp_path / "one", tmp_path / "fsdp"
+    train(one, 1, accelerator="gpu")
+    train(sharded, 2, accelerator="gpu", strategy="fsdp")
+    assert_same_training(one, sharded, **F64_TOL)
+    resumed = tmp_path / "fsdp_then_one"
+    train(resumed, 1, f"resume={sharded / 'checkpoints' / 'step0000008.ckpt'}", accelerator="gpu")
     torch.testing.assert_close(exported(resumed), exported(one), **F64_TOL)
 
 
