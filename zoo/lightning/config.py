@@ -314,6 +314,7 @@ def _check_trainer(cfg: DictConfig) -> None:
 
 
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+FSDP_PRECISIONS = ("32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")  # Lightning's FSDPPrecision
 
 
 def _check_strategy(cfg: DictConfig, on_gpu: bool) -> None:
@@ -333,6 +334,9 @@ def _check_strategy(cfg: DictConfig, on_gpu: bool) -> None:
     if not on_gpu:
         raise ConfigError(f"config key 'trainer.strategy': {t.strategy} needs CUDA GPUs (Lightning's FSDP refuses the CPU); "
                           "use trainer.strategy=ddp on CPU (e.g. trainer.accelerator=cpu trainer.devices=2)")
+    if str(t.precision) not in FSDP_PRECISIONS:
+        raise ConfigError(f"config key 'trainer.precision': {t.precision} with trainer.strategy={t.strategy}, but Lightning's "
+                          f"FSDP takes {', '.join(FSDP_PRECISIONS)}; use one of those, or trainer.strategy=ddp")
     if t.compile:
         raise ConfigError("config key 'trainer.compile': true with trainer.strategy=fsdp is not supported here "
                           "(the block classes to shard are looked up before compiling); set trainer.compile=false, or use ddp")
