@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._compat import pl
-from .optim import configure_adamw
+from .optim import configure_adamw, no_weight_decay_names
 
 
 def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
@@ -75,6 +75,8 @@ class ClassificationModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model if model is not None else create_classifier(
             model_name, num_classes, in_chans, pretrained, checkpoint_path, **dict(model_kwargs or {}))
+        # decided here, on the unwrapped network: under FSDP the parameters are flat shards when optimizers are made
+        self.no_decay_names = no_weight_decay_names(self.model, no_weight_decay)
         self.mixup_fn = None
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup

@@ -6,6 +6,8 @@ not after the model has been built. Free-form model arguments go under `model.kw
 """
 from __future__ import annotations
 
+import difflib
+import importlib
 import math
 import os
 import re
@@ -39,6 +41,7 @@ class ModelCfg:
     pretrained: bool = False
     checkpoint_path: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_model (drop_path_rate, depth, ...)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (fsdp: Lightning's policy)
 
 
 @dataclass
@@ -103,7 +106,8 @@ class TrainerCfg:
     devices: Any = "auto"  # int, list or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp | any Lightning strategy name
-    fsdp_wrap: list[str] = field(default_factory=list)  # block class names; empty: every *Block class
+    fsdp_wrap: list[str] = field(default_factory=list)  # block class names; empty: the model's repeated blocks
+    fsdp_sharding: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 20
@@ -112,6 +116,7 @@ class TrainerCfg:
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False
+    log_throughput: bool = False  # log perf/samples_per_s (all processes) and perf/peak_mem_gib (per device)
 
 
 @dataclass
@@ -296,12 +301,48 @@ def _check_trainer(cfg: DictConfig) -> None:
           or not isinstance(devices, (str, int)) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices))
     if not ok:
         raise ConfigError(f"config key 'trainer.devices': {devices!r}; give auto, a count >= 1, -1 (all), or a list of device ids")
-    if t.accelerator in ("gpu", "cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"config key 'trainer.accelerator': {t.accelerator!r} but no CUDA GPU is visible; "
-                              "use trainer.accelerator=cpu (or auto)")
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'trainer.accelerator': {t.accelerator!r} but no CUDA GPU is visible; "
+                          "use trainer.accelerator=cpu (or auto)")
+    _check_strategy(cfg, on_gpu=torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda"))
+    wanted = devices if isinstance(devices, int) else len(devices) if not isinstance(devices, str) else None
+    if wanted is not None and wanted > 0 and t.accelerator in ("gpu", "cuda") and wanted > torch.cuda.device_count():
+        raise ConfigError(f"config key 'trainer.devices': {devices!r} but {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                          "give at most that many (or -1 for all)")
+
+
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+FSDP_PRECISIONS = ("32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")  # Lightning's FSDPPrecision
+
+
+def _check_strategy(cfg: DictConfig, on_gpu: bool) -> None:
+    """`trainer.strategy` names a Lightning strategy and fits the accelerator and the other keys."""
+    t = cfg.trainer
+    from ._compat import pl
+
+    known = ["auto", *importlib.import_module(pl.__name__ + ".strategies").StrategyRegistry.available_strategies()]
+    if t.strategy not in known:
+        close = difflib.get_close_matches(t.strategy, known, n=1)
+        raise ConfigError(f"config key 'trainer.strategy': {t.strategy!r} is not a Lightning strategy"
+                          + (f"; did you mean {close[0]!r}?" if close else "; use auto, ddp or fsdp"))
+    if t.fsdp_sharding not in FSDP_SHARDING:
+        raise ConfigError(f"config key 'trainer.fsdp_sharding': {t.fsdp_sharding!r} is not one of {', '.join(FSDP_SHARDING)}")
+    if not t.strategy.startswith("fsdp"):
+        return
+    if not on_gpu:
+        raise ConfigError(f"config key 'trainer.strategy': {t.strategy} needs CUDA GPUs (Lightning's FSDP refuses the CPU); "
+                          "use trainer.strategy=ddp on CPU (e.g. trainer.accelerator=cpu trainer.devices=2)")
+    if str(t.precision) not in FSDP_PRECISIONS:
+        raise ConfigError(f"config key 'trainer.precision': {t.precision} with trainer.strategy={t.strategy}, but Lightning's "
+                          f"FSDP takes {', '.join(FSDP_PRECISIONS)}; use one of those, or trainer.strategy=ddp")
+    if t.compile:
+        raise ConfigError("config key 'trainer.compile': true with trainer.strategy=fsdp is not supported here "
+                          "(the block classes to shard are looked up before compiling); set trainer.compile=false, or use ddp")
+    if cfg.task == "diffusion" and cfg.diffusion.ema_decay > 0:
+        raise ConfigError("config key 'diffusion.ema_decay': > 0 with trainer.strategy=fsdp, but Lightning's EMA does not "
+                          "support sharded models; set diffusion.ema_decay=0 or use trainer.strategy=ddp")
 
 
 def _check_model_args(cfg: DictConfig) -> None:

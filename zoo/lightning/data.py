@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ._compat import pl
 
@@ -170,9 +170,21 @@ class ZooDataModule(pl.LightningDataModule):
         self.train_set = self.val_set = None
 
     def _loader(self, dataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=train, drop_last=train,
+        sampler = self.train_sampler(dataset) if train else None
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=train,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
+
+    def train_sampler(self, dataset: Dataset) -> DistributedSampler:
+        """The same training order on any number of processes: one permutation per epoch (seeded by `data.seed`
+        and the epoch, which Lightning sets), of which process r of W takes every W-th index.
+
+        So W processes at `batch_size` b see, step for step, the samples one process sees at batch W*b (a
+        DDP run matches a one-device run at the same global batch, and resumes on another device count
+        continue the same order). Lightning leaves a `DistributedSampler` in place.
+        """
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

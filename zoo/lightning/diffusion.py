@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import media
 from ._compat import pl
-from .optim import configure_adamw
+from .optim import configure_adamw, no_weight_decay_names
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 SampleFn = Callable[..., torch.Tensor]
@@ -122,6 +122,8 @@ class DiffusionModule(pl.LightningModule):
             model = zoo.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint_path or None,
                                      **dict(model_kwargs or {}))
         self.model = model
+        # decided here, on the unwrapped network: under FSDP the parameters are flat shards when optimizers are made
+        self.no_decay_names = no_weight_decay_names(self.model, no_weight_decay)
         self.sample_classes = _sample_classes(sample_classes, getattr(model, "num_classes", None))
         # the shift our flow loss trains with (None for DDPM or a given loss_fn): exports record it as `flow_shift`,
         # so `zoo generate-video --checkpoint` samples with the schedule the weights learnt

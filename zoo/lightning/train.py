@@ -10,6 +10,7 @@ Checkpoints are written atomically (`AtomicCheckpointIO`) and read as tensors on
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import sys
 import time
@@ -68,24 +69,102 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
 
 
 def block_classes(model: torch.nn.Module, names: list[str]) -> set[type]:
-    """Module classes to wrap one FSDP unit each: those named in `names`, else every `*Block` class."""
-    found = {type(m) for m in model.modules() if (type(m).__name__ in names if names else type(m).__name__.endswith("Block"))}
+    """The transformer-block classes of `model`: one FSDP unit (and one activation-checkpointing unit) each.
+
+    Those named in `names` (`trainer.fsdp_wrap`), else every class named `*Block` or `*Layer` whose
+    instances are repeated items of an `nn.ModuleList` / `nn.Sequential`: DiTBlock, VideoDiTBlock,
+    NATLayer, BiFormerBlock, SwinBlock, CSWinBlock, PVTBlock, DeiTBlock, RMTBlock, timm's Block. Stages
+    (which hold blocks), one-off modules (CSWin's MergeBlock, DiT's FinalLayer) and torch.nn layers stay
+    in their parent's unit.
+    """
+    if names:
+        found = {type(m) for m in model.modules() if type(m).__name__ in names}
+    else:
+        found = {type(child) for parent in model.modules() if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential))
+                 for child in parent.children()
+                 if type(child).__name__.endswith(("Block", "Layer")) and not type(child).__module__.startswith("torch.nn")}
     if not found:
         raise ConfigError(f"trainer.fsdp_wrap: no module class of {type(model).__name__} matches "
-                          f"{names or '*Block'}; name the transformer block class")
+                          f"{names or 'the repeated *Block / *Layer classes'}; name its transformer block class "
+                          "(e.g. trainer.fsdp_wrap=[DiTBlock])")
     return found
 
 
 def build_strategy(cfg: DictConfig, module: pl.LightningModule) -> Any:
-    """`trainer.strategy` as a Lightning strategy; `fsdp` wraps at block level."""
-    name = cfg.trainer.strategy
-    if name != "fsdp":
-        return name
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    """`trainer.strategy` as Lightning takes it; `fsdp` becomes an `FSDPStrategy` sharding block by block.
 
+    FSDP checkpoints hold full state dicts (gathered on rank 0, written once by `AtomicCheckpointIO`):
+    one file, read tensors-only before resuming like every other checkpoint, and loadable on any device
+    count and strategy (fsdp, ddp, one device, `zoo generate --checkpoint`). Sharded checkpoints (a folder of
+    files per rank) would skip both checks and pin resumes to FSDP.
+    """
+    t = cfg.trainer
+    if not t.strategy.startswith("fsdp"):
+        return t.strategy
     strategies = importlib.import_module(pl.__name__ + ".strategies")
-    return strategies.FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy(block_classes(module.model, list(cfg.trainer.fsdp_wrap))),
-                                   state_dict_type="full")
+    blocks = block_classes(module.model, list(t.fsdp_wrap))
+    return strategies.FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks if cfg.model.grad_checkpointing else None,
+                                   sharding_strategy=t.fsdp_sharding, state_dict_type="full",
+                                   cpu_offload=t.strategy == "fsdp_cpu_offload")
+
+
+def enable_grad_checkpointing(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """`model.grad_checkpointing` outside FSDP: the model's own `set_grad_checkpointing` (timm's convention)."""
+    if not cfg.model.grad_checkpointing or cfg.trainer.strategy.startswith("fsdp"):
+        return  # FSDP checkpoints the same blocks through Lightning's activation_checkpointing_policy
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ConfigError(f"config key 'model.grad_checkpointing': {cfg.model.name} has no set_grad_checkpointing; "
+                          "set model.grad_checkpointing=false (or use trainer.strategy=fsdp, which checkpoints its blocks)")
+    model.set_grad_checkpointing(True)
+
+
+class RankSeed(_callbacks.Callback):
+    """Process r of a multi-process run draws its own random numbers (noise, timesteps, drop-path, shifts)
+    from seed + r: with one seed for all, every process would draw the same noise for its samples.
+    Process 0 keeps the seed of a one-process run."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
+class ThroughputLog(_callbacks.Callback):
+    """`perf/samples_per_s` (training samples per second over all processes, over the last `log_every_n_steps`
+    steps, validation excluded) and `perf/peak_mem_gib` (this device's peak allocated memory so far), every step.
+
+    Each step is timed to its end on the device (a CUDA sync per step: on only with `trainer.log_throughput`).
+    """
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.window: collections.deque[tuple[float, int]] = collections.deque()
+
+    def _now(self, pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.last is None:  # the first step, or the first after a validation: time from here
+            self.last = self._now(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = self._now(pl_module)
+        self.window.append((now - self.last, len(batch[0]) * trainer.world_size))
+        self.last = now
+        while len(self.window) > trainer.log_every_n_steps:
+            self.window.popleft()
+        seconds, samples = sum(s for s, _ in self.window), sum(n for _, n in self.window)
+        pl_module.log("perf/samples_per_s", samples / max(seconds, 1e-9), on_step=True, on_epoch=False)
+        if pl_module.device.type == "cuda":
+            pl_module.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30, on_step=True, on_epoch=False)
 
 
 class StepProgressBar(_callbacks.TQDMProgressBar):
@@ -116,14 +195,14 @@ def build_callbacks(cfg: DictConfig) -> list:
                            auto_insert_metric_name=False, every_n_train_steps=ck.every_n_train_steps,
                            save_last=True, save_top_k=ck.save_top_k, monitor=ck.monitor, mode=ck.mode),
         _callbacks.LearningRateMonitor(logging_interval="step"),
+        RankSeed(cfg.seed),
     ]
-    if cfg.task == "diffusion" and cfg.diffusion.ema_decay > 0:
-        if cfg.trainer.strategy == "fsdp":
-            raise ConfigError("diffusion.ema_decay > 0 with trainer.strategy=fsdp: Lightning's EMA does not support "
-                              "sharded models; set diffusion.ema_decay=0 or use ddp")
+    if cfg.task == "diffusion" and cfg.diffusion.ema_decay > 0:  # (refused with fsdp by load_config)
         callbacks.append(_callbacks.EMAWeightAveraging(decay=cfg.diffusion.ema_decay,
                                                update_starting_at_step=cfg.diffusion.ema_start_step or None))
     t = cfg.trainer
+    if t.log_throughput:
+        callbacks.append(ThroughputLog())
     if t.enable_progress_bar and t.max_steps > 0 and t.max_epochs in (None, -1):
         callbacks.append(StepProgressBar())
     return callbacks
@@ -255,9 +334,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     ckpt = resume_checkpoint(cfg)  # what is refused (another model's run, a bad checkpoint) is refused before any write
     module = build_module(cfg)
+    enable_grad_checkpointing(cfg, module.model)
     data = build_datamodule(cfg.data)
-    save_config(cfg, out / "config.yaml")
-    weights.remove_partial_files(out / "checkpoints")
+    if _launch_rank() == 0:  # every process of a multi-process run runs this; the files are written once
+        save_config(cfg, out / "config.yaml")
+        weights.remove_partial_files(out / "checkpoints")
     if cfg.trainer.compile:
         module.model = torch.compile(module.model)
     trainer = build_trainer(cfg, module)
@@ -265,12 +346,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     result.update(global_step=trainer.global_step, seconds=time.perf_counter() - start, resumed_from=str(ckpt) if ckpt else None,
-                  output_dir=str(out))
-    if trainer.is_global_zero and cfg.export:
-        if cfg.trainer.compile:
-            module.model = module.model._orig_mod
-        result["export"] = str(export_model(cfg, module, cfg.export))
+                  output_dir=str(out), world_size=trainer.world_size)
+    if cfg.export:
+        exported = _unsharded_module(cfg, trainer, module)  # under FSDP a collective: every process calls it
+        if trainer.is_global_zero:
+            result["export"] = str(export_model(cfg, exported, cfg.export))
     return result
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, SLURM, Lightning's own), before the Trainer exists."""
+    return getattr(importlib.import_module(pl.__name__ + ".utilities.rank_zero").rank_zero_only, "rank", 0) or 0
+
+
+def _unsharded_module(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule) -> pl.LightningModule:
+    """The trained module with plain (unsharded, uncompiled) weights, for the export."""
+    if cfg.trainer.compile:
+        module.model = module.model._orig_mod
+    if not cfg.trainer.strategy.startswith("fsdp"):
+        return module
+    state = trainer.strategy.lightning_module_state_dict()  # the full state dict, gathered on rank 0 (empty elsewhere)
+    if not trainer.is_global_zero:
+        return module
+    plain = build_module(cfg)
+    plain.load_state_dict(state)
+    return plain
 
 
 EPILOG = """examples:
@@ -308,5 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, weights.WeightsError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
+    if _launch_rank() == 0:  # one summary, not one per process
+        print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
     return 0
