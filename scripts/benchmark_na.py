@@ -42,8 +42,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from zoo.ops.na.flex import na_flex
 from zoo.ops.na import axis_neighbors, neighborhood_attention
+from zoo.ops.na.flex import na_flex
 
 from zoo import ops
 

@@ -11,7 +11,14 @@ import torch
 from .._checks import autocast_cast, block_size_pair, check_qkv
 from .._cost import is_counting_flops
 from .._kernels import kernel_module, usable_kernel
-from .naive import CRITICAL, MARGINAL, NEGLIGIBLE, resolve_sla_arguments, sla_block_map, sparse_linear_attention_reference
+from .naive import (
+    CRITICAL,
+    MARGINAL,
+    NEGLIGIBLE,
+    resolve_sla_arguments,
+    sla_block_map,
+    sparse_linear_attention_reference,
+)
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
 BACKENDS = ("triton", "reference")  # the order backend="auto" tries them
