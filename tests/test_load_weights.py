@@ -246,3 +246,20 @@ def test_an_unregistered_tag_of_a_derived_generator_is_refused_not_replaced():
     with pytest.raises(WeightsError) as e:
         zoo.create_model("video_dit_s_2_mmnist.mmnist_na", pretrained=True, attention="na", attention_kwargs=dict(kernel_size=3))
     assert "\n" not in str(e.value) and "registered: video_dit_s_2_mmnist.mmnist, " in str(e.value)
+
+
+def test_timm_architecture_export_rebuilds_through_create_model(tmp_path):
+    """`zoo train` trains timm's own models (model.name=resnet18); TRAINING.md promises create_model rebuilds the export."""
+    from zoo.lightning.classification import create_classifier
+
+    trained = create_classifier("resnet18", num_classes=7, in_chans=1)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_()
+    path = zoo.weights.export(trained, tmp_path / "resnet18_digits.safetensors")
+    rebuilt = zoo.create_model("resnet18", checkpoint_path=path)
+    assert rebuilt.fc.out_features == 7 and rebuilt.conv1.in_channels == 1
+    for key, value in trained.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="unknown model 'resnet_eighteen'"):
+        zoo.create_model("resnet_eighteen")

@@ -179,6 +179,19 @@ def check_model_args(model_name: str, kwargs: dict[str, Any]) -> None:
 _DATA_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes", "label_names")
 
 
+def _entry_or_timm(model_name: str):
+    """The zoo registry entry of `model_name`; None for a model only timm has (`resnet18`: `zoo train` trains
+    and exports those too, so `create_model(name, checkpoint_path=export)` rebuilds them)."""
+    try:
+        return get_entry(model_name)
+    except ValueError:
+        import timm
+
+        if not timm.is_model(split_name(model_name)[0]):
+            raise
+        return None
+
+
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -188,7 +201,8 @@ def create_model(
     """Create any zoo model by name (`arch` or `arch.tag`), as `timm.create_model` does.
 
     Args:
-        model_name: a name from `zoo.list_models()`, optionally with a pretrained tag.
+        model_name: a name from `zoo.list_models()`, optionally with a pretrained tag, or one of timm's own
+            models (built by timm; the checkpoint and export handling are the zoo's).
         pretrained: load the registered weights (`arch.tag`, or the arch's default tag).
         checkpoint_path: a local checkpoint to load instead, in our layout (e.g. from
             `zoo.weights.export`), an official one, safetensors or a Lightning `.ckpt`.
@@ -196,8 +210,8 @@ def create_model(
             None values are dropped, as timm does.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    entry = get_entry(model_name)
     arch, tag = split_name(model_name)
+    entry = _entry_or_timm(model_name)
     exported = _weights.read_export_config(checkpoint_path) if checkpoint_path is not None else None
     if exported and exported.get("architecture") != arch:
         exported = None
@@ -205,7 +219,7 @@ def create_model(
         kwargs = {**exported.get("model_args", {}), **kwargs}
     check_model_args(arch, kwargs)
     try:
-        if entry.kind == "classifier":
+        if entry is None or entry.kind == "classifier":
             import timm
 
             model = timm.create_model(model_name, pretrained=pretrained, **kwargs)

@@ -8,7 +8,6 @@ top-1 / top-5 on validation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,26 +20,13 @@ from .optim import configure_adamw, no_weight_decay_names
 
 def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
                       checkpoint_path: str | None = None, **kwargs: Any) -> nn.Module:
-    """A zoo classifier by name, else a timm one (unknown names list the closest zoo names)."""
-    import timm
-
+    """A zoo classifier by name, or one of timm's own (unknown names list the closest zoo names)."""
     import zoo
-    from zoo._registry import _MODELS, split_name
 
-    if split_name(name)[0] in _MODELS or not timm.is_model(name):
-        model = zoo.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path,
-                                 num_classes=num_classes, in_chans=in_chans, **kwargs)
-        # what an export must record to rebuild it: the caller's arguments, not those the entrypoint adds itself
-        model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
-    else:
-        from zoo.factory import check_model_args
-
-        check_model_args(name, dict(num_classes=num_classes, in_chans=in_chans, **kwargs))  # one line, not timm's TypeError
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-        if checkpoint_path:  # through the zoo's tensors-only reader, as every other checkpoint
-            zoo.weights.load_weights(model, Path(checkpoint_path))
-        model.zoo_architecture = split_name(name)[0]
-        model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = zoo.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                             num_classes=num_classes, in_chans=in_chans, **kwargs)
+    # what an export must record to rebuild it: the caller's arguments, not those the entrypoint adds itself
+    model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     return model
 
 
