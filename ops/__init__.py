@@ -14,7 +14,13 @@ from .block_sparse import (
     block_sparse_layout,
 )
 from .dense import dense_attention, dense_attention_backend
-from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
+from .linear import (
+    decoupled_linear_attention,
+    focused_feature_map,
+    injective_linear_attention,
+    linear_attention,
+    linear_attention_backend,
+)
 from .linear_rmt import mala_attention, rala_attention
 from .na import na1d, na2d, na3d, na_backend, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
@@ -30,6 +36,7 @@ __all__ = [
     "decoupled_linear_attention",
     "focused_feature_map",
     "injective_linear_attention",
+    "linear_attention_backend",
     "block_sparse_attention",
     "block_sparse_backend",
     "dense_attention",

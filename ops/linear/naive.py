@@ -33,6 +33,17 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("k must hold at least one token, got 0")
 
 
+def check_decoupled(q: torch.Tensor, k: torch.Tensor, q_num: torch.Tensor, k_num: torch.Tensor, v: torch.Tensor) -> None:
+    _check_qkv(q, k, v)
+    _check_qkv(q_num, k_num, v)
+    check_same(("q", "q_num"), (q, q_num))
+    if q_num.shape != q.shape or k_num.shape != k.shape:
+        raise ValueError(
+            f"q_num/k_num must have the shapes of q/k, got {tuple(q_num.shape)}/{tuple(k_num.shape)} "
+            f"vs {tuple(q.shape)}/{tuple(k.shape)}"
+        )
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
@@ -67,13 +78,7 @@ def decoupled_linear_attention(
     q, k: denominator features `[B, H, N, D]`; q_num, k_num: numerator features (same shapes,
     e.g. RoPE applied to q, k); v `[B, H, Nk, Dv]`. Returns `[B, H, Nq, Dv]`.
     """
-    _check_qkv(q, k, v)
-    _check_qkv(q_num, k_num, v)
-    if q_num.shape != q.shape or k_num.shape != k.shape:
-        raise ValueError(
-            f"q_num/k_num must have the shapes of q/k, got {tuple(q_num.shape)}/{tuple(k_num.shape)} "
-            f"vs {tuple(q.shape)}/{tuple(k.shape)}"
-        )
+    check_decoupled(q, k, q_num, k_num, v)
     if is_counting_flops():
         return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))
     compute = _compute_dtype(q)
