@@ -4,7 +4,7 @@ Each op lives in its own folder: `naive.py` is the exact PyTorch reference (CPU 
 autograd), Triton kernels sit beside it and are dispatched to on CUDA tensors.
 """
 from ._cost import counting_flops, is_counting_flops
-from .agent import agent_attention, agent_grid, build_agent_biases, pool_agents
+from .agent import agent_attention, agent_attention_backend, agent_grid, build_agent_biases, pool_agents
 from .block_sparse import (
     BlockSparseLayout,
     block_indices_to_mask,
@@ -29,6 +29,7 @@ from .sla import SparseLinearAttention, sla_block_map, sparse_linear_attention
 
 __all__ = [
     "agent_attention",
+    "agent_attention_backend",
     "pool_agents",
     "agent_grid",
     "build_agent_biases",

@@ -19,9 +19,10 @@ import sys
 import pytest
 import torch
 from interpreter import run_interpreter
-from zoo import ops
 from zoo.ops.linear import naive as linear_naive
 from zoo.ops.linear_rmt import naive as rmt_naive
+
+from zoo import ops
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # op name -> (public op, reference, whether it takes numerator features)
@@ -125,7 +126,7 @@ def test_kernels_compile_for_hopper_without_gpu():
     from triton.compiler import ASTSource
     from zoo.ops.linear import kernel as lk
 
-    pointers = {name: "*bf16" for name in ("K", "KN", "V", "Q", "QN", "O", "DO", "DQ", "DQN", "DK", "DKN", "DV_")}
+    pointers = {name: "*bf16" for name in ("K", "KN", "V", "Q", "QN", "OUT", "DO", "DQ", "DQN", "DK", "DKN", "DV_")}
     pointers.update({name: "*fp32" for name in ("W", "KV", "KS", "VS", "DKV", "DKS", "DVS", "DW")})
     floats = ("scale", "eps", "inv_n")
     for dim in (32, 128):

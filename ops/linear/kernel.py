@@ -121,7 +121,7 @@ def _state_kernel(
 
 @triton.jit
 def _query_kernel(
-    Q, QN, KV, KS, VS, O,
+    Q, QN, KV, KS, VS, OUT,
     sqb, sqh, sqn, sqd, snb, snh, snn, snd, sob, soh, son, sod,
     H, N, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLOCK: tl.constexpr,
@@ -148,8 +148,8 @@ def _query_kernel(
     else:
         zs = scale * z
         out = scale * num * (1 + 1 / (zs + eps))[:, None] - zs[:, None] * vs[None, :]
-    ptrs, mask = _tile(O, b, h, rows, rdv, sob, soh, son, sod, N, DV)
-    tl.store(ptrs, out.to(O.dtype.element_ty), mask=mask)
+    ptrs, mask = _tile(OUT, b, h, rows, rdv, sob, soh, son, sod, N, DV)
+    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
