@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 import torch
+
 from zoo import ops
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_linear.py"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import ops
 from zoo.ops.agent import naive
+
+from zoo import ops
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
