@@ -48,8 +48,13 @@ def _make(shape, layout, gen, device, dtype, positive):
     return {"bhnd": x, "bnhd": x.transpose(1, 2), "bhdn": x.transpose(2, 3)}[layout]
 
 
-def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layout="bhnd"):
-    """Outputs and gradients of the op through the kernel, the reference at the dtype, and the float64 oracle."""
+def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layout="bhnd", programs=None):
+    """Outputs and gradients of the op through the kernel, the reference at the dtype, and the float64 oracle.
+    programs: the kernel's TARGET_PROGRAMS for this case (few: each program reduces several tiles)."""
+    if programs is not None:
+        from zoo.ops.linear import kernel
+
+        kernel.TARGET_PROGRAMS = programs
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
     fused, reference, numerator = OPS[op]
@@ -116,14 +121,18 @@ def assert_case(result, label):
             assert r["kernel"] <= r["bound"], f"{label}: {name} error {r['kernel']:.3g} > bound {r['bound']:.3g} {r}"
 
 
-# (op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed[, layout]): tails shorter than a tile, more keys than
-# one tile and one split, n_q != n_k, head dims that are not powers of two (padded), strided layouts
+# (op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed[, options]): tails shorter than a tile, more keys than
+# one tile and one split, n_q != n_k, head dims that are not powers of two (padded), strided layouts, and
+# few programs (several tiles reduced per program, a partial last split)
 INTERPRETER_GROUPS = [
-    [("linear", "float16", 2, 2, 77, 77, 32, 32, 1), ("linear", "float16", 1, 3, 130, 200, 16, 24, 2, "bnhd")],
-    [("decoupled", "float16", 1, 2, 70, 90, 32, 32, 3, "bnhd"), ("injective", "float16", 2, 1, 129, 129, 32, 16, 4)],
-    [("injective", "float16", 1, 2, 65, 100, 24, 32, 5, "bnhd"), ("mala", "float16", 2, 1, 96, 96, 64, 64, 6)],
-    [("mala_rope", "float16", 1, 2, 81, 81, 32, 32, 7, "bhdn"), ("rala", "float16", 1, 2, 100, 70, 32, 32, 8)],
-    [("rala_rope", "float16", 2, 1, 81, 81, 16, 16, 9, "bhdn")],
+    [("linear", "float16", 2, 2, 77, 77, 32, 32, 1), ("linear", "float16", 1, 3, 130, 200, 16, 24, 2, {"layout": "bnhd"})],
+    [("decoupled", "float16", 1, 2, 70, 90, 32, 32, 3, {"layout": "bnhd"}),
+     ("injective", "float16", 2, 1, 129, 129, 32, 16, 4)],
+    [("injective", "float16", 1, 2, 65, 100, 24, 32, 5, {"layout": "bnhd"}), ("mala", "float16", 2, 1, 96, 96, 64, 64, 6)],
+    [("mala_rope", "float16", 1, 2, 81, 81, 32, 32, 7, {"layout": "bhdn"}), ("rala", "float16", 1, 2, 100, 70, 32, 32, 8)],
+    [("rala_rope", "float16", 2, 1, 81, 81, 16, 16, 9, {"layout": "bhdn"}),
+     ("mala", "float16", 1, 2, 300, 330, 16, 16, 10, {"programs": 4}),
+     ("rala_rope", "float16", 1, 1, 200, 270, 16, 16, 11, {"programs": 2, "layout": "bnhd"})],
 ]
 
 
@@ -185,11 +194,11 @@ def test_kernels_compile_for_hopper_without_gpu():
 
     pointers = {name: "*bf16" for name in ("K", "KN", "V", "Q", "QN", "OUT", "DO", "DQ", "DQN", "DK", "DKN", "DV_")}
     pointers.update({name: "*fp32" for name in ("W", "KV", "KS", "VS", "DKV", "DKS", "DVS", "DW")})
-    floats = ("scale", "eps", "inv_n")
+    floats = ("scale", "eps", "inv_n")  # every other scalar is an int (strides, sizes)
     for dim in (32, 128):
         for fn, flags in ((lk._state_kernel, dict(DECOUPLED=True, WEIGHTED=True)),
                           (lk._query_kernel, dict(DECOUPLED=True, MODE=2)),
-                          (lk._query_grad_kernel, dict(DECOUPLED=False, MODE=1)),
+                          (lk._query_grad_kernel, dict(DECOUPLED=False, MODE=1)), (lk._query_grad_kernel, dict(DECOUPLED=True, MODE=2)),
                           (lk._key_grad_kernel, dict(DECOUPLED=True, WEIGHTED=True))):
             constants = dict(D=dim, DV=dim, BD=dim, BDV=dim, BLOCK=lk.BLOCK_N, **flags)
             signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name in floats
@@ -212,9 +221,9 @@ def needs_cuda(test):
                                            ("injective", 128, "bhnd"), ("mala_rope", 64, "bhdn"), ("mala", 32, "bhnd"),
                                            ("rala_rope", 64, "bhdn"), ("rala", 128, "bnhd")])
 def test_kernel_matches_reference_gpu(dtype, op, dim, layout):
-    """Swin stage-1 sizes (3136 tokens), MAViT's head dim 64 and 128; NaN-poisoned allocator: unwritten = NaN."""
+    """Swin stage-1 sizes (3136 tokens), MAViT's head dim 64, and 128; NaN-poisoned allocator: unwritten = NaN."""
     torch.empty(1 << 28, device="cuda").fill_(float("nan"))
-    result = check_case(op, dtype, 4, 3, 3136, 3136, dim, dim, dim, "cuda", layout)
+    result = check_case(op, dtype, 32, 3, 3136, 3136, dim, dim, dim, "cuda", layout)  # 96 (b, h): 5 tiles a program
     assert_case(result, f"{op} {dtype} d{dim} {layout}")
 
 
@@ -236,5 +245,5 @@ if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSO
     linear.KERNEL_DEVICES = ("cuda", "cpu")
     cases = json.loads(sys.argv[1])
     print(json.dumps([check_compile(case[1]) if case[0] == "compile" else
-                      check_case(*case[:9], device="cpu", **({"layout": case[9]} if case[9:] else {}))
+                      check_case(*case[:9], device="cpu", **(case[9] if case[9:] else {}))
                       for case in cases]))

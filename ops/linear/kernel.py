@@ -11,8 +11,8 @@ weights w_j (1/N, or RALA's softmax weights e_j):
 
 Forward: `_state_kernel` (grid: batch*heads x key splits) reads k, k_num, v once and adds its part of
 kv, ks, vs (float32) with atomics; `_query_kernel` (grid: query tiles x batch*heads) reads q, q_num and
-writes out. Backward: `_query_grad_kernel` recomputes num and z per query tile, writes dq (dq_num) and
-adds d kv, d ks, d vs; `_key_grad_kernel` writes dk, dv (dk_num) and RALA's dw. The feature maps (FLatten's
+writes out. Backward: `_query_grad_kernel` (grid: batch*heads x query splits) recomputes num and z per
+query tile, writes dq (dq_num) and adds its part of d kv, d ks, d vs; `_key_grad_kernel` writes dk, dv (dk_num) and RALA's dw. The feature maps (FLatten's
 focused map over all channels, ELU+1, RoPE) stay outside: they are elementwise and torch.compile fuses
 them into the projections.
 
@@ -156,52 +156,59 @@ def _query_kernel(
 def _query_grad_kernel(
     Q, QN, DO, KV, KS, VS, DQ, DQN, DKV, DKS, DVS,
     sqb, sqh, sqn, sqd, snb, snh, snn, snd, sob, soh, son, sod, sgb, sgh, sgn, sgd, smb, smh, smn, smd,
-    H, N, scale, eps,
+    H, N, per_split, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLOCK: tl.constexpr,
     DECOUPLED: tl.constexpr, MODE: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    """One program = one (batch, head) and a range of query tiles: d kv, d ks, d vs are summed in registers
+    over the range and added once (atomics per program, not per tile)."""
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rd, rdv = tl.arange(0, BD), tl.arange(0, BDV)
-    ptrs, mask = _tile(Q, b, h, rows, rd, sqb, sqh, sqn, sqd, N, D)
-    q = tl.load(ptrs, mask=mask, other=0.0)
-    if DECOUPLED:
-        ptrs, mask = _tile(QN, b, h, rows, rd, snb, snh, snn, snd, N, D)
-        qn = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        qn = q
-    ptrs, mask = _tile(DO, b, h, rows, rdv, sob, soh, son, sod, N, DV)
-    do = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    start = tl.program_id(1) * per_split
+    end = tl.minimum(start + per_split, N)
+    rd, rdv, rn = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BLOCK)
     kv, ks, vs = _load_state(KV, KS, VS, bh, rd, rdv, D, DV)
-    num = _split_dot(qn, kv, tl.zeros((BLOCK, BDV), tl.float32), q.dtype)
-    z = tl.sum(q.to(tl.float32) * ks[None, :], 1)
-    if MODE == 0:
-        r = 1 / (z + eps)
-        d_num = do * r[:, None]
-        dz = -tl.sum(do * num, 1) * r * r
-        d_vs = tl.zeros((BDV,), tl.float32)
-    elif MODE == 1:
-        d_num = scale * do
-        dz = -scale * tl.sum(do * vs[None, :], 1)
-        d_vs = tl.sum((1 - scale * z)[:, None] * do, 0)
-    else:
-        zs = scale * z
-        r = 1 / (zs + eps)
-        d_num = (scale * (1 + r))[:, None] * do
-        dz = scale * (-scale * tl.sum(do * num, 1) * r * r - tl.sum(do * vs[None, :], 1))
-        d_vs = tl.sum(-zs[:, None] * do, 0)
-    dqn = _split_dot2(d_num, tl.trans(kv), tl.zeros((BLOCK, BD), tl.float32), q.dtype)
-    dq = dz[:, None] * ks[None, :]
-    if DECOUPLED:
-        ptrs, mask = _tile(DQN, b, h, rows, rd, smb, smh, smn, smd, N, D)
-        tl.store(ptrs, dqn.to(DQN.dtype.element_ty), mask=mask)
-    else:
-        dq += dqn
-    ptrs, mask = _tile(DQ, b, h, rows, rd, sgb, sgh, sgn, sgd, N, D)
-    tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
-    d_kv = _split_dot(tl.trans(qn), d_num, tl.zeros((BD, BDV), tl.float32), q.dtype)
-    d_ks = tl.sum(dz[:, None] * q.to(tl.float32), 0)
+    d_kv = tl.zeros((BD, BDV), tl.float32)
+    d_ks = tl.zeros((BD,), tl.float32)
+    d_vs = tl.zeros((BDV,), tl.float32)
+    for n0 in range(start, end, BLOCK):
+        rows = n0 + rn
+        ptrs, mask = _tile(Q, b, h, rows, rd, sqb, sqh, sqn, sqd, end, D)
+        q = tl.load(ptrs, mask=mask, other=0.0)
+        if DECOUPLED:
+            ptrs, mask = _tile(QN, b, h, rows, rd, snb, snh, snn, snd, end, D)
+            qn = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            qn = q
+        ptrs, mask = _tile(DO, b, h, rows, rdv, sob, soh, son, sod, end, DV)
+        do = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        num = _split_dot(qn, kv, tl.zeros((BLOCK, BDV), tl.float32), q.dtype)
+        z = tl.sum(q.to(tl.float32) * ks[None, :], 1)
+        if MODE == 0:
+            r = 1 / (z + eps)
+            d_num = do * r[:, None]
+            dz = -tl.sum(do * num, 1) * r * r
+        elif MODE == 1:
+            d_num = scale * do
+            dz = -scale * tl.sum(do * vs[None, :], 1)
+            d_vs += tl.sum((1 - scale * z)[:, None] * do, 0)
+        else:
+            zs = scale * z
+            r = 1 / (zs + eps)
+            d_num = (scale * (1 + r))[:, None] * do
+            dz = scale * (-scale * tl.sum(do * num, 1) * r * r - tl.sum(do * vs[None, :], 1))
+            d_vs += tl.sum(-zs[:, None] * do, 0)
+        dqn = _split_dot2(d_num, tl.trans(kv), tl.zeros((BLOCK, BD), tl.float32), q.dtype)
+        dq = dz[:, None] * ks[None, :]
+        if DECOUPLED:
+            ptrs, mask = _tile(DQN, b, h, rows, rd, smb, smh, smn, smd, end, D)
+            tl.store(ptrs, dqn.to(DQN.dtype.element_ty), mask=mask)
+        else:
+            dq += dqn
+        ptrs, mask = _tile(DQ, b, h, rows, rd, sgb, sgh, sgn, sgd, end, D)
+        tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+        d_kv = _split_dot(tl.trans(qn), d_num, d_kv, q.dtype)
+        d_ks += tl.sum(dz[:, None] * q.to(tl.float32), 0)
     _add_state(DKV, DKS, DVS, bh, rd, rdv, d_kv, d_ks, d_vs, D, DV, MODE != 0)
 
 
@@ -273,6 +280,14 @@ def _warps(d: int, dv: int) -> int:
     return 8 if max(d, dv) > 64 else 4
 
 
+def _splits(n: int, programs: int) -> tuple[int, int]:
+    """(splits, tokens per split, a multiple of BLOCK_N) of a sequence reduced by `programs` (batch * heads)
+    programs each: enough programs to fill the GPU, few atomics per state entry."""
+    splits = max(1, min(math.ceil(n / BLOCK_N), TARGET_PROGRAMS // programs))
+    per_split = math.ceil(math.ceil(n / splits) / BLOCK_N) * BLOCK_N
+    return math.ceil(n / per_split), per_split
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
     return (0, 0, 0, 0) if t is None else tuple(t.stride())
 
@@ -291,10 +306,9 @@ def forward(q, k, v, q_num, k_num, weights, mode: int, scale: float, eps: float)
     ks = torch.zeros(b, h, d, device=q.device, dtype=torch.float32)
     vs = torch.zeros(b, h, dv, device=q.device, dtype=torch.float32)
     bd, bdv, warps = _pad(d), _pad(dv), _warps(d, dv)
-    splits = max(1, min(math.ceil(n_k / BLOCK_N), TARGET_PROGRAMS // (b * h)))
-    per_split = math.ceil(math.ceil(n_k / splits) / BLOCK_N) * BLOCK_N
+    splits, per_split = _splits(n_k, b * h)
     decoupled, weighted = k_num is not None, weights is not None
-    _state_kernel[(b * h, math.ceil(n_k / per_split))](
+    _state_kernel[(b * h, splits)](
         k, k_num if decoupled else k, v, weights if weighted else kv, kv, ks, vs,
         *_strides(k), *_strides(k_num), *_strides(v), *(_strides(weights)[:2] if weighted else (0, 0)),
         h, n_k, per_split, 1.0 / n_k,
@@ -317,9 +331,11 @@ def backward(do, q, k, v, q_num, k_num, weights, kv, ks, vs, mode: int, scale: f
     d_kv, d_ks, d_vs = torch.zeros_like(kv), torch.zeros_like(ks), torch.zeros_like(vs)
     dq = torch.empty_like(q)
     dq_num = None if q_num is None else torch.empty_like(q_num)
-    _query_grad_kernel[(math.ceil(n_q / BLOCK_N), b * h)](
+    splits, per_split = _splits(n_q, b * h)
+    _query_grad_kernel[(b * h, splits)](
         q, q if q_num is None else q_num, do, kv, ks, vs, dq, dq if dq_num is None else dq_num, d_kv, d_ks, d_vs,
-        *_strides(q), *_strides(q_num), *_strides(do), *_strides(dq), *_strides(dq_num), h, n_q, scale, eps,
+        *_strides(q), *_strides(q_num), *_strides(do), *_strides(dq), *_strides(dq_num), h, n_q, per_split, scale,
+        eps,
         D=d, DV=dv, BD=bd, BDV=bdv, BLOCK=BLOCK_N, DECOUPLED=q_num is not None, MODE=mode, num_warps=warps,
     )
     dk, d_v = torch.empty_like(k), torch.empty_like(v)
