@@ -239,6 +239,39 @@ def test_autocast_float32_inputs_run_the_kernel():
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@needs_cuda
+@pytest.mark.parametrize("name", ["agent_swin_tiny", "flatten_swin_tiny", "inline_swin_tiny", "agent_deit_small",
+                                  "mavit_tiny", "ravlt_tiny", "flatten_pvt_tiny", "inline_cswin_tiny"])
+def test_models_with_kernels_match_references_gpu(name, monkeypatch):
+    """Released architectures at 224 under bf16 autocast: logits and input gradients with the dispatched kernels
+    (Triton linear attention, SDPA agent path) are within 2x the references' own bf16 error (both against the
+    float32 model) plus 1e-3 of the logits' scale."""
+    import zoo.ops.agent as agent_ops
+    import zoo.ops.linear as linear_ops
+
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).cuda().eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+
+    def run(autocast: bool):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(leaf).float()
+        (grad,) = torch.autograd.grad(out.square().sum(), leaf)
+        return out, grad
+
+    fused = run(True)
+    monkeypatch.setattr(linear_ops, "KERNEL_DEVICES", ())
+    monkeypatch.setattr(agent_ops, "SDPA_DEVICES", ())
+    reference = run(True)
+    exact = run(False)  # the references in float32
+    for label, f, r, e in zip(("logits", "input grad"), fused, reference, exact):
+        bound = 2 * (r - e).abs().max().item() + 1e-3 * e.abs().max().item()
+        assert (f - e).abs().max().item() <= bound, f"{name} {label}: {(f - e).abs().max().item():.3g} > {bound:.3g}"
+
+
 if __name__ == "__main__":  # interpreter subprocess: run the cases given as JSON, print the results as JSON
     import zoo.ops.linear as linear
 
