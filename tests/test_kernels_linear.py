@@ -228,6 +228,21 @@ def test_kernel_matches_reference_gpu(dtype, op, dim, layout):
 
 
 @needs_cuda
+def test_backend_choice_gpu():
+    q = torch.rand(1, 2, 64, 32, device="cuda", dtype=torch.bfloat16)
+    assert ops.linear_attention_backend(q, q, q) == ("triton", "fused Triton kernel")
+    backend, reason = ops.linear_attention_backend(q.float(), q.float(), q.float())
+    assert backend == "reference" and "float32" in reason
+    wide = torch.rand(1, 2, 64, 256, device="cuda", dtype=torch.bfloat16)
+    backend, reason = ops.linear_attention_backend(wide, wide, wide)
+    assert backend == "reference" and "head_dim" in reason
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.injective_linear_attention(wide, wide, wide, backend="triton")
+    a = q[:, :, :9]
+    assert ops.agent_attention_backend(q, q, q, a)[0] == "sdpa"
+
+
+@needs_cuda
 def test_autocast_float32_inputs_run_the_kernel():
     """Under CUDA autocast float32 features (RoPE in float32, as MAViT) run the kernel in bfloat16."""
     q, k, v = (torch.rand(2, 2, 500, 64, device="cuda") for _ in range(3))
