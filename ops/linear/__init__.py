@@ -54,7 +54,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> 
 def linear_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     """(backend that the linear attentions here and in `zoo.ops.linear_rmt` would run for q, k, v, why).
     Inside `torch.autocast` it answers for q, k, v cast to the autocast dtype, as the ops run them."""
-    naive._check_qkv(q, k, v)
+    naive.check_qkv(q, k, v)
     return _select(*autocast_cast(q, k, v), backend)
 
 
@@ -74,7 +74,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     128, else the reference), "triton" or "reference"; inside autocast q, k, v run in its dtype.
     Returns `[B, H, Nq, Dv]`.
     """
-    naive._check_qkv(q, k, v)
+    naive.check_qkv(q, k, v)
     cast = kernel_inputs((q, k, v), backend)
     if cast is None:
         return naive.linear_attention(q, k, v, eps=eps)
@@ -102,7 +102,7 @@ def injective_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     `out_i = s q_i (K^T V / N) + (1 - s q_i . mean(K)) mean(V)`, s = `scale` (default D^-1/2).
     `backend` as `linear_attention`. Returns `[B, H, Nq, Dv]`.
     """
-    naive._check_qkv(q, k, v)
+    naive.check_qkv(q, k, v)
     check_scale("scale", scale)
     cast = kernel_inputs((q, k, v), backend)
     if cast is None:

@@ -19,7 +19,8 @@ from .._cost import cost_placeholder, is_counting_flops
 LAYOUT = "[batch, heads, seq_len, head_dim]"
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The linear attentions' q, k, v checks (shared with the dispatcher in `__init__`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))
@@ -34,8 +35,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def check_decoupled(q: torch.Tensor, k: torch.Tensor, q_num: torch.Tensor, k_num: torch.Tensor, v: torch.Tensor) -> None:
-    _check_qkv(q, k, v)
-    _check_qkv(q_num, k_num, v)
+    """`check_qkv` for both feature pairs, plus numerator features shaped like the denominator's."""
+    check_qkv(q, k, v)
+    check_qkv(q_num, k_num, v)
     check_same(("q", "q_num"), (q, q_num))
     if q_num.shape != q.shape or k_num.shape != k.shape:
         raise ValueError(
@@ -100,7 +102,7 @@ def injective_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     The map is injective in q (no query-scale invariance, unlike normalised linear attention);
     q, k may be any features (InLine's released models use the identity). Returns `[B, H, Nq, Dv]`.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     check_scale("scale", scale)
     if is_counting_flops():
         return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))

@@ -26,7 +26,7 @@ def mala_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_num: tor
     `naive.mala_attention`'s. backend: "auto" (the Triton kernel on CUDA for float16/bfloat16, head dims
     up to 128, else the reference), "triton" or "reference"; inside autocast the kernel runs in its dtype.
     Returns `[batch, heads, seq_len_q, head_dim_v]`."""
-    naive._check(q, k, v, q_num, k_num, scale, eps)
+    naive.check_inputs(q, k, v, q_num, k_num, scale, eps)
     cast = kernel_inputs((q, k, v, *_features(q, k, q_num, k_num)), backend)
     if cast is None:
         return naive.mala_attention(q, k, v, q_num, k_num, scale=scale, eps=eps)
@@ -39,7 +39,7 @@ def rala_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_num: tor
                    backend: str = "auto") -> torch.Tensor:
     """Rank-augmented linear attention (RALA), non-causal; the math and arguments are
     `naive.rala_attention`'s, `backend` as `mala_attention`. Returns `[batch, heads, seq_len_q, head_dim_v]`."""
-    naive._check(q, k, v, q_num, k_num, scale, eps)
+    naive.check_inputs(q, k, v, q_num, k_num, scale, eps)
     cast = kernel_inputs((q, k, v, *_features(q, k, q_num, k_num)), backend)
     if cast is None:
         return naive.rala_attention(q, k, v, q_num, k_num, scale=scale, eps=eps)
