@@ -36,7 +36,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 MODES = {"normalised": 0, "injective": 1, "magnitude": 2}
 BLOCK_N = 64  # tokens per tile in every kernel
-TARGET_PROGRAMS = 1024  # key splits of the state pass so a small batch still fills the GPU
+TARGET_PROGRAMS = 1024  # splits of the two reduction passes (state, query gradients): a small batch fills the GPU
 
 
 @triton.jit
