@@ -36,7 +36,7 @@ Tensor layouts (two, each the convention of the ops' upstream code):
 Outputs keep their inputs' layout.
 """
 from ._cost import counting_flops, is_counting_flops
-from .agent import agent_attention, agent_grid, build_agent_biases, pool_agents
+from .agent import agent_attention, agent_attention_backend, agent_grid, build_agent_biases, pool_agents
 from .block_sparse import (
     BlockSparseLayout,
     block_indices_to_mask,
@@ -46,7 +46,13 @@ from .block_sparse import (
     block_sparse_layout,
 )
 from .dense import dense_attention, dense_attention_backend
-from .linear import decoupled_linear_attention, focused_feature_map, injective_linear_attention, linear_attention
+from .linear import (
+    decoupled_linear_attention,
+    focused_feature_map,
+    injective_linear_attention,
+    linear_attention,
+    linear_attention_backend,
+)
 from .linear_rmt import mala_attention, rala_attention
 from .na import na1d, na2d, na3d, na_backend, na_legacy_pad
 from .radial import SparsityPolicy, radial_attention, radial_block_mask
@@ -55,6 +61,7 @@ from .sla import SparseLinearAttention, sla_backend, sla_block_map, sparse_linea
 
 __all__ = [
     "agent_attention",
+    "agent_attention_backend",
     "pool_agents",
     "agent_grid",
     "build_agent_biases",
@@ -62,6 +69,7 @@ __all__ = [
     "decoupled_linear_attention",
     "focused_feature_map",
     "injective_linear_attention",
+    "linear_attention_backend",
     "block_sparse_attention",
     "block_sparse_backend",
     "dense_attention",

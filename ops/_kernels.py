@@ -3,18 +3,35 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from types import ModuleType
 
 import torch
 
 
-@functools.cache
 def kernel_module(package: str) -> ModuleType | str:
-    """`<package>.kernel`, or the ImportError text if Triton cannot be imported (the reference still works)."""
+    """`<package>.kernel`, or the ImportError text if Triton cannot be imported (the reference still works).
+
+    Traceable by torch.compile (fullgraph): Dynamo cannot trace importlib, so the import runs as a constant
+    of the graph (`_import_error`, executed while tracing) and the module is then read from `sys.modules`.
+    """
+    error = _import_error(package)
+    return error if error else sys.modules[f"{package}.kernel"]
+
+
+@torch.compiler.assume_constant_result
+def _import_error(package: str) -> str:
+    """"" once `<package>.kernel` is imported, else why it cannot be."""
+    return _import_once(package)
+
+
+@functools.cache
+def _import_once(package: str) -> str:
     try:
-        return importlib.import_module(f"{package}.kernel")
+        importlib.import_module(f"{package}.kernel")
     except ImportError as err:
         return f"triton is not importable ({err})"
+    return ""
 
 
 def usable_kernel(package: str, q: torch.Tensor) -> ModuleType | str:

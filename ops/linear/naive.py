@@ -19,7 +19,8 @@ from .._cost import cost_placeholder, is_counting_flops
 LAYOUT = "[batch, heads, seq_len, head_dim]"
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The linear attentions' q, k, v checks (shared with the dispatcher in `__init__`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))
@@ -31,6 +32,18 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k has {k.shape[2]} tokens but v has {v.shape[2]}: keys and values must pair up")
     if k.shape[2] < 1:
         raise ValueError("k must hold at least one token, got 0")
+
+
+def check_decoupled(q: torch.Tensor, k: torch.Tensor, q_num: torch.Tensor, k_num: torch.Tensor, v: torch.Tensor) -> None:
+    """`check_qkv` for both feature pairs, plus numerator features shaped like the denominator's."""
+    check_qkv(q, k, v)
+    check_qkv(q_num, k_num, v)
+    check_same(("q", "q_num"), (q, q_num))
+    if q_num.shape != q.shape or k_num.shape != k.shape:
+        raise ValueError(
+            f"q_num/k_num must have the shapes of q/k, got {tuple(q_num.shape)}/{tuple(k_num.shape)} "
+            f"vs {tuple(q.shape)}/{tuple(k.shape)}"
+        )
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -67,13 +80,7 @@ def decoupled_linear_attention(
     q, k: denominator features `[B, H, N, D]`; q_num, k_num: numerator features (same shapes,
     e.g. RoPE applied to q, k); v `[B, H, Nk, Dv]`. Returns `[B, H, Nq, Dv]`.
     """
-    _check_qkv(q, k, v)
-    _check_qkv(q_num, k_num, v)
-    if q_num.shape != q.shape or k_num.shape != k.shape:
-        raise ValueError(
-            f"q_num/k_num must have the shapes of q/k, got {tuple(q_num.shape)}/{tuple(k_num.shape)} "
-            f"vs {tuple(q.shape)}/{tuple(k.shape)}"
-        )
+    check_decoupled(q, k, q_num, k_num, v)
     if is_counting_flops():
         return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))
     compute = _compute_dtype(q)
@@ -95,7 +102,7 @@ def injective_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     The map is injective in q (no query-scale invariance, unlike normalised linear attention);
     q, k may be any features (InLine's released models use the identity). Returns `[B, H, Nq, Dv]`.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     check_scale("scale", scale)
     if is_counting_flops():
         return cost_placeholder(q.new_empty(*q.shape[:3], v.shape[3]), _macs(q, k, v))

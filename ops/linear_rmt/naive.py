@@ -47,7 +47,8 @@ from .._cost import cost_placeholder, is_counting_flops
 LAYOUT = "[batch, heads, seq_len, head_dim]"
 
 
-def _check(q, k, v, q_num, k_num, scale, eps) -> tuple[torch.Tensor, torch.Tensor]:
+def check_inputs(q, k, v, q_num, k_num, scale, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """MALA's and RALA's argument checks (shared with the dispatcher); returns (q_num, k_num) defaulted to q, k."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))
@@ -100,7 +101,7 @@ def mala_attention(
     Returns:
         `[batch, heads, seq_len_q, head_dim_v]` in v's dtype.
     """
-    q_num, k_num = _check(q, k, v, q_num, k_num, scale, eps)
+    q_num, k_num = check_inputs(q, k, v, q_num, k_num, scale, eps)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     if is_counting_flops():
@@ -138,7 +139,7 @@ def rala_attention(
     Returns:
         `[batch, heads, seq_len_q, head_dim_v]` in v's dtype.
     """
-    q_num, k_num = _check(q, k, v, q_num, k_num, scale, eps)
+    q_num, k_num = check_inputs(q, k, v, q_num, k_num, scale, eps)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     if is_counting_flops():
