@@ -159,13 +159,6 @@ class TokenMatching:
         return out
 
 
-def sdpa_agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor, *, scale: float,
-                         query_scale: float) -> torch.Tensor:
-    """`zoo.ops.agent_attention` (no biases) as two SDPA calls: agents over the keys, queries over the agents."""
-    agent_values = F.scaled_dot_product_attention(agents, k, v, scale=scale)
-    return F.scaled_dot_product_attention(q, agents, agent_values, scale=query_scale)
-
-
 def _plain_attention(attn) -> bool:
     """An `Attention` whose processor is the bare q/k/v attention AgentSD rewrites (BasicTransformerBlock.attn1)."""
     return (not getattr(attn, "is_cross_attention", True) and attn.spatial_norm is None and attn.group_norm is None
@@ -208,16 +201,14 @@ class AgentSDAttnProcessor(ZooAttnProcessor):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor | None) -> torch.Tensor:
         """`[B, heads, n, d]` attention of the merged tokens: through the agents, else SDPA.
 
-        On a GPU the two agent softmaxes run as two fused SDPA calls (agents over the keys, then
-        the queries over the agents: the same formula without materialising either map); elsewhere
-        `zoo.ops.agent_attention`, the exact reference.
+        `zoo.ops.agent_attention`: on a GPU two fused SDPA calls (agents over the keys, then the queries
+        over the agents: the formula without materialising either map); elsewhere the exact reference.
         """
         if agents is None:
             return F.scaled_dot_product_attention(q, k, v)
         d = q.shape[-1]
         scale, query_scale = d ** -0.5, d ** (-0.5 * self.config.query_scale_exponent)
-        attention = sdpa_agent_attention if q.is_cuda else ops.agent_attention
-        out = attention(q, k, v, agents, scale=scale, query_scale=query_scale)
+        out = ops.agent_attention(q, k, v, agents, scale=scale, query_scale=query_scale)
         return out + self.config.value_shortcut * v
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
