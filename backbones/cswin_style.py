@@ -39,6 +39,7 @@ from ._common import (
     init_linear_and_norm,
     placement,
     release_cfg,
+    run_blocks,
 )
 from ._mixers import AgentCore, FocusedCore, InLineCore, Size, from_grid, merge_heads, split_heads, to_grid
 
@@ -226,11 +227,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         for i in range(self.num_stages):
             if i:
                 x, size = getattr(self, f"merge{i}")(x, size)
-            for blk in getattr(self, f"stage{i + 1}"):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
+            x = run_blocks(getattr(self, f"stage{i + 1}"), x, size, checkpointing=self.grad_checkpointing)
             yield i, x, size
             if stop is not None and i >= stop:
                 return

@@ -36,6 +36,7 @@ from ._common import (
     init_trunc_normal,
     placement,
     release_cfg,
+    run_blocks,
 )
 from ._mixers import (
     AgentAttention,
@@ -198,11 +199,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
             if self.version == 1:
                 pos = resize_tokens(getattr(self, f"pos_embed{i + 1}"), self.grids[i], size, "bilinear")
                 x = getattr(self, f"pos_drop{i + 1}")(x + pos)
-            for blk in getattr(self, f"block{i + 1}"):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
+            x = run_blocks(getattr(self, f"block{i + 1}"), x, size, checkpointing=self.grad_checkpointing)
             if self.version == 2:
                 x = getattr(self, f"norm{i + 1}")(x)
             x = to_grid(x, size)

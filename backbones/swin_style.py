@@ -37,6 +37,7 @@ from ._common import (
     init_trunc_normal,
     placement,
     release_cfg,
+    run_blocks,
 )
 from ._mixers import (
     QKV,
@@ -274,11 +275,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
         x, size = self.patch_embed(x)
         x = self.pos_drop(x)
         for i, stage in enumerate(self.layers):
-            for blk in stage.blocks:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
+            x = run_blocks(stage.blocks, x, size, checkpointing=self.grad_checkpointing)
             yield i, x, size
             if stop is not None and i >= stop:
                 return
