@@ -1,8 +1,10 @@
 """Pieces shared by the DeiT-, PVT-, Swin- and CSWin-style macros of the agent / FLatten / InLine
-families: the per-block attention placement and the timm classifier API."""
+families: the per-block attention placement (`stage_blocks`) and the timm classifier API."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -11,28 +13,34 @@ from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 
 MIXERS = ("agent", "focused", "inline", "softmax")
-_LETTERS = {"A": "agent", "L": "focused", "I": "inline", "B": "softmax", "S": "softmax"}
 
 
-def placement(code: str, depths: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
-    """Expand the papers' per-stage notation into one mixer name per block.
+@dataclass(frozen=True)
+class Mixed:
+    """A stage whose first `first` blocks use `mixer` and the rest softmax (the papers' `M`, e.g. the
+    third stage of Agent-Swin-B's `AAMB2` is `Mixed("agent", 2)`)."""
 
-    One letter per stage: A = agent, L = FLatten focused linear, I = InLine, B/S = softmax;
-    `M` marks a mixed stage whose first k blocks use the family's attention and the rest softmax,
-    with k given after the letters (`AAMB2`: stage 3 = 2 agent blocks then softmax).
+    mixer: str
+    first: int
+
+
+def stage_blocks(stages: Sequence[str | Mixed], depths: Sequence[int]) -> tuple[tuple[str, ...], ...]:
+    """One mixer name per block, from one entry per stage: a mixer name for all its blocks, or `Mixed`.
+
+    The papers write these as one letter per stage (A = agent, L = FLatten `focused`, I = InLine,
+    B/S = softmax, M = mixed): `AAAB` is `("agent", "agent", "agent", "softmax")`.
     """
-    stages, count = code[: len(depths)], code[len(depths):]
-    letters = [c for c in stages if c != "M"]
-    family = next((c for c in letters if c not in "BS"), "B")
-    if len(stages) != len(depths) or any(c not in _LETTERS and c != "M" for c in stages) or ("M" in stages) != bool(count):
-        raise ValueError(f"placement code {code!r} must give one of A/L/I/B/S/M per stage for depths {depths}")
-    out = []
-    for letter, depth in zip(stages, depths):
-        if letter == "M":
-            out.append(tuple(_LETTERS[family] if i < int(count) else "softmax" for i in range(depth)))
+    if len(stages) != len(depths):
+        raise ValueError(f"need one mixer (or Mixed) per stage for depths {tuple(depths)}, got {tuple(stages)}")
+    blocks = []
+    for stage, depth in zip(stages, depths):
+        if isinstance(stage, Mixed):
+            if not 0 <= stage.first <= depth:
+                raise ValueError(f"{stage} must mix 0..{depth} blocks in a stage of depth {depth}")
+            blocks.append((stage.mixer,) * stage.first + ("softmax",) * (depth - stage.first))
         else:
-            out.append((_LETTERS[letter],) * depth)
-    return tuple(out)
+            blocks.append((stage,) * depth)
+    return check_blocks(blocks, depths)
 
 
 def check_blocks(block_types, depths) -> tuple[tuple[str, ...], ...]:
@@ -192,13 +200,13 @@ class ClassifierMixin:
         return take
 
 
-def build_hierarchical(model_cls: type, variant: str, pretrained: bool, code: str, arch: dict, **kwargs):
+def build_hierarchical(model_cls: type, variant: str, pretrained: bool, stages: Sequence[str | Mixed], arch: dict, **kwargs):
     """A four-stage variant: its architecture dict, the caller's overrides, and the per-block mixers
-    of the papers' placement code (`AAAB`, ...) unless `block_types` is given."""
+    of its per-stage mixers (`stage_blocks`) unless `block_types` is given."""
     from zoo.factory import build_classifier
 
     args = dict(arch, **kwargs)
-    args.setdefault("block_types", placement(code, args["depths"]))
+    args.setdefault("block_types", stage_blocks(stages, args["depths"]))
     return build_classifier(model_cls, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **args)
 
 

@@ -342,6 +342,21 @@ def test_forward_intermediates(name):
     torch.testing.assert_close(last[0], inter[-1])
     assert len(first) == 1
     torch.testing.assert_close(first[0], inter[0], msg=f"{name}: stop_early changed the first intermediate")
+    with torch.no_grad():
+        _, early = model.forward_intermediates(x, indices=[0], stop_early=True)  # the final output of a stopped run
+    torch.testing.assert_close(early[0], inter[0])
+
+
+@pytest.mark.parametrize("name", _param("prune_intermediate_layers", SMALLEST))
+def test_prune_intermediate_layers_keeps_what_the_indices_need(name):
+    """timm's contract: it returns the indices asked for, and the pruned model still gives those outputs."""
+    model, x = _model(name), _input(name)
+    with torch.no_grad():
+        wanted = model.forward_intermediates(x, indices=[1], intermediates_only=True)
+    pruned = copy.deepcopy(model)
+    assert pruned.prune_intermediate_layers([1]) == [1]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.forward_intermediates(x, indices=[1], intermediates_only=True)[0], wanted[0])
 
 
 @pytest.mark.parametrize("name", _param("grad_checkpointing", SMALLEST))
