@@ -92,7 +92,7 @@ class _RegisterWhenTimmLoaded(importlib.abc.MetaPathFinder):
             exec_module(module)
         finally:
             self.executing -= 1
-        if not self.executing and "timm" in sys.modules:
+        if not self.executing and "timm" in sys.modules and self in sys.meta_path:
             sys.meta_path.remove(self)
             register_all_models()
 
