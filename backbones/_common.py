@@ -1,37 +1,46 @@
 """Pieces shared by the DeiT-, PVT-, Swin- and CSWin-style macros of the agent / FLatten / InLine
-families: the per-block attention placement and the timm classifier API."""
+families: the per-block attention placement (`stage_blocks`) and the timm classifier API."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 
 MIXERS = ("agent", "focused", "inline", "softmax")
-_LETTERS = {"A": "agent", "L": "focused", "I": "inline", "B": "softmax", "S": "softmax"}
 
 
-def placement(code: str, depths: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
-    """Expand the papers' per-stage notation into one mixer name per block.
+@dataclass(frozen=True)
+class Mixed:
+    """A stage whose first `first` blocks use `mixer` and the rest softmax (the papers' `M`, e.g. the
+    third stage of Agent-Swin-B's `AAMB2` is `Mixed("agent", 2)`)."""
 
-    One letter per stage: A = agent, L = FLatten focused linear, I = InLine, B/S = softmax;
-    `M` marks a mixed stage whose first k blocks use the family's attention and the rest softmax,
-    with k given after the letters (`AAMB2`: stage 3 = 2 agent blocks then softmax).
+    mixer: str
+    first: int
+
+
+def stage_blocks(stages: Sequence[str | Mixed], depths: Sequence[int]) -> tuple[tuple[str, ...], ...]:
+    """One mixer name per block, from one entry per stage: a mixer name for all its blocks, or `Mixed`.
+
+    The papers write these as one letter per stage (A = agent, L = FLatten `focused`, I = InLine,
+    B/S = softmax, M = mixed): `AAAB` is `("agent", "agent", "agent", "softmax")`.
     """
-    stages, count = code[: len(depths)], code[len(depths):]
-    letters = [c for c in stages if c != "M"]
-    family = next((c for c in letters if c not in "BS"), "B")
-    if len(stages) != len(depths) or any(c not in _LETTERS and c != "M" for c in stages) or ("M" in stages) != bool(count):
-        raise ValueError(f"placement code {code!r} must give one of A/L/I/B/S/M per stage for depths {depths}")
-    out = []
-    for letter, depth in zip(stages, depths):
-        if letter == "M":
-            out.append(tuple(_LETTERS[family] if i < int(count) else "softmax" for i in range(depth)))
+    if len(stages) != len(depths):
+        raise ValueError(f"need one mixer (or Mixed) per stage for depths {tuple(depths)}, got {tuple(stages)}")
+    blocks = []
+    for stage, depth in zip(stages, depths):
+        if isinstance(stage, Mixed):
+            if not 0 <= stage.first <= depth:
+                raise ValueError(f"{stage} must mix 0..{depth} blocks in a stage of depth {depth}")
+            blocks.append((stage.mixer,) * stage.first + ("softmax",) * (depth - stage.first))
         else:
-            out.append((_LETTERS[letter],) * depth)
-    return tuple(out)
+            blocks.append((stage,) * depth)
+    return check_blocks(blocks, depths)
 
 
 def check_blocks(block_types, depths) -> tuple[tuple[str, ...], ...]:
@@ -68,17 +77,32 @@ def release_cfg(file_id: str, top1: float, params: float | None, flops: float | 
     return cfg(url=TSINGHUA.format(file_id), top1=top1, paper_params=params, paper_flops=flops, **family, **extra, **kw)
 
 
+def run_blocks(blocks, x: torch.Tensor, *args, checkpointing: bool = False) -> torch.Tensor:
+    """`x = block(x, *args)` for each block, recomputed in the backward pass when `checkpointing`
+    (timm's grad checkpointing) and gradients are on."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
+
+
 class ClassifierMixin:
     """timm's classifier API for a model that defines `head`, `head_drop`, `num_features`,
-    `global_pool` (set with `_check_pool`), and
+    `feature_info` (one entry per stage), `global_pool` (set with `_check_pool`), and
 
     - `_stages(x, stop=None)`: yields `(stage_index, x, size)` after each stage, in the model's
-      own layout (tokens [B, N, C] or an NCHW map), stopping after stage `stop`;
+      own layout (tokens [B, N, C] or a map), stopping after stage `stop`;
     - `_to_map(x, size)`: that stage output as an NCHW map (the intermediates);
     - `_final(x, size)`: `forward_features`' output from the last stage (after the final norm).
 
+    Optional hooks: `_intermediate` (per-stage norms), `_final_after` (the final output of a run
+    stopped early), `_new_head` (a head other than a Linear), `_prune_stages`.
     `output_fmt` says how `forward_features` lays out a 4-D map ('NCHW' or 'NHWC', as timm reads
     it); token outputs are [B, N, C] with `num_prefix_tokens` class tokens in front.
+    `set_grad_checkpointing` sets `grad_checkpointing` on the model and on every submodule that has
+    one (stages that run their own blocks, e.g. with `run_blocks`).
     """
 
     grad_checkpointing = False
@@ -97,6 +121,10 @@ class ClassifierMixin:
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def _new_head(self, num_classes: int, ref: torch.Tensor) -> nn.Module:
+        """The classifier for `num_classes` (> 0), on `ref`'s device and dtype."""
+        return nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (0: none); `global_pool` '' makes forward return unpooled features."""
         if global_pool is not None:
@@ -104,12 +132,13 @@ class ClassifierMixin:
         else:
             self._check_pool(self.global_pool, num_classes)
         self.num_classes = num_classes
-        ref = self.head.weight if isinstance(self.head, nn.Linear) else next(self.parameters())
-        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
+        ref = self.head.weight if isinstance(getattr(self.head, "weight", None), torch.Tensor) else next(self.parameters())
+        self.head = self._new_head(num_classes, ref) if num_classes > 0 else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "token":
@@ -131,43 +160,53 @@ class ClassifierMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def _intermediate(self, index: int, x: torch.Tensor, size, norm: bool) -> torch.Tensor:
+        """Stage `index`'s output as forward_intermediates returns it (NCHW); `norm` is accepted for
+        timm's signature: by default there are no per-stage norms beyond those inside the stages."""
+        return self._to_map(x, size)
+
+    def _final_after(self, index: int, x: torch.Tensor, size) -> torch.Tensor:
+        """forward_intermediates' final output of a run that ended after stage `index`: `_final`
+        after the last stage; the stage output as is before (the final norm fits the last width)."""
+        return self._final(x, size) if index == len(self.feature_info) - 1 else x
+
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
         """Stage outputs (NCHW, or NHWC with `output_fmt`) and, unless `intermediates_only`, the
-        `forward_features` output of the last stage run. `norm` is accepted for timm's signature:
-        these models have no per-stage output norms beyond those inside the stages."""
+        final output of the last stage run (`forward_features` when every stage ran)."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        n = len(self.feature_info)
-        if indices is None:
-            wanted = list(range(n))
-        elif isinstance(indices, int):
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = [i % n for i in indices]
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates, last = [], None
-        for i, feat, size in self._stages(x, stop=max(wanted) if stop_early or intermediates_only else None):
-            last = feat, size
-            if i in wanted:
-                grid = self._to_map(feat, size)
+        for i, feat, size in self._stages(x, stop=max_index if stop_early or intermediates_only else None):
+            last = i, feat, size
+            if i in take:
+                grid = self._intermediate(i, feat, size, norm)
                 intermediates.append(grid if output_fmt == "NCHW" else grid.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
-        return self._final(*last), intermediates
+        return self._final_after(*last), intermediates
 
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+    def _prune_stages(self, keep: int, prune_norm: bool) -> None:
+        """Drop the stages after the first `keep` (and the final norm with `prune_norm`); by default
+        nothing is dropped (forward_intermediates still stops after the last stage wanted)."""
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Keep what the stage outputs at `indices` need; returns those indices (timm's contract)."""
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        self._prune_stages(max_index + 1, prune_norm)
         if prune_head:
             self.reset_classifier(0)
-        return list(range(len(self.feature_info)))
+        return take
 
 
-def build_hierarchical(model_cls: type, variant: str, pretrained: bool, code: str, arch: dict, **kwargs):
+def build_hierarchical(model_cls: type, variant: str, pretrained: bool, stages: Sequence[str | Mixed], arch: dict, **kwargs):
     """A four-stage variant: its architecture dict, the caller's overrides, and the per-block mixers
-    of the papers' placement code (`AAAB`, ...) unless `block_types` is given."""
+    of its per-stage mixers (`stage_blocks`) unless `block_types` is given."""
     from zoo.factory import build_classifier
 
     args = dict(arch, **kwargs)
-    args.setdefault("block_types", placement(code, args["depths"]))
+    args.setdefault("block_types", stage_blocks(stages, args["depths"]))
     return build_classifier(model_cls, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **args)
 
 

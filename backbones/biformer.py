@@ -34,13 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
-from timm.models._features import feature_take_indices
-from torch.utils.checkpoint import checkpoint
 from zoo.ops import bi_level_routing_attention
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
+
+from ._common import ClassifierMixin, run_blocks
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "NCHWBiLevelRoutingAttention", "AttentionLePE", "NCHWAttentionLePE"]
 
@@ -235,11 +235,7 @@ class BlockSequence(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        for block in self:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self, x, checkpointing=self.grad_checkpointing)
         return x.permute(0, 3, 1, 2) if self.channels_last else x
 
 
@@ -256,7 +252,7 @@ class STLStage(nn.Module):
 
 # --- model ------------------------------------------------------------------------------------
 
-class BiFormer(nn.Module):
+class BiFormer(ClassifierMixin, nn.Module):
     """BiFormer classifier: 4 stages of routed attention (dense at stage 4), BatchNorm, mean, Linear.
 
     Args:
@@ -298,14 +294,14 @@ class BiFormer(nn.Module):
         super().__init__()
         _check_choice("layout", layout, LAYOUTS)
         _check_choice("padding", padding, PADDINGS)
-        _check_choice("global_pool", global_pool, ("avg", ""))
         if len(depths) != 4 or len(embed_dims) != 4 or len(topks) != 3:
             raise ValueError(f"need 4 depths, 4 embed_dims and 3 topks (stage 4 is dense), got "
                              f"depths={depths}, embed_dims={embed_dims}, topks={topks}")
         if layout == "stl_nchw" and padding == "legacy":
             raise ValueError("padding='legacy' is not available for layout='stl_nchw': its official layer pads "
                              "after the projection with another region size, which is not reproduced; use 'masked'")
-        self.num_classes, self.global_pool, self.layout = num_classes, global_pool, layout
+        self.num_classes, self.layout = num_classes, layout
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.embed_dims = tuple(embed_dims)
 
@@ -381,73 +377,32 @@ class BiFormer(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            (stage if isinstance(stage, BlockSequence) else stage.blocks).grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            _check_choice("global_pool", global_pool, ("avg", ""))
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
+    def _stages(self, x: torch.Tensor, stop: int | None = None):
+        """Each stage's output (NCHW), after that stage's downsampling layer."""
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
             x = stage(downsample(x))
+            yield i, x, None
+            if stop is not None and i >= stop:
+                return
+
+    def _to_map(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        return x
+
+    def _intermediate(self, index: int, x: torch.Tensor, size, norm: bool) -> torch.Tensor:
+        """Through `extra_norms` when the model has them; `norm` also applies the head BatchNorm to the
+        stage-4 output (the only one it fits)."""
+        if norm and index == len(self.feature_info) - 1:
+            x = self.norm(x)
+        return self.extra_norms[index](x) if self.extra_norms is not None else x
+
+    def _final(self, x: torch.Tensor, size=None) -> torch.Tensor:
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Stage outputs (NCHW), through `extra_norms` when the model has them; `norm` also applies the
-        head BatchNorm to the stage-4 output (the only one it fits)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        last = len(self.stages) - 1
-        stages = range(max_index + 1) if stop_early or torch.jit.is_scripting() else range(len(self.stages))
-        for i in stages:
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take:
-                feat = self.norm(x) if norm and i == last else x
-                intermediates.append(self.extra_norms[i](feat) if self.extra_norms is not None else feat)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x) if stages[-1] == last else x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last index wanted (and the head / head norm)."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        self.downsample_layers = self.downsample_layers[: max_index + 1]
+    def _prune_stages(self, keep: int, prune_norm: bool) -> None:
+        self.stages = self.stages[:keep]
+        self.downsample_layers = self.downsample_layers[:keep]
         if prune_norm:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
 
 # --- checkpoint converter, pretrained configs and variants ------------------------------------

@@ -19,6 +19,8 @@ as in `_mixers`); stripe branches zero-pad the grid to a multiple of the stripe 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,12 +35,14 @@ from ._common import (
     FLATTEN,
     INLINE,
     ClassifierMixin,
+    Mixed,
     build_hierarchical,
     check_blocks,
     drop_path_rates,
     init_linear_and_norm,
-    placement,
     release_cfg,
+    run_blocks,
+    stage_blocks,
 )
 from ._mixers import AgentCore, FocusedCore, InLineCore, Size, from_grid, merge_heads, split_heads, to_grid
 
@@ -186,7 +190,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
                  drop_path_rate: float = 0.1, focusing_factor: float = 3.0, kernel_size: int = 5,
                  global_pool: str = "avg"):
         super().__init__()
-        block_types = check_blocks(block_types or placement("BBBB", depths), depths)
+        block_types = check_blocks(block_types or stage_blocks(("softmax",) * len(depths), depths), depths)
         self.num_classes = num_classes
         self.global_pool = self._check_pool(global_pool, num_classes)
         self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 4, 2), Tokens(), nn.LayerNorm(embed_dim))
@@ -226,11 +230,7 @@ class CSWinStyle(ClassifierMixin, nn.Module):
         for i in range(self.num_stages):
             if i:
                 x, size = getattr(self, f"merge{i}")(x, size)
-            for blk in getattr(self, f"stage{i + 1}"):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
+            x = run_blocks(getattr(self, f"stage{i + 1}"), x, size, checkpointing=self.grad_checkpointing)
             yield i, x, size
             if stop is not None and i >= stop:
                 return
@@ -273,50 +273,50 @@ _S = dict(embed_dim=64, depths=(3, 6, 29, 2), num_heads=(2, 4, 8, 16))  # Agent-
 _B = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32))
 
 
-def _cswin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> CSWinStyle:
-    return build_hierarchical(CSWinStyle, variant, pretrained, code, arch, **kwargs)
+def _cswin(variant: str, pretrained: bool, stages: Sequence[str | Mixed], arch: dict, **kwargs) -> CSWinStyle:
+    return build_hierarchical(CSWinStyle, variant, pretrained, stages, arch, **kwargs)
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-T: global agent branches in stages 1-2 (AABB)."""
-    return _cswin("agent_cswin_tiny", pretrained, "AABB", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
+    return _cswin("agent_cswin_tiny", pretrained, ("agent", "agent", "softmax", "softmax"), _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_cswin_small(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-S: C 64 with depths [3, 6, 29, 2] (the official `Agent_CSWin_64_36292_small_224`)."""
-    return _cswin("agent_cswin_small", pretrained, "AABB", _S, **dict(dict(drop_path_rate=0.4), **kwargs))
+    return _cswin("agent_cswin_small", pretrained, ("agent", "agent", "softmax", "softmax"), _S, **dict(dict(drop_path_rate=0.4), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_cswin_base(pretrained: bool = False, **kwargs) -> CSWinStyle:
-    return _cswin("agent_cswin_base", pretrained, "AABB", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
+    return _cswin("agent_cswin_base", pretrained, ("agent", "agent", "softmax", "softmax"), _B, **dict(dict(drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """Agent-CSwin-B at 384 (stripe width 12 in stages 3-4)."""
-    return _cswin("agent_cswin_base_384", pretrained, "AABB", _B, **dict(dict(img_size=384, split_size=(1, 2, 12, 12), drop_path_rate=0.7), **kwargs))
+    return _cswin("agent_cswin_base_384", pretrained, ("agent", "agent", "softmax", "softmax"), _B, **dict(dict(img_size=384, split_size=(1, 2, 12, 12), drop_path_rate=0.7), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """FLatten-CSwin-T: focused linear attention in stages 1-2 (LLSS), with both DWC and LePE."""
-    return _cswin("flatten_cswin_tiny", pretrained, "LLSS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
+    return _cswin("flatten_cswin_tiny", pretrained, ("focused", "focused", "softmax", "softmax"), _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_cswin_tiny(pretrained: bool = False, **kwargs) -> CSWinStyle:
     """InLine-CSwin-T: InLine attention in stages 1-2 (IISS)."""
-    return _cswin("inline_cswin_tiny", pretrained, "IISS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
+    return _cswin("inline_cswin_tiny", pretrained, ("inline", "inline", "softmax", "softmax"), _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_cswin_small(pretrained: bool = False, **kwargs) -> CSWinStyle:
-    return _cswin("inline_cswin_small", pretrained, "IISS", _S, **dict(dict(drop_path_rate=0.4), **kwargs))
+    return _cswin("inline_cswin_small", pretrained, ("inline", "inline", "softmax", "softmax"), _S, **dict(dict(drop_path_rate=0.4), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_cswin_base(pretrained: bool = False, **kwargs) -> CSWinStyle:
-    return _cswin("inline_cswin_base", pretrained, "IISS", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
+    return _cswin("inline_cswin_base", pretrained, ("inline", "inline", "softmax", "softmax"), _B, **dict(dict(drop_path_rate=0.5), **kwargs))

@@ -31,6 +31,7 @@ from ._common import (
     init_linear_and_norm,
     init_trunc_normal,
     release_cfg,
+    run_blocks,
 )
 from ._mixers import AgentAttention, InLineAttention, Size, SoftmaxAttention, from_grid, resize_tokens, to_grid
 
@@ -119,10 +120,7 @@ class DeiTStyle(ClassifierMixin, nn.Module):
         pos = torch.cat([self.pos_embed[:, :1], resize_tokens(self.pos_embed[:, 1:], self.grid, size, "bicubic")], 1)
         x = self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos)
         for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-            else:
-                x = blk(x, size)
+            x = run_blocks((blk,), x, size, checkpointing=self.grad_checkpointing)
             yield i, x, size
             if stop is not None and i >= stop:
                 return

@@ -24,12 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
-from timm.models._features import feature_take_indices
 from zoo.ops import na2d, na_legacy_pad
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
+
+from ._common import ClassifierMixin, run_blocks
 
 __all__ = ["NAT", "NATIsotropic", "NeighborhoodAttention2D", "convert_hf_nat"]
 
@@ -198,12 +199,7 @@ class NATStage(nn.Module):
         self.downsample = downsample(dim) if downsample is not None else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        return run_blocks(self.blocks, x, checkpointing=self.grad_checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_blocks(x)
@@ -221,7 +217,7 @@ def _dilations(dilations, depths: Sequence[int]) -> list[list[int]]:
     return dilations
 
 
-class NAT(nn.Module):
+class NAT(ClassifierMixin, nn.Module):
     """Hierarchical NAT / DiNAT (`layout='nat'`) and DiNAT_s (`layout='swin'`), NHWC inside.
 
     Args:
@@ -236,6 +232,8 @@ class NAT(nn.Module):
         legacy_pad: zero-pad attention inputs smaller than kernel * dilation (NATTEN <= 0.15).
     """
 
+    output_fmt = "NHWC"  # forward_features' layout (timm's attribute; intermediates default to NCHW)
+
     def __init__(self, depths: Sequence[int] = (3, 4, 18, 5), num_heads: Sequence[int] = (2, 4, 8, 16),
                  embed_dim: int = 64, mlp_ratio: float = 3.0, kernel_size: int = 7, dilations=None,
                  layer_scale: float | None = None, layout: str = "nat", in_chans: int = 3, num_classes: int = 1000,
@@ -246,8 +244,8 @@ class NAT(nn.Module):
             raise ValueError(f"layout must be 'nat' or 'swin', got {layout!r}")
         if layout == "swin" and layer_scale is not None:
             raise ValueError("layer_scale is not supported by DiNAT_s (layout='swin') blocks, as in the official code")
-        self.num_classes, self.global_pool, self.layout = num_classes, global_pool, layout
-        self.output_fmt = "NHWC"  # forward_features' layout (timm's attribute; intermediates default to NCHW)
+        self.num_classes, self.layout = num_classes, layout
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.drop_rate = drop_rate
         num_stages = len(depths)
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
@@ -274,6 +272,7 @@ class NAT(nn.Module):
                 self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
         self.stage_norms = stage_norms
         self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Identity()  # Faithful: no dropout before the head
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
@@ -302,80 +301,40 @@ class NAT(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New head; `global_pool=''` makes `forward` return the unpooled NHWC map (with num_classes=0)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs before each downsampler (the dense-prediction features), NCHW or NHWC.
-
-        With `stage_norms` each output goes through its `norm{i}`; otherwise `norm=True` applies
-        the final norm to the last stage's output.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
+    def _stages(self, x: torch.Tensor, stop: int | None = None):
+        """Each stage's output before its downsampler (the dense-prediction features), NHWC."""
         x = self.pos_drop(self.patch_embed(x))
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        last = len(self.stages) - 1
-        for i, stage in enumerate(stages):
+        for i, stage in enumerate(self.stages):
             x = stage.forward_blocks(x)
-            if i in take:
-                feat = x
-                if self.stage_norms:
-                    feat = getattr(self, f"norm{i}")(feat)
-                elif norm and i == last:
-                    feat = self.norm(feat)
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
+            yield i, x, None
+            if stop is not None and i >= stop:
+                return
             if stage.downsample is not None:
                 x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x) if len(stages) == len(self.stages) else x, intermediates
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        setattr(self, self.stage_attr, self.stages[:max_index + 1])
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+    def _to_map(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, H, W]` -> normalised last-stage map `[B, H/32, W/32, C]` (NHWC)."""
-        x = self.pos_drop(self.patch_embed(x))
-        for stage in self.stages:
-            x = stage(x)
+    def _intermediate(self, index: int, x: torch.Tensor, size, norm: bool) -> torch.Tensor:
+        """With `stage_norms` each output goes through its `norm{i}`; otherwise `norm=True` applies
+        the final norm to the last stage's output."""
+        if self.stage_norms:
+            x = getattr(self, f"norm{index}")(x)
+        elif norm and index == len(self.feature_info) - 1:
+            x = self.norm(x)
+        return self._to_map(x)
+
+    def _final(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        """The normalised last-stage map `[B, H/32, W/32, C]` (NHWC)."""
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _prune_stages(self, keep: int, prune_norm: bool) -> None:
+        setattr(self, self.stage_attr, self.stages[:keep])
+        if prune_norm:
+            self.norm = nn.Identity()
 
 
-class NATIsotropic(nn.Module):
+class NATIsotropic(ClassifierMixin, nn.Module):
     """Isotropic NAT / DiNAT / ViT-rpb: 16x16 patch embed, `depth` blocks at one resolution, LN, mean, head.
 
     Block i uses dilation 1 when i is even and `dilation` when odd (dilation=1 gives NAT-iso).
@@ -391,10 +350,9 @@ class NATIsotropic(nn.Module):
         super().__init__()
         if attention == "global":
             kernel_size = img_size // patch_size
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.output_fmt = "NHWC"
+        self.num_classes = num_classes
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.num_features = self.head_hidden_size = embed_dim
-        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
@@ -404,60 +362,40 @@ class NATIsotropic(nn.Module):
             for i in range(depth)
         ))
         self.norm = nn.LayerNorm(embed_dim)
+        self.head_drop = nn.Identity()  # Faithful: no dropout before the head
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}") for i in range(depth)]
         self.apply(_init_weights)
 
+    output_fmt = "NHWC"
     no_weight_decay = NAT.no_weight_decay
-    get_classifier = NAT.get_classifier
-    reset_classifier = NAT.reset_classifier
-    forward_head = NAT.forward_head
+    _to_map = NAT._to_map
+    _final = NAT._final
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def _run(self, x: torch.Tensor, take=(), norm: bool = False, output_fmt: str = "NCHW", stop_at: int | None = None):
+    def _stages(self, x: torch.Tensor, stop: int | None = None):
+        """Each block's output (NHWC): the intermediates of an isotropic model."""
         x = self.pos_drop(self.patch_embed(x))
-        intermediates = []
-        for i, layer in enumerate(self.layers[:stop_at]):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-            if i in take:
-                feat = self.norm(x) if norm else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
-        return x, intermediates
+        for i, layer in enumerate(self.layers):
+            x = run_blocks((layer,), x, checkpointing=self.grad_checkpointing)
+            yield i, x, None
+            if stop is not None and i >= stop:
+                return
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Block outputs (NCHW or NHWC); `norm=True` applies the final norm to each."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        x, intermediates = self._run(x, take, norm, output_fmt, max_index + 1 if stop_early else None)
-        return intermediates if intermediates_only else (self.norm(x), intermediates)
+    def _intermediate(self, index: int, x: torch.Tensor, size, norm: bool) -> torch.Tensor:
+        """`norm=True` applies the final norm to each block output."""
+        return self._to_map(self.norm(x) if norm else x)
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
+    def _final_after(self, index: int, x: torch.Tensor, size) -> torch.Tensor:
+        return self.norm(x)  # every block has the final norm's width
+
+    def _prune_stages(self, keep: int, prune_norm: bool) -> None:
+        self.layers = self.layers[:keep]
         if prune_norm:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self._run(x)[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -34,8 +34,9 @@ from ._common import (
     drop_path_rates,
     init_linear_and_norm,
     init_trunc_normal,
-    placement,
     release_cfg,
+    run_blocks,
+    stage_blocks,
 )
 from ._mixers import (
     AgentAttention,
@@ -146,7 +147,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
         if version not in (1, 2):
             raise ValueError(f"version must be 1 (PVTv1) or 2 (PVTv2), got {version}")
         self.version = version
-        block_types = check_blocks(block_types or placement("AAAA", depths), depths)
+        block_types = check_blocks(block_types or stage_blocks(("agent",) * len(depths), depths), depths)
         img_size = to_2tuple(img_size)
         self.num_classes = num_classes
         self.num_stages = len(depths)
@@ -198,11 +199,7 @@ class PVTStyle(ClassifierMixin, nn.Module):
             if self.version == 1:
                 pos = resize_tokens(getattr(self, f"pos_embed{i + 1}"), self.grids[i], size, "bilinear")
                 x = getattr(self, f"pos_drop{i + 1}")(x + pos)
-            for blk in getattr(self, f"block{i + 1}"):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
+            x = run_blocks(getattr(self, f"block{i + 1}"), x, size, checkpointing=self.grad_checkpointing)
             if self.version == 2:
                 x = getattr(self, f"norm{i + 1}")(x)
             x = to_grid(x, size)
@@ -248,48 +245,49 @@ _INLINE_HEADS = (2, 4, 10, 16)  # InLine-PVT doubles PVT's heads (head_dim 32)
 _DEPTHS = {"tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3)}
 
 
-def _pvt(variant: str, pretrained: bool, code: str, size: str, **kwargs) -> PVTStyle:
-    base = dict(depths=_DEPTHS[size], num_heads=_INLINE_HEADS if code == "IIII" else (1, 2, 5, 8))
-    return build_hierarchical(PVTStyle, variant, pretrained, code, base, **kwargs)
+def _pvt(variant: str, pretrained: bool, mixer: str, size: str, **kwargs) -> PVTStyle:
+    """Every block of a PVT release uses the family's `mixer` (the papers' AAAA / LLLL / IIII)."""
+    base = dict(depths=_DEPTHS[size], num_heads=_INLINE_HEADS if mixer == "inline" else (1, 2, 5, 8))
+    return build_hierarchical(PVTStyle, variant, pretrained, (mixer,) * 4, base, **kwargs)
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """Agent-PVT-T: agent attention in every block (AAAA), 9-16-49-49 agents, no SR."""
-    return _pvt("agent_pvt_tiny", pretrained, "AAAA", "tiny", **kwargs)
+    return _pvt("agent_pvt_tiny", pretrained, "agent", "tiny", **kwargs)
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_small", pretrained, "AAAA", "small", **kwargs)
+    return _pvt("agent_pvt_small", pretrained, "agent", "small", **kwargs)
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_medium", pretrained, "AAAA", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
+    return _pvt("agent_pvt_medium", pretrained, "agent", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> PVTStyle:
     """Agent-PVT-M trained at 256 (pos_embeds and biases sized for 64x64 ... 8x8 grids)."""
-    return _pvt("agent_pvt_medium_256", pretrained, "AAAA", "medium", **dict(dict(img_size=256, drop_path_rate=0.3), **kwargs))
+    return _pvt("agent_pvt_medium_256", pretrained, "agent", "medium", **dict(dict(img_size=256, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("agent_pvt_large", pretrained, "AAAA", "large", **dict(dict(drop_path_rate=0.3), **kwargs))
+    return _pvt("agent_pvt_large", pretrained, "agent", "large", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """FLatten-PVT-T: focused linear attention in every block (LLLL), no SR."""
-    return _pvt("flatten_pvt_tiny", pretrained, "LLLL", "tiny", **dict(dict(unused_final_norm=True), **kwargs))
+    return _pvt("flatten_pvt_tiny", pretrained, "focused", "tiny", **dict(dict(unused_final_norm=True), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PVTStyle:
     """FLatten-PVTv2-B0: PVTv2-b0 (C 32-64-160-256) with focused linear attention everywhere, no SR."""
-    args = dict(version=2, embed_dims=(32, 64, 160, 256), block_types=placement("LLLL", (2, 2, 2, 2)))
+    args = dict(version=2, embed_dims=(32, 64, 160, 256), block_types=stage_blocks(("focused",) * 4, (2, 2, 2, 2)))
     return build_classifier(PVTStyle, "flatten_pvt_v2_b0", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
                             **dict(args, **kwargs))
 
@@ -297,19 +295,19 @@ def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PVTStyle:
 @register_model(paper=INLINE["paper_name"])
 def inline_pvt_tiny(pretrained: bool = False, **kwargs) -> PVTStyle:
     """InLine-PVT-T: injective linear attention in every block (IIII), heads 2-4-10-16, no SR."""
-    return _pvt("inline_pvt_tiny", pretrained, "IIII", "tiny", **kwargs)
+    return _pvt("inline_pvt_tiny", pretrained, "inline", "tiny", **kwargs)
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_pvt_small(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_small", pretrained, "IIII", "small", **kwargs)
+    return _pvt("inline_pvt_small", pretrained, "inline", "small", **kwargs)
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_pvt_medium(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_medium", pretrained, "IIII", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
+    return _pvt("inline_pvt_medium", pretrained, "inline", "medium", **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_pvt_large(pretrained: bool = False, **kwargs) -> PVTStyle:
-    return _pvt("inline_pvt_large", pretrained, "IIII", "large", **dict(dict(drop_path_rate=0.3), **kwargs))
+    return _pvt("inline_pvt_large", pretrained, "inline", "large", **dict(dict(drop_path_rate=0.3), **kwargs))

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.layers import LayerNorm2d as _TimmLayerNorm2d
-from timm.models._features import feature_take_indices
-from torch.utils.checkpoint import checkpoint
 from zoo.ops import mala_attention, rala_attention
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
 from zoo.weights import generate_default_cfgs
+
+from ._common import ClassifierMixin, run_blocks
 
 ATTN_KINDS = ("mala", "rala", "softmax")
 
@@ -192,12 +192,7 @@ class RMTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sin, cos = self.RoPE(x.shape[2], x.shape[3])
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, sin, cos, use_reentrant=False)
-            else:
-                x = block(x, sin, cos)
-        return x
+        return run_blocks(self.blocks, x, sin, cos, checkpointing=self.grad_checkpointing)
 
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:
@@ -234,13 +229,7 @@ def _stage_kinds(attn_kinds, depths: Sequence[int]) -> list[tuple[str, ...]]:
     return out
 
 
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' (the official head) or '' (no pooling), got {global_pool!r}")
-    return global_pool
-
-
-class RMTLinear(nn.Module):
+class RMTLinear(ClassifierMixin, nn.Module):
     """The MAViT / RAVLT classifier (timm model API).
 
     Args:
@@ -267,13 +256,12 @@ class RMTLinear(nn.Module):
         global_pool: str = "avg",
     ):
         super().__init__()
-        _check_pool(global_pool)
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError(f"embed_dims, depths, num_heads need one entry per stage, got {embed_dims}, {depths}, {num_heads}")
         kinds = _stage_kinds(attn_kinds, depths)
         scales = [None] * len(depths) if layer_scale is None else list(layer_scale)
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = self._check_pool(global_pool, num_classes)
         self.drop_rate = drop_rate
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
@@ -316,34 +304,32 @@ class RMTLinear(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+    def _check_pool(self, global_pool: str, num_classes: int) -> str:
+        """'avg' (the official head) or '' (no pooling: the 1x1-conv head classifies every position)."""
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' (the official head) or '' (no pooling), got {global_pool!r}")
+        return global_pool
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def _new_head(self, num_classes: int, ref: torch.Tensor) -> nn.Module:
+        return nn.Conv2d(self.head_hidden_size, num_classes, 1, device=ref.device, dtype=ref.dtype)
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
-
-    def _run_stages(self, x: torch.Tensor, take: Sequence[int] = (), stop: int | None = None):
-        features = []
-        for i, stage in enumerate(self.layers[:stop]):
+    def _stages(self, x: torch.Tensor, stop: int | None = None):
+        """Each stage's output before its downsample (strides 4, 8, 16, 32), NCHW."""
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.layers):
             x = stage(x)
-            if i in take:
-                features.append(x)
-            if stage.downsample is not None and (stop is None or i + 1 < stop):
+            yield i, x, None
+            if stop is not None and i >= stop:
+                return
+            if stage.downsample is not None:
                 x = stage.downsample(x)
-        return x, features
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, embed_dims[-1], H/32, W/32]`."""
-        return self._run_stages(self.patch_embed(x))[0]
+    def _to_map(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        return x
+
+    def _final(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        """`[B, embed_dims[-1], H/32, W/32]`: the last stage's output (the head's 1x1 conv and BN follow)."""
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """1x1 conv to `projection`, BN, Swish, average pool, then the 1x1-conv classifier.
@@ -357,34 +343,14 @@ class RMTLinear(nn.Module):
         x = x if pre_logits else self.head(x)
         return x.flatten(1) if self.global_pool else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Stage outputs (before each downsample), strides 4, 8, 16, 32. No stage norms exist, so `norm` is a no-op."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        stop = max_index + 1 if (stop_early or intermediates_only) else None
-        x, features = self._run_stages(self.patch_embed(x), take, stop)
-        return features if intermediates_only else (x, features)
+    def _prune_stages(self, keep: int, prune_norm: bool) -> None:
+        self.layers = self.layers[:keep]
+        self.layers[-1].downsample = None
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True):
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        if self.layers[-1].downsample is not None:
-            self.layers[-1].downsample = None
+        take = super().prune_intermediate_layers(indices, prune_norm, prune_head)
         if prune_head:
-            self.proj = self.norm = nn.Identity()
-            self.reset_classifier(0)
+            self.proj = self.norm = nn.Identity()  # the head's 1x1 conv and BatchNorm
         return take
 
 

@@ -16,6 +16,8 @@ multiple of the window (and build the shift mask for the padded grid), as Swin's
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,13 +32,15 @@ from ._common import (
     FLATTEN,
     INLINE,
     ClassifierMixin,
+    Mixed,
     build_hierarchical,
     check_blocks,
     drop_path_rates,
     init_linear_and_norm,
     init_trunc_normal,
-    placement,
     release_cfg,
+    run_blocks,
+    stage_blocks,
 )
 from ._mixers import (
     QKV,
@@ -212,7 +216,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
 
     Args:
         img_size: construction resolution (sizes the resolution-tied parameters).
-        block_types: per stage, one mixer name per block (see `_common.placement`).
+        block_types: per stage, one mixer name per block (see `_common.stage_blocks`).
         window_size: the agent / linear window of the config (56, 72, 96); softmax blocks use
             `softmax_window` (default `max(7, window_size // 8)`, the official rule).
         agent_num: agents per stage (perfect squares).
@@ -228,7 +232,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
                  drop_path_rate: float = 0.1, focusing_factor: float = 3.0, kernel_size: int = 5,
                  global_pool: str = "avg"):
         super().__init__()
-        block_types = check_blocks(block_types or placement("BBBB", depths), depths)
+        block_types = check_blocks(block_types or stage_blocks(("softmax",) * len(depths), depths), depths)
         softmax_window = softmax_window or max(7, window_size // 8)
         img_size = to_2tuple(img_size)
         self.num_classes = num_classes
@@ -274,11 +278,7 @@ class SwinStyle(ClassifierMixin, nn.Module):
         x, size = self.patch_embed(x)
         x = self.pos_drop(x)
         for i, stage in enumerate(self.layers):
-            for blk in stage.blocks:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
+            x = run_blocks(stage.blocks, x, size, checkpointing=self.grad_checkpointing)
             yield i, x, size
             if stop is not None and i >= stop:
                 return
@@ -333,73 +333,73 @@ _S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
 
-def _swin(variant: str, pretrained: bool, code: str, arch: dict, **kwargs) -> SwinStyle:
-    return build_hierarchical(SwinStyle, variant, pretrained, code, arch, **kwargs)
+def _swin(variant: str, pretrained: bool, stages: Sequence[str | Mixed], arch: dict, **kwargs) -> SwinStyle:
+    return build_hierarchical(SwinStyle, variant, pretrained, stages, arch, **kwargs)
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-T: agent attention in stages 1-3 (AAAB), 9-16-49-49 agents."""
-    return _swin("agent_swin_tiny", pretrained, "AAAB", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
+    return _swin("agent_swin_tiny", pretrained, ("agent", "agent", "agent", "softmax"), _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-S (AABB)."""
-    return _swin("agent_swin_small", pretrained, "AABB", _S, **dict(dict(drop_path_rate=0.3), **kwargs))
+    return _swin("agent_swin_small", pretrained, ("agent", "agent", "softmax", "softmax"), _S, **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_swin_small_288(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-S at 288 (agent window 72, softmax window 72 // 8 = 9)."""
-    return _swin("agent_swin_small_288", pretrained, "AABB", _S, **dict(dict(img_size=288, window_size=72, drop_path_rate=0.3), **kwargs))
+    return _swin("agent_swin_small_288", pretrained, ("agent", "agent", "softmax", "softmax"), _S, **dict(dict(img_size=288, window_size=72, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-B (AAMB2: the first 2 blocks of stage 3 are agent blocks)."""
-    return _swin("agent_swin_base", pretrained, "AAMB2", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
+    return _swin("agent_swin_base", pretrained, ("agent", "agent", Mixed("agent", 2), "softmax"), _B, **dict(dict(drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=AGENT["paper_name"])
 def agent_swin_base_384(pretrained: bool = False, **kwargs) -> SwinStyle:
     """Agent-Swin-B at 384 (agent window 96, softmax window 12)."""
-    return _swin("agent_swin_base_384", pretrained, "AAMB2", _B, **dict(dict(img_size=384, window_size=96, drop_path_rate=0.5), **kwargs))
+    return _swin("agent_swin_base_384", pretrained, ("agent", "agent", Mixed("agent", 2), "softmax"), _B, **dict(dict(img_size=384, window_size=96, drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """FLatten-Swin-T: focused linear attention in stages 1-2 (LLSS), focusing factor 3, 5x5 DWC."""
-    return _swin("flatten_swin_tiny", pretrained, "LLSS", _T, **dict(dict(softmax_window=7, drop_path_rate=0.2), **kwargs))
+    return _swin("flatten_swin_tiny", pretrained, ("focused", "focused", "softmax", "softmax"), _T, **dict(dict(softmax_window=7, drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("flatten_swin_small", pretrained, "LLSS", _S, **dict(dict(softmax_window=7, drop_path_rate=0.3), **kwargs))
+    return _swin("flatten_swin_small", pretrained, ("focused", "focused", "softmax", "softmax"), _S, **dict(dict(softmax_window=7, drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("flatten_swin_base", pretrained, "LLSS", _B, **dict(dict(softmax_window=7, drop_path_rate=0.5), **kwargs))
+    return _swin("flatten_swin_base", pretrained, ("focused", "focused", "softmax", "softmax"), _B, **dict(dict(softmax_window=7, drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=FLATTEN["paper_name"])
 def flatten_swin_base_384(pretrained: bool = False, **kwargs) -> SwinStyle:
     """FLatten-Swin-B at 384 (linear window 96, softmax window 12)."""
-    return _swin("flatten_swin_base_384", pretrained, "LLSS", _B, **dict(dict(img_size=384, window_size=96, softmax_window=12, drop_path_rate=0.5), **kwargs))
+    return _swin("flatten_swin_base_384", pretrained, ("focused", "focused", "softmax", "softmax"), _B, **dict(dict(img_size=384, window_size=96, softmax_window=12, drop_path_rate=0.5), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_swin_tiny(pretrained: bool = False, **kwargs) -> SwinStyle:
     """InLine-Swin-T: injective linear attention in stages 1-3 (IIIS)."""
-    return _swin("inline_swin_tiny", pretrained, "IIIS", _T, **dict(dict(drop_path_rate=0.2), **kwargs))
+    return _swin("inline_swin_tiny", pretrained, ("inline", "inline", "inline", "softmax"), _T, **dict(dict(drop_path_rate=0.2), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_swin_small(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("inline_swin_small", pretrained, "IISS", _S, **dict(dict(drop_path_rate=0.3), **kwargs))
+    return _swin("inline_swin_small", pretrained, ("inline", "inline", "softmax", "softmax"), _S, **dict(dict(drop_path_rate=0.3), **kwargs))
 
 
 @register_model(paper=INLINE["paper_name"])
 def inline_swin_base(pretrained: bool = False, **kwargs) -> SwinStyle:
-    return _swin("inline_swin_base", pretrained, "IIMS2", _B, **dict(dict(drop_path_rate=0.5), **kwargs))
+    return _swin("inline_swin_base", pretrained, ("inline", "inline", Mixed("inline", 2), "softmax"), _B, **dict(dict(drop_path_rate=0.5), **kwargs))

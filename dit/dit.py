@@ -23,12 +23,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 from timm.layers import Mlp, to_2tuple
-from torch.utils.checkpoint import checkpoint
 
 from zoo._registry import register_model
 from zoo.factory import load_generator_weights
 from zoo.weights import generate_default_cfgs, get_weights, has_weights
 
+from ._common import DiTGeneratorMixin
 from .attention import build_backend, fill_backend_keys
 
 
@@ -167,7 +167,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(DiTGeneratorMixin, nn.Module):
     """Class-conditional DiT over latents (or pixels) `[B, in_channels, H, W]`.
 
     Args:
@@ -230,29 +230,15 @@ class DiT(nn.Module):
         """The label id of the unconditional class, or None if the model has none."""
         return self.y_embedder.null_class
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (timm's API) to save activation memory."""
-        self.grad_checkpointing = enable
+    @property
+    def patch_embedding(self) -> nn.Conv2d:
+        return self.x_embedder.proj
 
     def initialize_weights(self) -> None:
-        """The official init: xavier Linears, zero biases, N(0, .02) embedders, adaLN-Zero."""
-        backend_params = {id(p) for block in self.blocks for p in block.attn.backend.parameters()}
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in backend_params:
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        """The official init (DiTGeneratorMixin) and the fixed sin-cos `pos_embed`."""
+        super().initialize_weights()
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[-1], *self.grid).unsqueeze(0))
-        w = self.x_embedder.proj.weight  # like a Linear, not a Conv2d
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, T, p*p*C]` -> `[B, C, H, W]`."""
@@ -283,19 +269,8 @@ class DiT(nn.Module):
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, self.grid, step_index, use_reentrant=False)
-            else:
-                x = block(x, c, self.grid, step_index)
+        x = self.run_blocks(x, c, self.grid, step_index)
         return self.unpatchify(self.final_layer(x, c))
-
-    def example_inputs(self, batch_size: int = 1, input_size: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
-        """(latents, timesteps, labels) for FLOP counting and smoke tests."""
-        device = self.pos_embed.device
-        size = tuple(input_size[-2:]) if input_size else self.input_size
-        x = torch.randn(batch_size, self.in_channels, *size, device=device)
-        return x, torch.full((batch_size,), 500, device=device), torch.zeros(batch_size, dtype=torch.long, device=device)
 
     # zoo.weights.load_weights applies this to every source, so weights trained with any attention load
     # (`create_model(..., checkpoint_path=dense_ckpt, attention="sla")` fills the backend-only keys)

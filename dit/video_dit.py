@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
-from torch.utils.checkpoint import checkpoint
 
 from zoo._registry import register_model
 from zoo.factory import load_generator_weights
 
+from ._common import DiTGeneratorMixin
 from .attention import build_backend, fill_backend_keys
 from .dit import FinalLayer, LabelEmbedder, TimestepEmbedder, modulate
 
@@ -132,7 +132,7 @@ class VideoDiTBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(DiTGeneratorMixin, nn.Module):
     """Latent video DiT predicting the flow-matching velocity `[B, C, F, H, W]`.
 
     Args:
@@ -200,27 +200,9 @@ class VideoDiT(nn.Module):
             raise ValueError(f"latent size (frames, height, width) = {tuple(size)} is not divisible by patch_size "
                              f"{self.patch_size}: crop or pad the latents to a multiple of the patch")
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (timm's API) to save activation memory."""
-        self.grad_checkpointing = enable
-
-    def initialize_weights(self) -> None:
-        """DiT's init: xavier Linears, N(0, .02) embedders, adaLN-Zero and zero output layer."""
-        backend_params = {id(p) for block in self.blocks for p in block.attn.backend.parameters()}
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in backend_params:
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+    @property
+    def patch_embedding(self) -> nn.Conv3d:
+        return self.x_embedder
 
     def _rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         key = (grid, device)
@@ -256,11 +238,7 @@ class VideoDiT(nn.Module):
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # frame-major tokens
         angles = self._rope(grid, x.device)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, context, angles, grid, step_index, use_reentrant=False)
-            else:
-                x = block(x, c, context, angles, grid, step_index)
+        x = self.run_blocks(x, c, context, angles, grid, step_index)
         return self.unpatchify(self.final_layer(x, c), grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -271,12 +249,8 @@ class VideoDiT(nn.Module):
 
     def example_inputs(self, batch_size: int = 1, input_size: Sequence[int] | None = None) -> tuple:
         """(latents, timesteps, labels or None, text context or None) for FLOP counts and smoke tests."""
-        device = self.x_embedder.weight.device
-        size = tuple(input_size[-3:]) if input_size else self.input_size
-        x = torch.randn(batch_size, self.in_channels, *size, device=device)
-        t = torch.full((batch_size,), 500.0, device=device)
-        y = torch.zeros(batch_size, dtype=torch.long, device=device) if self.y_embedder is not None else None
-        context = torch.randn(batch_size, 16, self.context_dim, device=device) if self.context_dim else None
+        x, t, y = super().example_inputs(batch_size, input_size)
+        context = torch.randn(batch_size, 16, self.context_dim, device=x.device) if self.context_dim else None
         return x, t, y, context
 
     # zoo.weights.load_weights applies this to every source, so weights trained with any attention load

@@ -136,6 +136,20 @@ def test_placement_per_block():
     assert isinstance(deit_b.blocks[3].attn, AgentAttention) and not isinstance(deit_b.blocks[4].attn, AgentAttention)
 
 
+def test_stage_blocks_expands_per_stage_mixers():
+    """Agent-Swin-B's `AAMB2`: two agent stages, a stage of 2 agent blocks then softmax, a softmax stage."""
+    from zoo.backbones._common import Mixed, stage_blocks
+
+    assert stage_blocks(("agent", "agent", Mixed("agent", 2), "softmax"), (1, 1, 4, 2)) == (
+        ("agent",), ("agent",), ("agent", "agent", "softmax", "softmax"), ("softmax", "softmax"))
+    with pytest.raises(ValueError, match="one mixer"):
+        stage_blocks(("agent",) * 3, (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="unknown mixer"):
+        stage_blocks(("agnet",) * 4, (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="must mix"):
+        stage_blocks(("agent",) * 3 + (Mixed("agent", 3),), (2, 2, 2, 2))
+
+
 def _fake_module(monkeypatch, name: str):
     """A class `name` importable while saving (e.g. yacs' CfgNode, absent here), gone when loading."""
     module_name, cls_name = name.rsplit(".", 1)

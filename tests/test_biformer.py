@@ -266,6 +266,10 @@ def test_any_input_size_in_masked_mode_and_modes_agree_on_multiples_of_112(tiny)
         zoo.create_model("biformer_stl_nchw", padding="legacy")
     with pytest.raises(ValueError, match="padding must be one of"):
         zoo.create_model("biformer_tiny", padding="zeros")
+    with pytest.raises(ValueError, match="global_pool='' leaves NCHW maps"):  # a Linear head on a map
+        zoo.create_model("biformer_mnist", global_pool="")
+    unpooled = zoo.create_model("biformer_mnist", global_pool="", num_classes=0).eval()
+    assert unpooled(torch.randn(1, 1, 32, 32)).shape == (1, 256, 1, 1)
 
 
 def test_features_only_and_extra_norms():

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from grad_checkpointing import assert_checkpointing_takes_effect
 from zoo.dit import DiT, GaussianDiffusion, diffusers_to_dit, dit_to_diffusers, sample
 from zoo.dit.dit import sincos_2d, timestep_embedding
 
@@ -189,7 +190,6 @@ def test_diffusers_conversion_refuses_drifted_embedders():
         diffusers_to_dit(state, ours)
 
 
-@pytest.mark.skipif(not hasattr(zoo.ops, "SparseLinearAttention"), reason="zoo.ops.SparseLinearAttention missing")
 def test_image_dit_sla_topk_1_equals_dense():
     dense = _randomize(DiT(**TINY))
     sla = DiT(**TINY, attention="sla", attention_kwargs=dict(topk=1.0, block_size=4)).eval()
@@ -198,7 +198,6 @@ def test_image_dit_sla_topk_1_equals_dense():
     torch.testing.assert_close(sla(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not hasattr(zoo.ops, "na2d"), reason="zoo.ops.na2d missing")
 def test_image_dit_na_kernel_equal_to_the_grid_equals_dense():
     dense = _randomize(DiT(**TINY))
     na = DiT(**TINY, attention="na", attention_kwargs=dict(kernel_size=4)).eval()  # 4x4 token grid
@@ -217,6 +216,13 @@ def test_small_pixel_space_config_for_mnist():
     assert model(x, t, y).shape == (2, 1, 32, 32)
     # guidance covers the one channel (the 3-channel rule is only for 4-channel latents)
     assert sample(model, [1, 2], num_steps=2, guidance_scale=2.0, scheduler="ddim", progress=False).shape == (2, 1, 32, 32)
+
+
+def test_grad_checkpointing_takes_effect():
+    """Same output and gradients (label dropout included), fewer tensors saved for backward."""
+    model = _randomize(DiT(**TINY)).train()
+    x = torch.randn(2, 4, 8, 8)
+    assert_checkpointing_takes_effect(model, x, torch.tensor([10, 900]), torch.tensor([3, 10]))
 
 
 def test_bad_inputs_give_clear_errors():

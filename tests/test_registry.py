@@ -29,16 +29,47 @@ def test_import_is_cheap_and_lazy():
     assert heavy == "[]"
 
 
-@pytest.mark.parametrize("first", ["zoo", "timm", "zoo.pretrained", "zoo.dit"])  # the MNIST models derive from both
-def test_every_model_is_registered_whatever_the_import_order(first):
-    out = _python(f"""
-        import {first}, timm, zoo
-        names = zoo.list_models(kind="classifier")
-        missing = [n for n in names if not timm.is_model(n)]
-        print(len(names), missing, "nat_mnist" in names and "video_dit_s_2_mmnist" in zoo.list_models(kind="generator"))
-    """)
-    count, missing, derived = out.split(" ", 2)
-    assert missing == "[]" and derived == "True"
+# what a fresh interpreter has registered after each statement: zoo's registry and timm's share of it
+_REGISTRY_COUNTS = """
+    import json, sys
+    registry = sys.modules.get("zoo._registry")
+    zoo_models = registry._MODELS if registry else {}
+    timm_models = sys.modules["timm"].list_models() if "timm" in sys.modules else []
+    from_zoo = [n for n in timm_models if sys.modules["timm"].models.model_entrypoint(n).__module__.startswith("zoo.")]
+    print(json.dumps({"zoo": len(zoo_models), "classifiers": sum(e.kind == "classifier" for e in zoo_models.values()),
+                      "timm": len(from_zoo), "timm_loaded": "timm" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("statement", [
+    "import zoo.backbones.nat",  # timm is first imported from inside a half-imported zoo.backbones
+    "import zoo.backbones",
+    "import zoo.dit",
+    "import zoo.pretrained",  # reads its families' timm cfgs while importing
+    "import zoo.factory",  # the model modules import it back
+    "from zoo._registry import list_models",
+    "import timm; import zoo",
+    "import zoo; import timm; timm.create_model('nat_mini')",
+    "import zoo; zoo.create_model('nat_mnist')",
+])
+def test_every_model_is_registered_whatever_the_import_order(statement):
+    """Once timm and any zoo module are loaded, every zoo model is in zoo's registry and every classifier in timm's."""
+    import json
+
+    counts = json.loads(_python(statement + "\n" + textwrap.dedent(_REGISTRY_COUNTS)))
+    names = [n for n in zoo.list_models() if not n.startswith("zootest_")]
+    classifiers = [n for n in zoo.list_models(kind="classifier") if not n.startswith("zootest_")]
+    assert len(classifiers) > 50 and len(names) > len(classifiers)
+    assert counts == {"zoo": len(names), "classifiers": len(classifiers), "timm": len(classifiers), "timm_loaded": True}
+
+
+@pytest.mark.parametrize("statement", ["import zoo", "import zoo.ops", "import zoo.weights", "import zoo.cli"])
+def test_light_imports_register_nothing(statement):
+    """Modules that need neither timm nor the models load neither (the registry fills on first use)."""
+    import json
+
+    counts = json.loads(_python(statement + "\n" + textwrap.dedent(_REGISTRY_COUNTS)))
+    assert counts == {"zoo": 0, "classifiers": 0, "timm": 0, "timm_loaded": False}
 
 
 def test_zoo_names_never_shadow_timm_names():

@@ -2,10 +2,12 @@
 
 `import zoo` is cheap: torch, timm and the model modules load on first use of the API.
 Classifiers are registered into timm as soon as both are loaded, whichever comes first:
-`import zoo; timm.create_model('nat_tiny')` works, and so does importing timm before zoo.
+`import zoo; import timm; timm.create_model('nat_tiny')` works, and so does importing timm
+before zoo or any zoo module first (`_RegisterWhenTimmLoaded` says how).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import sys
@@ -51,29 +53,51 @@ def __getattr__(name: str):
     return value
 
 
-class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
-    """Registers the zoo's classifiers right after timm finishes importing."""
+class _RegisterWhenTimmLoaded(importlib.abc.MetaPathFinder):
+    """Registers the zoo's models into timm once timm is loaded and no zoo or timm import is under way.
+
+    timm has no plugin mechanism (no entry points: only `timm.models.register_model`, a decorator
+    that fills its registry when a model module runs), so `import zoo; import timm;
+    timm.create_model('nat_tiny')` works only if something imports zoo's model modules once timm
+    is loaded. Each model module registers itself (zoo._registry.register_model also calls timm's
+    decorator) when imported; this hook only makes sure they all get imported.
+
+    It must not import them while another zoo module is half-executed: `import zoo.backbones.nat`
+    loads timm from inside backbones/biformer.py, and importing every model module at that moment
+    would read names not defined yet. So the hook wraps the execution of every `zoo.*` module and of
+    timm, counts those under way, and calls `register_all_models` when the outermost one finishes
+    with timm loaded; then it leaves `sys.meta_path`. Modules found by the finders after it are
+    unchanged except for that wrapper around their loader's `exec_module`.
+    """
+
+    def __init__(self) -> None:
+        self.executing = 0  # zoo or timm modules whose code is running now (nested imports)
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "timm":
+        if fullname != "timm" and not fullname.startswith("zoo."):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_register(module):
-            exec_module(module)
-            register_all_models()
-
-        spec.loader.exec_module = exec_and_register
+        spec = None
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                break
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader.exec_module = functools.partial(self._exec_then_register, spec.loader.exec_module)
         return spec
+
+    def _exec_then_register(self, exec_module, module) -> None:
+        self.executing += 1
+        try:
+            exec_module(module)
+        finally:
+            self.executing -= 1
+        if not self.executing and "timm" in sys.modules and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            register_all_models()
 
 
 if "timm" in sys.modules:
     register_all_models()
-elif not any(isinstance(f, _RegisterAfterTimm) for f in sys.meta_path):
-    import importlib.util
-
-    sys.meta_path.insert(0, _RegisterAfterTimm())
+elif not any(isinstance(f, _RegisterWhenTimmLoaded) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTimmLoaded())

@@ -1,8 +1,9 @@
 """The zoo's model registry: one name space for classifiers and generators.
 
-Classifiers are also registered into timm (on `import zoo`), so `timm.create_model` finds
-them; generators (DiT, video DiT) live only here. A model module defines `default_cfgs`
-with `zoo.weights.generate_default_cfgs` before its entrypoints, as timm requires.
+Classifiers are also registered into timm (by `register_model`, when their module is imported;
+zoo/__init__.py imports every model module once timm is loaded), so `timm.create_model` finds
+them; generators (DiT, video DiT) live only here. A model module defines `default_cfgs` with
+`zoo.weights.generate_default_cfgs` before its entrypoints, as timm requires.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from timm import list_models as timm_list_models
+from timm.models import register_model as timm_register_model
 
 KINDS = ("classifier", "generator")
 
@@ -30,8 +34,6 @@ _MODELS: dict[str, ModelEntry] = {}
 @functools.cache
 def timm_own_names() -> frozenset[str]:
     """timm's model names before any zoo registration (taken at the first registration)."""
-    from timm import list_models as timm_list_models
-
     return frozenset(timm_list_models())
 
 
@@ -51,8 +53,6 @@ def register_model(fn: Callable | None = None, *, kind: str = "classifier", pape
         if kind == "classifier":
             if name not in cfgs:
                 raise ValueError(f"{fn.__module__} must define default_cfgs[{name!r}] before registering {name}")
-            from timm.models import register_model as timm_register_model
-
             timm_register_model(fn)
         _MODELS[name] = ModelEntry(name, fn, kind, paper, tags)
         return fn
@@ -143,9 +143,3 @@ def list_models(filter: str | list[str] = "", pretrained: bool = False, kind: st
 
 def list_pretrained(filter: str | list[str] = "") -> list[str]:
     return list_models(filter, pretrained=True)
-
-
-# Imported last, on purpose: `import zoo` installs a hook that registers every model as soon as
-# timm is imported; when this line is what imports timm, `register_model` must already exist
-# (the functions above import timm locally, since this name is bound only after the hook ran).
-import timm  # noqa: E402,F401

@@ -91,9 +91,6 @@ def info(args: argparse.Namespace, message: str) -> None:
 
 def check_model_name(name: str, kind: str | None = None):
     """The registry entry of `name`; unknown names get the closest ones suggested."""
-    import zoo
-
-    zoo.register_all_models()  # before zoo._registry: importing it first re-enters it through timm's import hook
     from zoo._registry import get_entry
 
     try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import zoo.backbones  # noqa: F401  (the families these are built from: their timm cfgs are read below)
 from zoo._registry import register_derived_models
 from zoo.weights import generate_default_cfgs
 
