@@ -136,8 +136,7 @@ def test_generate_video_reports_what_the_embedded_sparse_model_skips(capsys, tmp
     """The report is the op's own sparsity for the model's token grid (radial once printed 0.0% while ~48% was skipped)."""
     from zoo.cli.generate import DEFAULT_VIDEO_MODEL
 
-    if not shipped(DEFAULT_VIDEO_MODEL):
-        pytest.skip(f"{DEFAULT_VIDEO_MODEL} has no shipped weights yet (see TRAINING.md)")
+    assert shipped(DEFAULT_VIDEO_MODEL), f"{DEFAULT_VIDEO_MODEL}'s weights must ship in zoo/pretrained (zoo.pretrained.SHIPPED)"
     code, _, err = run(capsys, "generate-video", "--attention", attention, "--frames", "4", "--steps", "1", "--guidance", "1",
                        "--classes", "1", "--out", str(tmp_path / "v.gif"))
     assert code == 0, err
@@ -244,8 +243,7 @@ def test_shipped_classifiers_read_real_digits(capsys, model):
     from zoo.cli.classify import DEFAULT_CLASSIFIER
 
     assert len(DIGITS) >= 10, "tests/data/digits/*.png ship with the repository"
-    if not shipped(model or DEFAULT_CLASSIFIER):
-        pytest.skip(f"{model or DEFAULT_CLASSIFIER} has no shipped weights yet (see TRAINING.md)")
+    assert shipped(model or DEFAULT_CLASSIFIER), f"{model or DEFAULT_CLASSIFIER}'s weights must ship in zoo/pretrained (zoo.pretrained.SHIPPED)"
     code, out, err = run(capsys, "classify", "--quiet", *(["--model", model] if model else []), *map(str, DIGITS))
     assert code == 0, err
     blocks = out.strip().split("\n")
@@ -260,8 +258,7 @@ def test_generate_default_digits_are_recognised(capsys, tmp_path):
     from zoo.cli.generate import DEFAULT_IMAGE_MODEL
 
     for name in (DEFAULT_IMAGE_MODEL, DEFAULT_CLASSIFIER):
-        if not shipped(name):
-            pytest.skip(f"{name} has no shipped weights yet: its training run did not reach the bar (see TRAINING.md)")
+        assert shipped(name), f"{name}'s weights must ship in zoo/pretrained (zoo.pretrained.SHIPPED)"
     code, _, err = run(capsys, "generate", "--classes", "3", "7", "1", "--num-per-class", "2", "--steps", "10",
                        "--seed", "0", "--quiet", "--out-dir", str(tmp_path))
     assert code == 0, err
@@ -285,8 +282,7 @@ def test_generate_video_default_digits_are_recognised(capsys, tmp_path):
     from zoo.cli.generate import DEFAULT_VIDEO_MODEL
 
     for name in (DEFAULT_VIDEO_MODEL, DEFAULT_CLASSIFIER):
-        if not shipped(name):
-            pytest.skip(f"{name} has no shipped weights yet (see TRAINING.md)")
+        assert shipped(name), f"{name}'s weights must ship in zoo/pretrained (zoo.pretrained.SHIPPED)"
     out = tmp_path / "v.gif"
     code, _, err = run(capsys, "generate-video", "--classes", "1", "7", "--steps", "10", "--guidance", "4", "--seed", "0",
                        "--quiet", "--out", str(out))

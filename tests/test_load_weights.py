@@ -147,7 +147,6 @@ def test_the_models_converter_completes_the_layout_converters_output(tmp_path):
     _assert_state(model, state)
 
 
-@pytest.mark.skipif(not hasattr(zoo.ops, "SparseLinearAttention"), reason="zoo.ops.SparseLinearAttention missing")
 def test_dense_dit_weights_fill_an_sla_dit_through_create_model(tmp_path):
     """DiT's `checkpoint_converter` (fill_backend_keys) is applied to a checkpoint_path of another attention;
     with every key block kept (topk=1) SLA equals dense, so the dense weights really are the ones loaded."""
