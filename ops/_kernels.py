@@ -8,6 +8,8 @@ from types import ModuleType
 
 import torch
 
+from ._cost import is_counting_flops
+
 
 def kernel_module(package: str) -> ModuleType | str:
     """`<package>.kernel`, or the ImportError text if Triton cannot be imported (the reference still works).
@@ -42,3 +44,24 @@ def usable_kernel(package: str, q: torch.Tensor) -> ModuleType | str:
     if q.dtype == torch.bfloat16 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
         return "bfloat16 needs a GPU of compute capability 8.0 or newer"
     return module
+
+
+def triton_reason(package: str, devices: tuple[str, ...], q: torch.Tensor, *others: torch.Tensor,
+                  can_run_args: tuple = ()) -> str | None:
+    """Why `<package>.kernel` cannot run q and `others`, or None.
+
+    The gate every op's dispatch shares (the tensors' device among the op's `devices`, no FLOP counting, no
+    empty input, Triton importable, the dtype on this GPU), then the kernel's own `can_run(q, *others,
+    *can_run_args)`. Ops pass their module-level `KERNEL_DEVICES` at call time, so the interpreter tests can
+    widen it to CPU tensors.
+    """
+    if q.device.type not in devices:
+        return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
+    if is_counting_flops():
+        return "FLOP counting runs the reference's cost model"
+    if any(not t.numel() for t in (q, *others)):
+        return "an empty input (batch, heads or a sequence of size 0) has no work for a kernel"
+    module = usable_kernel(package, q)
+    if isinstance(module, str):
+        return module
+    return module.can_run(q, *others, *can_run_args)

@@ -11,7 +11,7 @@ import torch
 
 from .._checks import autocast_cast, check_qkv, check_scale
 from .._cost import is_counting_flops
-from .._kernels import kernel_module, usable_kernel
+from .._kernels import kernel_module, triton_reason
 from . import fa4
 from .layout import BlockSparseLayout, block_sparse_layout
 from .naive import (
@@ -34,13 +34,8 @@ BACKENDS = ("fa4", "triton", "reference")  # the order backend="auto" tries them
 
 
 def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
-    """Why the Triton kernel cannot run these inputs, or None."""
-    if q.device.type not in KERNEL_DEVICES:
-        return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
-    module = usable_kernel(__name__, q)
-    if isinstance(module, str):
-        return module
-    return module.can_run(q, k, v, block_q, block_k)
+    """None if the Triton kernel runs these (checked) inputs, else why not (`zoo.ops._kernels.triton_reason`)."""
+    return triton_reason(__name__, KERNEL_DEVICES, q, k, v, can_run_args=(block_q, block_k))
 
 
 def _reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:

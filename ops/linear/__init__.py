@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import autocast_cast, check_scale
-from .._cost import is_counting_flops
-from .._kernels import kernel_module, usable_kernel
+from .._kernels import kernel_module, triton_reason
 from . import naive
 from .naive import focused_feature_map
 
@@ -25,17 +24,8 @@ def _kernel_module():
 
 
 def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None if the Triton kernel runs these (checked) inputs, else why not."""
-    if q.device.type not in KERNEL_DEVICES:
-        return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
-    if is_counting_flops():
-        return "FLOP counting runs the reference's cost model"
-    if not q.numel() or not k.numel() or not v.numel():
-        return "empty input (nothing to launch)"
-    module = usable_kernel(__name__, q)
-    if isinstance(module, str):
-        return module
-    return module.can_run(q, k, v)
+    """None if the Triton kernel runs these (checked) inputs, else why not (`zoo.ops._kernels.triton_reason`)."""
+    return triton_reason(__name__, KERNEL_DEVICES, q, k, v)
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import torch
 
 from .._checks import autocast_cast, block_size_pair, check_qkv
 from .._cost import is_counting_flops
-from .._kernels import kernel_module, usable_kernel
+from .._kernels import kernel_module, triton_reason
 from .naive import (
     CRITICAL,
     MARGINAL,
@@ -25,15 +25,8 @@ BACKENDS = ("triton", "reference")  # the order backend="auto" tries them
 
 
 def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> str | None:
-    """Why the fused kernel cannot run these inputs, or None."""
-    if q.device.type not in KERNEL_DEVICES:
-        return f"tensors are on {q.device.type} (the Triton kernel runs on CUDA)"
-    if not q.numel() or not k.numel():
-        return "an empty input (batch, heads or a sequence of size 0) has no work for a kernel"
-    module = usable_kernel(__name__, q)
-    if isinstance(module, str):
-        return module
-    return module.can_run(q, k, v, block_q, block_k)
+    """None if the Triton kernel runs these (checked) inputs, else why not (`zoo.ops._kernels.triton_reason`)."""
+    return triton_reason(__name__, KERNEL_DEVICES, q, k, v, can_run_args=(block_q, block_k))
 
 
 def sla_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int | tuple[int, int] = 64,
