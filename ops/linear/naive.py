@@ -13,23 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_qkv as check_sequence_qkv
 from .._checks import check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
 
-LAYOUT = "[batch, heads, seq_len, head_dim]"
-
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The linear attentions' q, k, v checks (shared with the dispatcher in `__init__`)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
-    check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"q, k, v must share batch and heads, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k has {k.shape[2]} tokens but v has {v.shape[2]}: keys and values must pair up")
+    """The sequence ops' q, k, v checks, plus at least one key: the normaliser sums over the keys."""
+    check_sequence_qkv(q, k, v)
     if k.shape[2] < 1:
         raise ValueError("k must hold at least one token, got 0")
 

@@ -41,16 +41,14 @@ import math
 
 import torch
 
-from .._checks import check_same, check_scale, check_tensor
+from .._checks import SEQUENCE_LAYOUT, check_same, check_scale, check_tensor
 from .._cost import cost_placeholder, is_counting_flops
-
-LAYOUT = "[batch, heads, seq_len, head_dim]"
 
 
 def check_inputs(q, k, v, q_num, k_num, scale, eps) -> tuple[torch.Tensor, torch.Tensor]:
     """MALA's and RALA's argument checks (shared with the dispatcher); returns (q_num, k_num) defaulted to q, k."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, LAYOUT)
+        check_tensor(name, t, 4, SEQUENCE_LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))
     if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
         raise ValueError(
@@ -65,7 +63,7 @@ def check_inputs(q, k, v, q_num, k_num, scale, eps) -> tuple[torch.Tensor, torch
     q_num = q if q_num is None else q_num
     k_num = k if k_num is None else k_num
     for name, t, ref, ref_name in (("q_num", q_num, q, "q"), ("k_num", k_num, k, "k")):
-        check_tensor(name, t, 4, LAYOUT)
+        check_tensor(name, t, 4, SEQUENCE_LAYOUT)
         check_same((ref_name, name), (ref, t))
         if t.shape != ref.shape:
             raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
