@@ -126,7 +126,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, SEQUENCE_LAYOUT)
     check_same(("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads/seq_len")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in batch/heads")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} tokens but v has {v.shape[2]}: keys and values must pair up")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q head_dim {q.shape[-1]} != k head_dim {k.shape[-1]}: q and k must share head_dim")
