@@ -65,3 +65,13 @@ def triton_reason(package: str, devices: tuple[str, ...], q: torch.Tensor, *othe
     if isinstance(module, str):
         return module
     return module.can_run(q, *others, *can_run_args)
+
+
+def triton_or_reference(backend: str, reason: str | None) -> tuple[str, str]:
+    """(backend, why) for an op with a Triton kernel and a reference, once `triton_reason` has answered: the
+    kernel when it can run; else the reference, unless the call asked for backend='triton' (ValueError, why)."""
+    if reason is None:
+        return "triton", "fused Triton kernel" + (" (asked for)" if backend == "triton" else "")
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this call: {reason}; use backend='auto' or 'reference'")
+    return "reference", f"triton: {reason}"

@@ -76,7 +76,7 @@ def check_sla_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, feature
                    [q, k, v], (d_s,))
         names = ("out", "dq", "dk", "dv")
     else:
-        backend = ("triton", "")
+        backend = ("triton", "fused Triton kernel")
         exact, low = run(oracle(True), exact64, (d_s, d_l)), run(oracle(False), [q, k, v], (d_s, d_l))
         fast = run(lambda a, b, c: sla_fused(a, b, c, block_map, dim**-0.5, feature_map, linear_on, 1e-5,
                                              (block_q, block_k)), [q, k, v], (d_s, d_l))
@@ -88,7 +88,7 @@ def check_sla_case(dtype, batch, heads, n_q, n_k, dim, block_q, block_k, feature
 
 
 def assert_sla_case(result, label):
-    assert result["backend"] == ["triton", ""], f"{label}: the dispatcher chose {result['backend']}"
+    assert result["backend"] == ["triton", "fused Triton kernel"], f"{label}: the dispatcher chose {result['backend']}"
     assert result["reference_vs_oracle"] < 1e-9, f"{label}: reference disagrees with the dense oracle {result}"
     assert_bounded(result, label, tuple(name for name in ("out", *NAMES) if name in result))
 
@@ -119,8 +119,8 @@ def test_backend_choice_names_reason():
     q = torch.randn(1, 1, 20, 32, dtype=torch.float16)
     backend, reason = sla_backend(q, q, q, 16)
     assert backend == "reference" and "cpu" in reason
-    assert sla_backend(q, q, q, 16, backend="reference") == ("reference", "")
-    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: tensors are on cpu"):
+    assert sla_backend(q, q, q, 16, backend="reference") == ("reference", "asked for (backend='reference')")
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: tensors are on cpu"):
         sla_backend(q, q, q, 16, backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         sla_backend(q, q, q, 16, backend="fa4")
@@ -154,7 +154,7 @@ def test_projection_and_bias_on_kernel_path_gpu():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 2049, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     w, b = torch.randn(64, 64, device="cuda") * 0.3, torch.randn(64, device="cuda")
-    assert sla_backend(q, k, v, 64) == ("triton", "")
+    assert sla_backend(q, k, v, 64) == ("triton", "fused Triton kernel")
     out = sparse_linear_attention(q, k, v, w, b, topk=0.1, block_size=64)
     ref = sparse_linear_attention(q.float(), k.float(), v.float(), w, b, topk=0.1, block_size=64,
                                   block_map=sla_block_map(q, k, 0.1, 0.0, 64))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import autocast_cast, check_scale
-from .._kernels import kernel_module, triton_reason
+from .._kernels import kernel_module, triton_or_reference, triton_reason
 from . import naive
 from .naive import focused_feature_map
 
@@ -33,12 +33,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> 
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference", "asked for (backend='reference')"
-    reason = _triton_reason(q, k, v)
-    if reason is None:
-        return "triton", "fused Triton kernel" + (" (asked for)" if backend == "triton" else "")
-    if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this call: {reason}; use backend='auto' or 'reference'")
-    return "reference", f"triton: {reason}"
+    return triton_or_reference(backend, _triton_reason(q, k, v))
 
 
 def linear_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> tuple[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import autocast_cast
-from .._kernels import kernel_module, triton_reason
+from .._kernels import kernel_module, triton_or_reference, triton_reason
 from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention, normalize_args
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
@@ -61,12 +61,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> 
         if reason:
             raise ValueError(f"backend='flex' cannot run this call: {reason}; use backend='auto' or 'reference'")
         return "flex", "FlexAttention with the NA mask_mod (asked for)"
-    reason = _triton_reason(q, k, v)
-    if reason is None:
-        return "triton", "fused Triton kernel" + (" (asked for)" if backend == "triton" else "")
-    if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this call: {reason}; use backend='auto' or 'reference'")
-    return "reference", f"triton: {reason}"
+    return triton_or_reference(backend, _triton_reason(q, k, v))
 
 
 def _na(na_dim: int):

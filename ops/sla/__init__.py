@@ -10,7 +10,7 @@ import torch
 
 from .._checks import autocast_cast, block_size_pair, check_qkv
 from .._cost import is_counting_flops
-from .._kernels import kernel_module, triton_reason
+from .._kernels import kernel_module, triton_or_reference, triton_reason
 from .naive import (
     CRITICAL,
     MARGINAL,
@@ -31,7 +31,7 @@ def _triton_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: i
 
 def sla_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int | tuple[int, int] = 64,
                 backend: str = "auto") -> tuple[str, str]:
-    """(backend that `sparse_linear_attention` runs these inputs on, why the kernel cannot: "" if it can).
+    """(backend that `sparse_linear_attention` runs these inputs on, why).
 
     A named `backend` ("triton", "reference") is checked alone: ValueError with the reason when it cannot run them.
     Inside `torch.autocast` it answers for q, k, v cast to the autocast dtype, as the op runs them.
@@ -40,13 +40,8 @@ def sla_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: i
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "reference":
-        return "reference", ""
-    reason = _triton_reason(*autocast_cast(q, k, v), *block_size_pair(block_size))
-    if reason is None:
-        return "triton", ""
-    if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run these inputs: {reason}; use backend='auto' or 'reference'")
-    return "reference", f"triton: {reason}"
+        return "reference", "asked for (backend='reference')"
+    return triton_or_reference(backend, _triton_reason(*autocast_cast(q, k, v), *block_size_pair(block_size)))
 
 
 def sparse_linear_attention(
