@@ -1,13 +1,11 @@
 """scripts/bench_tma.py without a GPU: every variant it times runs (under Triton's interpreter, at a small
 size) and gives the pointer kernel's output, so the GPU run does not stop on a script error."""
 import json
-import pathlib
 import sys
 
 import torch
 from interpreter import run_interpreter
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_tma.py"
+from script_modules import load_script
 
 
 def test_every_variant_runs_and_matches_the_pointer_kernel():
@@ -21,11 +19,8 @@ def test_every_variant_runs_and_matches_the_pointer_kernel():
 
 
 if __name__ == "__main__":  # interpreter subprocess: the script's variants at a small size
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_tma", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_tma")
     from zoo.ops.block_sparse import kernel as bsk
 
     gen = torch.Generator().manual_seed(0)

@@ -1,22 +1,16 @@
 """scripts/benchmark_linear.py on a CPU-only machine: arguments, targets, the reference switch and a tiny run."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
+from script_modules import load_script
 
 from zoo import ops
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_linear.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attnzoo_benchmark_linear", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_linear")
 
 
 def test_parse_args(bench):

@@ -1,20 +1,14 @@
 """scripts/benchmark_na.py on a CPU-only machine: arguments, the exact attended fraction, targets, a quick run."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_na.py"
+from script_modules import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attnzoo_benchmark_na", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_na")
 
 
 def test_parse_args(bench):

@@ -1,19 +1,12 @@
 """scripts/benchmark.py on a CPU-only machine: it imports, parses its arguments, and its routing check holds."""
-import importlib.util
-import pathlib
-
 import pytest
 import torch
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from script_modules import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attnzoo_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 @pytest.mark.parametrize("n_win,topk,heads,head_dim", [(2, 2, 2, 4), (3, 4, 1, 8)])

@@ -7,6 +7,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import UNet2DConditionModel  # noqa: E402
+from script_modules import load_script  # noqa: E402
 
 from zoo.diffusers import HOOK_NAME, AgentSDConfig, RadialAttentionConfig, apply_attention, remove_attention  # noqa: E402
 from zoo.diffusers.agentsd import AgentSDAttnProcessor, TokenMatching  # noqa: E402
@@ -296,16 +297,9 @@ def test_stable_diffusion_pipeline_end_to_end():
 
 
 def test_benchmark_script_quick_mode(tmp_path, monkeypatch):
-    import importlib.util
     import json
-    import pathlib
-    import sys
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_agentsd.py"
-    spec = importlib.util.spec_from_file_location("benchmark_agentsd", script)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_agentsd")
     rows = bench.main(["--quick", "--json", str(tmp_path / "out.json")])
     assert [row["name"] for row in rows] == ["tiny"]
     assert all(rows[0][method]["ms"] > 0 for method in ("sdpa", "merge", "agentsd"))

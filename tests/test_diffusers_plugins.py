@@ -15,6 +15,7 @@ from diffusers import (  # noqa: E402
     WanTransformer3DModel,
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+from script_modules import load_script  # noqa: E402
 
 from zoo import ops  # noqa: E402
 from zoo.diffusers import (  # noqa: E402
@@ -526,16 +527,9 @@ def test_token_counts_need_no_block_multiple():
 
 
 def test_benchmark_script_quick_mode(tmp_path, monkeypatch):
-    import importlib.util
     import json
-    import pathlib
-    import sys
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_pipelines.py"
-    spec = importlib.util.spec_from_file_location("benchmark_pipelines", script)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_pipelines")
     rows = bench.main(["--quick", "--rows", "wan-tiny", "--json", str(tmp_path / "out.json")])
     results = rows[0].results
     assert results["baseline"] == "native"

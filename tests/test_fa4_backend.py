@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from script_modules import load_script
 from zoo.ops import block_sparse_attention, block_sparse_backend, block_sparse_layout
 from zoo.ops.block_sparse import fa4
 from zoo.ops.block_sparse.naive import block_sparse_attention_reference
@@ -295,24 +296,8 @@ def test_fa4_dense_against_sdpa_gpu(dim):
 
 
 # ------------------------------------------------------------------ the GPU scripts, without a GPU
-def _script(name: str):
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    sys.path.insert(0, str(path.parent))  # benchmark_fa4 imports scripts/benchmark.py
-    try:
-        spec = importlib.util.spec_from_file_location(f"attnzoo_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
 def test_benchmark_fa4_targets_and_arguments():
-    bench = _script("benchmark_fa4")
+    bench = load_script("benchmark_fa4")
     args = bench.parse_args(["--shape", "hunyuan720", "--dense-lists", "--modes", "fwd"])
     assert args.shape == ["hunyuan720"] and args.modes == ["fwd"] and bench.TEXT_TOKENS["hunyuan720"] == 256
     times = {("fwd", "cudnn"): 11.71, ("fwd", "fa4"): 3.64, ("fwd", "flex"): 5.82, ("fwd", "fa4_dense"): 9.66,
@@ -326,7 +311,7 @@ def test_benchmark_fa4_targets_and_arguments():
 
 def test_benchmark_sla_composition_is_sla():
     """The benchmark's SLA-on-FA4 composition (here with the reference as its sparse branch) equals the op."""
-    bench = _script("benchmark_fa4")
+    bench = load_script("benchmark_fa4")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     weight, bias = torch.randn(8, 8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen).double()
@@ -340,6 +325,6 @@ def test_benchmark_sla_composition_is_sla():
 def test_check_fa4_reports_why_it_cannot_run(capsys):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the script runs for real (see its docstring)")
-    check = _script("check_fa4")
+    check = load_script("check_fa4")
     assert check.main() == 1
     assert "no CUDA GPU" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from grad_checkpointing import assert_checkpointing_takes_effect
+from script_modules import load_script
 from timm.models import get_pretrained_cfg
 from zoo.backbones.nat import NeighborhoodAttention2D, convert_hf_nat
 from zoo.ops import na2d
@@ -483,13 +484,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_model_table_reads_paper_numbers_from_the_cfgs():
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "model_table.py"
-    spec = importlib.util.spec_from_file_location("model_table", path)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_script("model_table")
     assert table.rows_for(["dinat_large"]) == [
         "dinat_large.in22k_ft_in1k", "dinat_large.in22k_ft_in1k_384", "dinat_large.in22k_ft_in1k_384_11x11"]
     rows = [r for r in table.rows_for(["nat_*", "dinat_*", "vit_rpb_*"]) if not r.startswith("nat_mnist")]  # ours
