@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import inspect
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import CliError
@@ -79,7 +80,24 @@ def plugin_config(args: argparse.Namespace):
         raise CliError(f"{flag}: {e}") from None
 
 
-def load_pipeline(path: str, dtype):
+@contextmanager
+def _loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars on or off for the block, as they were after it."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    were = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        (lib.enable_progress_bar if show else lib.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, were):
+            (lib.enable_progress_bar if was else lib.disable_progress_bar)()
+
+
+def load_pipeline(path: str, dtype, progress: bool = True):
     """`DiffusionPipeline.from_pretrained(path)` from local files only; one-line errors for what is not a video pipeline."""
     from diffusers import DiffusionPipeline
 
@@ -91,7 +109,8 @@ def load_pipeline(path: str, dtype):
         raise CliError(f"--pipeline {path} is not a diffusers pipeline folder (it has no model_index.json); "
                        "give the folder pipe.save_pretrained(PATH) wrote")
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        with _loading_bars(progress):
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except Exception as e:  # diffusers / transformers / hub raise many types; all mean the folder is incomplete
         first = (str(e).strip().splitlines() or [""])[0]
         raise CliError(f"--pipeline {path}: could not load it ({type(e).__name__}: {first})") from None
@@ -138,7 +157,7 @@ def cmd_generate_pipeline(args: argparse.Namespace) -> int:
     out = media.check_writable(args.out, (".mp4", ".gif"))
     config = plugin_config(args)
     device = device_of(args)
-    pipe = load_pipeline(args.pipeline, getattr(torch, DTYPES[args.dtype]))
+    pipe = load_pipeline(args.pipeline, getattr(torch, DTYPES[args.dtype]), progress=not args.quiet)
     names = apply_plugin(pipe, config, args.pipeline) if config is not None else []
     attention = describe(config) + (f" in {' and '.join(names)}" if names else "")
     info(args, f"{args.pipeline}: {type(pipe).__name__} ({type(pipe.transformer).__name__}); attention {attention}")
