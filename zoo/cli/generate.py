@@ -36,7 +36,7 @@ VIDEO_EXAMPLES = """examples:
   zoo generate-video --classes 3 --out three.mp4                          # the embedded Moving-MNIST video DiT
   zoo generate-video --attention radial --classes 1 7 --out video.gif     # the radial fine-tune, as a GIF
   zoo generate-video --attention sla --frames 16 --steps 30 --seed 0 --out sla.mp4
-  zoo generate-video --pipeline ./Wan2.1-T2V-1.3B-Diffusers --prompt "a cat runs on the beach" --attention radial \
+  zoo generate-video --pipeline ./Wan2.1-T2V-1.3B-Diffusers --prompt "a cat runs on the beach" --attention radial \\
       --decay-factor 0.2 --dense-steps 12 --dense-layers 1 --frames 81 --height 480 --width 832 --dtype bf16 --out cat.mp4"""
 
 DEFAULT_VIDEO_STEPS = 30
@@ -265,9 +265,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=VIDEO_EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
     p.add_argument("--attention", default="dense", help="attention backend: dense, radial, sla or na, or one registered with "
-                   "zoo.dit.register_backend before calling zoo.cli.main (zoo.dit.attention_backends() lists them)")
+                   "zoo.dit.register_backend before calling zoo.cli.main (zoo.dit.attention_backends() lists them); "
+                   "with --pipeline, the zoo.diffusers plugin: dense, radial, sla or na")
     p.add_argument("--na-kernel", type=COUNT, nargs=3, default=[3, 7, 7], metavar=("F", "H", "W"), help="NA kernel per axis")
-    p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's)")
+    p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's, or the pipeline's)")
     p.add_argument("--classes", type=CLASS_ID, nargs="+", default=[3], help="one video per class id")
     p.add_argument("--num-per-class", type=COUNT, default=1, help="videos per class")
     p.add_argument("--steps", type=COUNT, default=None,
