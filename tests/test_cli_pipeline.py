@@ -84,6 +84,19 @@ def test_both_transformers_of_a_two_expert_pipeline(capsys, folders, tmp_path):
     assert media.count_frames(tmp_path / "v.mp4") == 9
 
 
+def test_a_transformer_the_plugins_do_not_know_is_a_one_line_error():
+    from types import SimpleNamespace
+
+    from zoo.cli import CliError
+    from zoo.cli.video_pipeline import apply_plugin
+    from zoo.diffusers import RadialAttentionConfig
+
+    pipe = SimpleNamespace(transformer=torch.nn.Linear(2, 2))  # what apply_plugin reads of a pipeline
+    with pytest.raises(CliError, match=r"^--pipeline p: --attention radial cannot run in its transformer: "
+                                       r"zoo attention plugins support diffusers' WanTransformer3DModel.*got Linear$"):
+        apply_plugin(pipe, RadialAttentionConfig(), "p")
+
+
 def tiny_image_pipeline(folder) -> None:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

@@ -42,10 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-steps", type=int, default=None, help="first sampler steps kept dense (with --pipeline; default 0)")
 
 
+def _value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
 def check_dit_arguments(args: argparse.Namespace) -> None:
     """Refuse the pipeline-only flags on the zoo DiT path (they would be silently ignored there)."""
-    given = [flag for flag in ("--prompt", "--height", "--width", *OPTION_FLAGS.values())
-             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = [flag for flag in ("--prompt", "--height", "--width", *OPTION_FLAGS.values()) if _value(args, flag) is not None]
     if given:
         raise CliError(f"{given[0]} needs --pipeline PATH (a diffusers pipeline); the zoo video DiTs take --classes")
 
@@ -61,7 +64,7 @@ def plugin_config(args: argparse.Namespace):
     fields = {f.name for f in dataclasses.fields(config_class)} if config_class else set()
     options = {}
     for field, flag in OPTION_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+        value = _value(args, flag)
         if value is None:
             continue
         if field not in fields:
