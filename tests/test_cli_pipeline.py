@@ -73,6 +73,9 @@ def test_dense_is_the_stock_pipeline_and_plugins_change_it(capsys, folders, tmp_
         frames = gif_frames(out)
         assert frames.shape == dense.shape
         assert not np.array_equal(frames, dense), attention  # the plugin ran: a sparse attention changes the video
+    from diffusers.utils import logging as diffusers_logging
+
+    assert diffusers_logging.is_progress_bar_enabled()  # --quiet hid the loading bars for its own run only
 
 
 def test_both_transformers_of_a_two_expert_pipeline(capsys, folders, tmp_path):

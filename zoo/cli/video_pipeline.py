@@ -85,19 +85,18 @@ def plugin_config(args: argparse.Namespace):
 
 @contextmanager
 def _loading_bars(show: bool):
-    """diffusers' and transformers' loading progress bars on or off for the block, as they were after it."""
+    """Hides diffusers' and transformers' loading progress bars inside the block unless `show`; restores them after."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    libraries = (diffusers_logging, transformers_logging)
-    were = [lib.is_progress_bar_enabled() for lib in libraries]
-    for lib in libraries:
-        (lib.enable_progress_bar if show else lib.disable_progress_bar)()
+    hidden = [] if show else [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in hidden:
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        for lib, was in zip(libraries, were):
-            (lib.enable_progress_bar if was else lib.disable_progress_bar)()
+        for lib in hidden:
+            lib.enable_progress_bar()
 
 
 def load_pipeline(path: str, dtype, progress: bool = True):
