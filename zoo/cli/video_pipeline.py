@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import CliError
-from ._common import DTYPES, device_of, info
+from ._common import DTYPES, device_of, info, number
 
 # the plugin configs' fields and the flags that set them
 OPTION_FLAGS = {"decay_factor": "--decay-factor", "block_size": "--block-size", "topk": "--topk",
@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local diffusers video pipeline folder (Wan, HunyuanVideo, CogVideoX) to run instead of a zoo DiT; "
                    "--dtype is then the dtype it loads in")
     p.add_argument("--prompt", default=None, help="text prompt (with --pipeline)")
-    p.add_argument("--height", type=int, default=None, help="video height in pixels (with --pipeline; default: the pipeline's)")
-    p.add_argument("--width", type=int, default=None, help="video width in pixels (with --pipeline; default: the pipeline's)")
+    p.add_argument("--height", type=number(int, 1), default=None, help="video height in pixels (with --pipeline; default: the pipeline's)")
+    p.add_argument("--width", type=number(int, 1), default=None, help="video width in pixels (with --pipeline; default: the pipeline's)")
     p.add_argument("--decay-factor", type=float, default=None,
                    help=f"radial window decay for distant frames (with --pipeline; default {RadialAttentionConfig.decay_factor})")
     p.add_argument("--block-size", type=int, default=None,
