@@ -1,10 +1,11 @@
-"""`zoo generate` (class-conditional images from a DiT) and `zoo generate-video` (video DiT)."""
+"""`zoo generate` (class-conditional images from a DiT) and `zoo generate-video` (video DiT, or a diffusers
+video pipeline folder with `--pipeline`)."""
 from __future__ import annotations
 
 import argparse
 import time
 
-from . import CliError
+from . import CliError, video_pipeline
 from ._common import (
     HelpFormatter,
     add_common,
@@ -34,7 +35,12 @@ IMAGE_EXAMPLES = """examples:
 VIDEO_EXAMPLES = """examples:
   zoo generate-video --classes 3 --out three.mp4                          # the embedded Moving-MNIST video DiT
   zoo generate-video --attention radial --classes 1 7 --out video.gif     # the radial fine-tune, as a GIF
-  zoo generate-video --attention sla --frames 16 --steps 30 --seed 0 --out sla.mp4"""
+  zoo generate-video --attention sla --frames 16 --steps 30 --seed 0 --out sla.mp4
+  zoo generate-video --pipeline ./Wan2.1-T2V-1.3B-Diffusers --prompt "a cat runs on the beach" --attention radial \\
+      --decay-factor 0.2 --dense-steps 12 --dense-layers 1 --frames 81 --height 480 --width 832 --dtype bf16 --out cat.mp4"""
+
+DEFAULT_VIDEO_STEPS = 30
+DEFAULT_VIDEO_GUIDANCE = 2.0
 
 
 def _model_args(pairs: list[str]) -> dict:
@@ -184,6 +190,9 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
 
     from zoo import dit, media
 
+    if args.pipeline is not None:
+        return video_pipeline.cmd_generate_pipeline(args)
+    video_pipeline.check_dit_arguments(args)
     out = media.check_writable(args.out, (".mp4", ".gif"))
     device = device_of(args)
     name = _model_name(args, DEFAULT_VIDEO_MODEL)
@@ -215,7 +224,8 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with autocast(args, device):
-            videos = dit.sample_video(model, labels, num_steps=args.steps, guidance_scale=args.guidance,
+            videos = dit.sample_video(model, labels, num_steps=args.steps or DEFAULT_VIDEO_STEPS,
+                                      guidance_scale=DEFAULT_VIDEO_GUIDANCE if args.guidance is None else args.guidance,
                                       scheduler=args.scheduler, shift=shift, generator=g, progress=not args.quiet)
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -246,20 +256,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("generate-video", help="class-conditional videos from a video DiT (MP4 or GIF)",
+    p = sub.add_parser("generate-video", help="videos from a video DiT or a local diffusers video pipeline (MP4 or GIF)",
                        description="Generate videos with a video DiT and a chosen attention backend; prints the "
                        "backend's sparsity and the sampling time. Without --model, the embedded "
-                       f"{DEFAULT_VIDEO_MODEL} (Moving-MNIST, 16 frames of 32x32) runs on CPU.",
+                       f"{DEFAULT_VIDEO_MODEL} (Moving-MNIST, 16 frames of 32x32) runs on CPU. With --pipeline PATH, "
+                       "a local diffusers video pipeline (Wan, HunyuanVideo, CogVideoX; no download) runs a prompt "
+                       "with the zoo.diffusers plugin of --attention on its transformer(s).",
                        epilog=VIDEO_EXAMPLES, formatter_class=HelpFormatter)
     add_model_source(p, None)
     p.add_argument("--attention", default="dense", help="attention backend: dense, radial, sla or na, or one registered with "
-                   "zoo.dit.register_backend before calling zoo.cli.main (zoo.dit.attention_backends() lists them)")
+                   "zoo.dit.register_backend before calling zoo.cli.main (zoo.dit.attention_backends() lists them); "
+                   "with --pipeline, the zoo.diffusers plugin: dense, radial, sla or na")
     p.add_argument("--na-kernel", type=COUNT, nargs=3, default=[3, 7, 7], metavar=("F", "H", "W"), help="NA kernel per axis")
-    p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's)")
+    p.add_argument("--frames", type=COUNT, default=None, help="frames to generate (default: the model's, or the pipeline's)")
     p.add_argument("--classes", type=CLASS_ID, nargs="+", default=[3], help="one video per class id")
     p.add_argument("--num-per-class", type=COUNT, default=1, help="videos per class")
-    p.add_argument("--steps", type=COUNT, default=30, help="sampler steps")
-    p.add_argument("--guidance", type=GUIDANCE, default=2.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=COUNT, default=None,
+                   help=f"sampler steps (default {DEFAULT_VIDEO_STEPS}; with --pipeline, the pipeline's)")
+    p.add_argument("--guidance", type=GUIDANCE, default=None, help="classifier-free guidance scale (1 = none; default "
+                   f"{DEFAULT_VIDEO_GUIDANCE}; with --pipeline, the pipeline's)")
     p.add_argument("--scheduler", default="euler", choices=["euler", "unipc"], help="flow-matching scheduler")
     p.add_argument("--shift", type=number(float, 0, low_open=True), default=None,
                    help="timestep shift (Wan's); default: the shift the weights were trained with (`flow_shift` in the "
@@ -267,5 +282,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=number(int, 1, 240), default=8, help="frames per second of the output")
     p.add_argument("--out", "-o", default="video.mp4", help="output .mp4 or .gif")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra model constructor argument (repeatable)")
+    video_pipeline.add_arguments(p)
     add_common(p)
     p.set_defaults(func=cmd_generate_video)

@@ -7,6 +7,10 @@
 
 Supported: `WanTransformer3DModel`, `HunyuanVideoTransformer3DModel`, `CogVideoXTransformer3DModel`;
 AgentSD (`AgentSDConfig`) on Stable Diffusion's `UNet2DConditionModel` (SD 1.5, 2.1, SDXL).
+
+From the command line, on a local pipeline folder (no download):
+
+    zoo generate-video --pipeline ./Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --attention radial --out cat.mp4
 """
 from __future__ import annotations
 
