@@ -118,13 +118,14 @@ def load_cli_weights(args: argparse.Namespace, model, name: str, attention: str 
     settings the weights were trained with, such as `flow_shift`.
     """
     from zoo import weights
+    from zoo._registry import split_name
     from zoo.factory import default_weights
 
     if args.random_init:
         return "random init (untrained)", {}
     if args.checkpoint:
         try:
-            loaded = weights.load_weights(model, Path(args.checkpoint), arch=name.partition(".")[0], progress=not args.quiet)
+            loaded = weights.load_weights(model, Path(args.checkpoint), arch=split_name(name)[0], progress=not args.quiet)
         except weights.WeightsError as e:
             raise CliError(f"--checkpoint {e}") from None
         return loaded.source, loaded.cfg

@@ -55,9 +55,10 @@ def check_dit_arguments(args: argparse.Namespace) -> None:
 
 def plugin_config(args: argparse.Namespace):
     """The plugin config of --attention and its flags (None for dense), validated by the config itself."""
-    from zoo.diffusers import NeighborhoodAttentionConfig, RadialAttentionConfig, SLAConfig
+    from zoo.diffusers import NeighborhoodAttentionConfig
+    from zoo.diffusers.config import CONFIGS
 
-    kinds = {"dense": None, "radial": RadialAttentionConfig, "sla": SLAConfig, "na": NeighborhoodAttentionConfig}
+    kinds = {"dense": None, **{config.kind: config for config in CONFIGS}}
     if args.attention not in kinds:
         raise CliError(f"--attention {args.attention!r}: --pipeline supports {', '.join(kinds)}")
     config_class = kinds[args.attention]

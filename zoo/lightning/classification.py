@@ -23,11 +23,8 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
     """A zoo classifier by name, or one of timm's own (unknown names list the closest zoo names)."""
     import zoo
 
-    model = zoo.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path,
-                             num_classes=num_classes, in_chans=in_chans, **kwargs)
-    # what an export must record to rebuild it: the caller's arguments, not those the entrypoint adds itself
-    model.zoo_model_args = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
-    return model
+    return zoo.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                            num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
