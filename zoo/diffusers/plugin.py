@@ -181,7 +181,9 @@ def apply_attention(module: nn.Module, config) -> None:
     columns dense, token refiner untouched) or `CogVideoXTransformer3DModel`. `config`: a
     `RadialAttentionConfig`, `SLAConfig` or `NeighborhoodAttentionConfig`; or a
     `UNet2DConditionModel` (SD 1.5, 2.1, SDXL) with an `AgentSDConfig`. Fuse QKV projections
-    before applying (CogVideoX's `fuse_qkv_projections` replaces every processor).
+    before applying (CogVideoX's `fuse_qkv_projections` replaces every processor). Works before or
+    after `enable_parallelism`: Wan's sparse steps then run Ulysses context parallelism.
+    `attention_report(module)` says what it skipped.
     """
     configs = (*CONFIGS, AgentSDConfig)
     if not isinstance(config, configs):
