@@ -2,7 +2,7 @@
 
 Each rank builds the same tiny Wan transformer with a plugin, runs forward and backward once
 without parallelism (the reference), then under `enable_parallelism(ulysses_degree=2)`: the
-output must match, and the parameter gradients summed over the ranks (each rank's cover its
+output must match, and the parameter gradients summed over the ranks (each rank's cover its own
 sequence shard) must match the reference's. CPU: gloo (whose `all_to_all_single` diffusers'
 Ulysses exchange uses); CUDA: NCCL, one GPU per rank.
 """

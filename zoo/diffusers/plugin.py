@@ -219,7 +219,8 @@ class AttentionReport:
     change); text rows and text keys count as kept. For SLA these are the pairs outside the exact
     top-k blocks: its linear branch still covers them. `last_skipped_fraction`: the last sparse call's,
     on the token grid `grid` (frames, height, width). Both None before any sparse call. A dense
-    call is one the stock processor ran (dense layers and steps).
+    call is one the stock processor ran (dense layers and steps). Calls are layer calls (CFG
+    branches count apart; gradient checkpointing's recomputations count again).
     """
 
     kind: str
