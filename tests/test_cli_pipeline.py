@@ -84,6 +84,10 @@ def test_both_transformers_of_a_two_expert_pipeline(capsys, folders, tmp_path):
                     "--attention", "na", "--na-kernel", "2", "3", "3", "--out", str(tmp_path / "v.mp4"))
     assert code == 0, err
     assert re.search(r"attention na \(.*kernel_size=\[2, 3, 3\].*\) in transformer and transformer_2", err), err
+    # one report line per transformer: each expert ran one of the 2 steps (x cond, uncond x 3 layers)
+    for name in ("transformer", "transformer_2"):
+        assert re.search(rf"^{name}: na: \d+\.\d% of query-key pairs skipped over 6 sparse and 0 dense attention "
+                         r"calls; last grid 3x2x4: \d+\.\d%$", err, re.M), err
     assert media.count_frames(tmp_path / "v.mp4") == 9
 
 

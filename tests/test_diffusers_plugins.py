@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -20,10 +21,12 @@ from script_modules import load_script  # noqa: E402
 from zoo import ops  # noqa: E402
 from zoo.diffusers import (  # noqa: E402
     HOOK_NAME,
+    AttentionReport,
     NeighborhoodAttentionConfig,
     RadialAttentionConfig,
     SLAConfig,
     apply_attention,
+    attention_report,
     convert_turbowan_sla_keys,
     from_video_dit,
     remove_attention,
@@ -212,8 +215,8 @@ def blocks_to_tokens(block_mask: torch.Tensor, n_q: int, n_k: int, bq: int, bk: 
     return block_mask.repeat_interleave(bq, -2).repeat_interleave(bk, -1)[..., :n_q, :n_k]
 
 
-def reference(q, k, v, allowed_video_rows, seq: JointSequence) -> torch.Tensor:
-    """Dense SDPA with an explicit boolean mask over the whole joint sequence."""
+def reference_mask(q, allowed_video_rows, seq: JointSequence) -> torch.Tensor:
+    """The boolean mask `[B, H|1, S, S]` over the whole joint sequence (padded text keys hidden)."""
     batch, n = q.shape[0], q.shape[2]
     video = torch.arange(seq.n_text, n) if seq.text_first else torch.arange(seq.n_video)
     text = torch.arange(seq.n_text) if seq.text_first else torch.arange(seq.n_video, n)
@@ -226,7 +229,19 @@ def reference(q, k, v, allowed_video_rows, seq: JointSequence) -> torch.Tensor:
     mask[:, :, video] = full_rows
     if seq.key_padding is not None:
         mask[:, :, :, text] &= ~seq.key_padding[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return mask
+
+
+def reference(q, k, v, allowed_video_rows, seq: JointSequence) -> torch.Tensor:
+    """Dense SDPA with an explicit boolean mask over the whole joint sequence."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(q, allowed_video_rows, seq))
+
+
+def skipped_share(q, allowed_video_rows, seq: JointSequence) -> float:
+    """Share of the (query, valid key) pairs of every head that the mask leaves out, counted token by token."""
+    mask = reference_mask(q, allowed_video_rows, seq).expand(-1, q.shape[1], -1, -1)
+    dense = reference_mask(q, torch.ones_like(allowed_video_rows), seq).expand(-1, q.shape[1], -1, -1)
+    return int((dense & ~mask).sum()) / int(dense.sum())
 
 
 SEQUENCES = {
@@ -276,6 +291,9 @@ def test_sparse_attention_equals_masked_sdpa(kind, layout):
     q, k, v = (torch.randn(2, 2, seq.n_video + seq.n_text, 16, generator=g, dtype=torch.float64) for _ in range(3))
     sparse, allowed = sparse_and_allowed(kind, seq, q, k, block=8)
     torch.testing.assert_close(sparse(q, k, v, seq), reference(q, k, v, allowed, seq), atol=1e-10, rtol=1e-10)
+    skipped = skipped_share(q, allowed, seq)
+    assert 0.1 < skipped < 0.9  # the same masks also say what the sparse attention skipped
+    assert sparse.tally.last.skipped_fraction() == pytest.approx(skipped, abs=1e-12)
 
 
 @pytest.mark.gpu
@@ -605,11 +623,98 @@ def test_step_is_read_from_positional_calls_of_each_model():
         assert (state.grid, state.step) == ((5, 4, 8), step)
 
 
-def test_context_parallel_on_a_sparse_step_is_a_clear_error():
+@pytest.mark.parametrize("cp, match", [
+    (dict(ring_degree=2), r"Ulysses only, got ring_degree=2: use ContextParallelConfig\(ulysses_degree=2\)"),
+    (dict(ulysses_degree=3), r"splits the 2 heads over ulysses_degree=3 ranks: use a ulysses_degree that divides 2"),
+    (dict(ulysses_degree=2, ulysses_anything=True), r"equal sequence shards, got ulysses_anything=True"),
+])
+def test_context_parallel_settings_the_sparse_path_cannot_run_are_one_line_errors(cp, match):
+    from diffusers import ContextParallelConfig, ParallelConfig
+
     model = tiny_wan()
-    apply_attention(model, RadialAttentionConfig(block_size=8))
-    for block in model.blocks:
-        block.attn1.processor._parallel_config = object()  # what enable_parallelism sets
+    apply_attention(model, RadialAttentionConfig(block_size=8))  # no dense layer: the stock CP would need a mesh
+    for block in model.blocks:  # what enable_parallelism sets (the mesh is only read once these checks pass)
+        block.attn1.processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(**cp))
     assert model.blocks[0].attn1.processor.stock._parallel_config is not None  # it reaches the stock processor
-    with pytest.raises(RuntimeError, match="context parallelism"):
+    with pytest.raises(ValueError, match=match) as err:
         run(model, wan_inputs())
+    assert "\n" not in str(err.value)
+
+
+def test_context_parallel_in_hunyuan_video_is_a_one_line_error():
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    model = tiny_hunyuan()
+    apply_attention(model, RadialAttentionConfig(block_size=8))
+    for name, attn in model.named_modules():
+        if name.endswith(".attn") and "refiner" not in name:
+            attn.processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    with pytest.raises(ValueError, match=r"context parallelism in Wan only, not in HunyuanVideo") as err:
+        run(model, hunyuan_inputs())
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- what the plugins report
+
+
+def test_attention_report_counts_pairs_from_the_mask_and_calls_from_the_policy():
+    model = tiny_wan(layers=3)
+    config = RadialAttentionConfig(block_size=8, decay_factor=0.5, dense_layers=1, dense_timesteps=1)
+    apply_attention(model, config)
+    report = attention_report(model)
+    assert (report.sparse_calls, report.dense_calls, report.skipped_fraction) == (0, 0, None)
+    assert str(report) == "radial: 0 sparse and 0 dense attention calls"
+    for t in (900, 700, 500):  # step 0 dense; steps 1, 2: layer 0 dense, layers 1, 2 sparse
+        run(model, {**wan_inputs(), "timestep": torch.tensor([t])})
+    frames, height, width = 5, 4, 8  # the latent 5 x 8 x 16 after Wan's (1, 2, 2) patches
+    n = frames * height * width
+    blocks = ops.radial_block_mask(frames, height * width, 0.5, block_size=8, model="wan")
+    expected = 1 - float(blocks_to_tokens(blocks, n, n, 8, 8).sum()) / n**2  # token by token
+    report = attention_report(model)
+    assert (report.sparse_calls, report.dense_calls, report.grid) == (2 * 2, 3 + 2 * 1, (5, 4, 8))
+    assert 0.1 < expected < 0.9
+    assert report.skipped_fraction == pytest.approx(expected, abs=1e-12)
+    assert report.last_skipped_fraction == pytest.approx(expected, abs=1e-12)
+    assert re.fullmatch(r"radial: \d+\.\d% of query-key pairs skipped over 4 sparse and 5 dense attention calls; "
+                        r"last grid 5x4x8: \d+\.\d%", str(report)), str(report)
+    assert attention_report(model, reset=True) == report
+    assert attention_report(model).sparse_calls == 0  # reset
+    run(model, {**wan_inputs(), "timestep": torch.tensor([300])})
+    remove_attention(model)
+    with pytest.raises(ValueError, match="no zoo attention is applied"):
+        attention_report(model)
+    apply_attention(model, config)
+    assert attention_report(model) == AttentionReport("radial", 0, 0, None, None, None)  # a fresh count
+
+
+def test_attention_report_of_a_pipeline_run_survives_its_end_and_averages_over_geometries():
+    pipe = tiny_wan_pipeline()
+    apply_attention(pipe.transformer, NeighborhoodAttentionConfig(kernel_size=(3, 3, 2), dense_timesteps=1))
+    for frames, height, width in ((9, 32, 64), (5, 64, 32)):  # token grids 3 x 2 x 4 and 2 x 4 x 2
+        pipe(prompt="a cat", num_frames=frames, height=height, width=width, num_inference_steps=2,
+             max_sequence_length=8, output_type="pt", generator=torch.Generator().manual_seed(0))
+    report = attention_report(pipe.transformer)  # the pipeline reset its step state; the count stays
+    kept = {grid: int(neighborhood_token_mask(grid, (3, 3, 2)).sum()) for grid in ((3, 2, 4), (2, 4, 2))}
+    pairs = {grid: math.prod(grid) ** 2 for grid in kept}
+    assert [1 - kept[g] / pairs[g] for g in kept] == [0.5, 0.25]
+    calls = 2 * 3  # per generation: step 1 x (cond, uncond) x 3 layers
+    assert (report.sparse_calls, report.dense_calls, report.grid) == (2 * calls, 2 * calls, (2, 4, 2))
+    skipped = sum(pairs[g] - kept[g] for g in kept) / sum(pairs.values())  # pair-weighted, not 0.375
+    assert report.skipped_fraction == pytest.approx(skipped, abs=1e-12)
+    assert report.last_skipped_fraction == 0.25
+
+
+def test_attention_report_needs_a_radial_sla_or_na_plugin():
+    from diffusers import UNet2DConditionModel
+
+    from zoo.diffusers import AgentSDConfig
+
+    with pytest.raises(ValueError, match="no zoo attention is applied"):
+        attention_report(tiny_wan())
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=4, norm_num_groups=4)
+    apply_attention(unet, AgentSDConfig())
+    with pytest.raises(ValueError, match="covers the radial, SLA and NA plugins; AgentSD merges tokens"):
+        attention_report(unet)

@@ -2,7 +2,8 @@
 
 The pipeline folder (`pipe.save_pretrained(PATH)`, or a downloaded Hub snapshot) is loaded with
 `local_files_only=True`, so nothing is fetched. The plugin (`zoo.diffusers.apply_attention`) goes on
-the pipeline's transformer, and on `transformer_2` where there is one (Wan2.2 A14B).
+the pipeline's transformer, and on `transformer_2` where there is one (Wan2.2 A14B); after sampling,
+one line per transformer says what it skipped (`zoo.diffusers.attention_report`).
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def apply_plugin(pipe, config, path: str) -> list[str]:
 
 
 def describe(config) -> str:
-    """The plugin's settings, as the info line shows them (the plugins report no skipped share)."""
+    """The plugin's settings, as the info line shows them (what it skipped is reported after sampling)."""
     if config is None:
         return "dense (the pipeline's own attention)"
     settings = ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
@@ -182,4 +183,9 @@ def cmd_generate_pipeline(args: argparse.Namespace) -> int:
     media.save_video(video, out, fps=args.fps)
     info(args, f"wrote {out}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[3]}; "
                f"sampling took {seconds:.1f} s on {device}")
+    if names:
+        from zoo.diffusers import attention_report
+
+        for name in names:
+            info(args, f"{name}: {attention_report(getattr(pipe, name))}")
     return 0

@@ -3,6 +3,7 @@
     from zoo.diffusers import RadialAttentionConfig, apply_attention, remove_attention
     apply_attention(pipe.transformer, RadialAttentionConfig(decay_factor=0.2, dense_timesteps=12, dense_layers=1))
     video = pipe(prompt, num_frames=81).frames[0]
+    print(attention_report(pipe.transformer))  # skipped share, sparse and dense calls
     remove_attention(pipe.transformer)  # the stock model again
 
 Supported: `WanTransformer3DModel`, `HunyuanVideoTransformer3DModel`, `CogVideoXTransformer3DModel`;
@@ -22,15 +23,24 @@ from zoo.diffusers.config import (
     from_video_dit,
     to_video_dit,
 )
-from zoo.diffusers.plugin import HOOK_NAME, apply_attention, convert_turbowan_sla_keys, remove_attention
+from zoo.diffusers.plugin import (
+    HOOK_NAME,
+    AttentionReport,
+    apply_attention,
+    attention_report,
+    convert_turbowan_sla_keys,
+    remove_attention,
+)
 
 __all__ = [
     "AgentSDConfig",
+    "AttentionReport",
     "HOOK_NAME",
     "NeighborhoodAttentionConfig",
     "RadialAttentionConfig",
     "SLAConfig",
     "apply_attention",
+    "attention_report",
     "convert_turbowan_sla_keys",
     "from_video_dit",
     "remove_attention",

@@ -74,7 +74,7 @@ class ModelSpec:
         for _, attn, layer_index in self.layers(model):
             if sparse is None or isinstance(config, SLAConfig):  # radial and NA have no weights: one shared
                 sparse = build_sparse_attention(config, head_dim=attn.to_q.out_features // attn.heads,
-                                                mask_model=self.mask_model).to(attn.to_q.weight.device)
+                                                mask_model=self.mask_model, tally=state.tally).to(attn.to_q.weight.device)
             processors.append((attn, self.processor(attn.processor, sparse, layer_index, policy, state)))
         if not processors:
             raise ValueError(f"found no self-attention layers matching {self.attention!r} in this {self.class_name}")
@@ -115,9 +115,9 @@ class _TransformerHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, spec: ModelSpec | UNetSpec, state: RunState) -> None:
+    def __init__(self, spec: ModelSpec | UNetSpec, config, state: RunState) -> None:
         super().__init__()
-        self.spec, self.state = spec, state
+        self.spec, self.config, self.state = spec, config, state
         self.contexts = StateManager(_NoState)  # `cache_context` sets the pipeline's CacheContext here
         self.signature: inspect.Signature | None = None
 
@@ -181,7 +181,9 @@ def apply_attention(module: nn.Module, config) -> None:
     columns dense, token refiner untouched) or `CogVideoXTransformer3DModel`. `config`: a
     `RadialAttentionConfig`, `SLAConfig` or `NeighborhoodAttentionConfig`; or a
     `UNet2DConditionModel` (SD 1.5, 2.1, SDXL) with an `AgentSDConfig`. Fuse QKV projections
-    before applying (CogVideoX's `fuse_qkv_projections` replaces every processor).
+    before applying (CogVideoX's `fuse_qkv_projections` replaces every processor). Works before or
+    after `enable_parallelism`: Wan's sparse steps then run Ulysses context parallelism.
+    `attention_report(module)` says what it skipped.
     """
     configs = (*CONFIGS, AgentSDConfig)
     if not isinstance(config, configs):
@@ -193,7 +195,7 @@ def apply_attention(module: nn.Module, config) -> None:
         raise ValueError("zoo attention is already applied to this model: call remove_attention(model) first")
     state = RunState()
     processors = spec.processors(module, config, state)
-    registry.register_hook(_TransformerHook(spec, state), HOOK_NAME)
+    registry.register_hook(_TransformerHook(spec, config, state), HOOK_NAME)
     for attn, processor in processors:
         HookRegistry.check_if_exists_or_initialize(attn).register_hook(_ProcessorHook(processor), HOOK_NAME)
     registry.invalidate_child_registries_cache()
@@ -206,6 +208,56 @@ def remove_attention(module: nn.Module) -> None:
         raise ValueError("no zoo attention is applied to this model (apply_attention(model, config) installs one)")
     registry.remove_hook(HOOK_NAME, recurse=True)
     registry.invalidate_child_registries_cache()
+
+
+@dataclass(frozen=True)
+class AttentionReport:
+    """What a model's zoo attention did since `apply_attention` (or the last `attention_report(reset=True)`).
+
+    `skipped_fraction`: share of the (query, key) pairs of the sparse calls that the sparse
+    attention left out, pair-weighted over those calls (the plain mean when the geometry does not
+    change); text rows and text keys count as kept. For SLA these are the pairs outside the exact
+    top-k blocks: its linear branch still covers them. `last_skipped_fraction`: the last sparse call's,
+    on the token grid `grid` (frames, height, width). Both None before any sparse call. A dense
+    call is one the stock processor ran (dense layers and steps). Calls are layer calls (CFG
+    branches count apart; gradient checkpointing's recomputations count again).
+    """
+
+    kind: str
+    dense_calls: int
+    sparse_calls: int
+    skipped_fraction: float | None
+    last_skipped_fraction: float | None
+    grid: tuple[int, int, int] | None
+
+    def __str__(self) -> str:
+        calls = f"{self.sparse_calls} sparse and {self.dense_calls} dense attention calls"
+        if self.skipped_fraction is None:
+            return f"{self.kind}: {calls}"
+        note = " (its linear branch covers them)" if self.kind == "sla" else ""
+        grid = "x".join(map(str, self.grid))
+        return (f"{self.kind}: {100 * self.skipped_fraction:.1f}% of query-key pairs skipped{note} over {calls}; "
+                f"last grid {grid}: {100 * self.last_skipped_fraction:.1f}%")
+
+
+def attention_report(module: nn.Module, reset: bool = False) -> AttentionReport:
+    """The `AttentionReport` of the radial, SLA or NA plugin on `module` (a transformer `apply_attention` changed).
+
+    `reset=True` starts a new count after reading this one (`remove_attention` drops it).
+    """
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = None if registry is None else registry.get_hook(HOOK_NAME)
+    if hook is None:
+        raise ValueError("no zoo attention is applied to this model (apply_attention(model, config) installs one)")
+    if isinstance(hook.config, AgentSDConfig):
+        raise ValueError("attention_report covers the radial, SLA and NA plugins; AgentSD merges tokens instead "
+                         "of skipping query-key pairs")
+    tally = hook.state.tally
+    report = AttentionReport(hook.config.kind, tally.dense_calls, tally.sparse_calls, tally.run.skipped_fraction(),
+                             tally.last.skipped_fraction(), tally.grid)
+    if reset:
+        tally.reset()
+    return report
 
 
 def convert_turbowan_sla_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

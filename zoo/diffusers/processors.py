@@ -5,29 +5,39 @@ make sparse (dense layers, dense steps), so those stay the stock computation bit
 backend `set_attention_backend` chose (`_attention_backend` and `_parallel_config` are the stock
 processor's). The sparse path repeats the stock projections, QK norms and RoPE (tested against
 the stock processors at float32) and runs the layer's `SparseAttention`.
+
+Under diffusers' context parallelism (`enable_parallelism` with `ulysses_degree` > 1) each rank
+holds a shard of the sequence: the Wan processor's sparse path exchanges q, k, v with diffusers'
+own Ulysses all-to-all (`SeqAllToAllDim`: full sequence, heads / ranks), runs the sparse
+attention on the full latent grid, and exchanges the output back; autograd runs the inverse
+exchanges.
 """
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import SeqAllToAllDim
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from zoo.diffusers.attention import JointSequence, SparseAttention
+from zoo.diffusers.attention import JointSequence, PairTally, SparseAttention
 
 
 class RunState:
     """What the transformer's pre-forward hook learns each call: token grid and sampler step.
 
-    `step` is None for a training call (every layer past the dense ones runs sparse).
+    `step` is None for a training call (every layer past the dense ones runs sparse). `tally`
+    counts the attention calls since the plugin was applied; `reset` (the end of a pipeline call)
+    keeps it, so it can be read after the pipeline returns.
     """
 
     def __init__(self) -> None:
+        self.tally = PairTally()
+        self.reset()
+
+    def reset(self) -> None:
         self.grid: tuple[int, ...] | None = None  # (frames, height, width); a UNet's (height, width)
         self.step: int | None = None
         self.last_timestep: float | None = None
-
-    def reset(self) -> None:
-        self.__init__()
 
 
 class ZooAttnProcessor(nn.Module):
@@ -64,18 +74,53 @@ class ZooAttnProcessor(nn.Module):
         if hasattr(self.stock, "_parallel_config"):
             self.stock._parallel_config = value
 
-    @torch.compiler.disable  # a per-step decision: no recompile per step under compile_repeated_blocks
-    def runs_sparse(self) -> bool:
+    @torch.compiler.disable  # a per-step decision (and a count): no recompile per step under compile_repeated_blocks
+    def runs_sparse(self, supported: bool = True) -> bool:
+        """Whether this call runs sparse: a `supported` call on a sparse layer and step; counted in the tally."""
         if self.state.grid is None:
             raise RuntimeError("zoo attention processors run inside the transformer's forward (its hook reads the "
                                "latent grid); call the transformer, not the block or attention module alone")
         step = self.policy.dense_timesteps if self.state.step is None else self.state.step
-        if not self.policy.use_sparse(self.layer_index, step):
-            return False
-        if self._parallel_config is not None:
-            raise RuntimeError("zoo sparse attention does not support context parallelism yet: keep "
-                               "enable_parallelism off, or make every step dense (dense_timesteps)")
-        return True
+        sparse = supported and self.policy.use_sparse(self.layer_index, step)
+        if not sparse:
+            self.state.tally.dense_calls += 1
+        return sparse
+
+    def ulysses_group(self, heads: int):
+        """The process group of diffusers' Ulysses context parallelism (None without it), once checked that
+        the sparse path can run in it: Ulysses only, equal shards, heads divisible by the ranks."""
+        config = self._parallel_config
+        cp = None if config is None else config.context_parallel_config
+        if cp is None:
+            return None
+        if cp.ring_degree > 1:
+            raise ValueError(f"zoo sparse attention runs context parallelism as Ulysses only, got ring_degree="
+                             f"{cp.ring_degree}: use ContextParallelConfig(ulysses_degree={cp.ring_degree * cp.ulysses_degree})")
+        if cp.ulysses_anything:
+            raise ValueError("zoo sparse attention needs equal sequence shards, got ulysses_anything=True: set "
+                             "ulysses_anything=False (and a latent whose token count divides by ulysses_degree)")
+        if heads % cp.ulysses_degree:
+            raise ValueError(f"zoo sparse attention under context parallelism splits the {heads} heads over "
+                             f"ulysses_degree={cp.ulysses_degree} ranks: use a ulysses_degree that divides {heads}")
+        return cp._ulysses_mesh.get_group()
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq: JointSequence,
+               group=None) -> torch.Tensor:
+        """The sparse attention of `[B, S, H, D]` q, k, v; with a Ulysses `group`, S is this rank's shard."""
+        if group is not None:  # [B, S / ranks, H, D] -> [B, S, H / ranks, D]
+            query, key, value = (SeqAllToAllDim.apply(group, t, 2, 1) for t in (query, key, value))
+        out = self.sparse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seq,
+                          backend=self._attention_backend).transpose(1, 2)
+        if group is not None:  # and back
+            out = SeqAllToAllDim.apply(group, out.contiguous(), 1, 2)
+        return out
+
+    def refuse_context_parallel(self) -> None:
+        """HunyuanVideo has no diffusers CP plan: how a user's plan splits the text is unknown here.
+        (CogVideoX's stock processor takes no `_parallel_config`: diffusers' CP does not reach it.)"""
+        if self._parallel_config is not None and self._parallel_config.context_parallel_config is not None:
+            raise ValueError("zoo sparse attention runs context parallelism in Wan only, not in HunyuanVideo: keep "
+                             "enable_parallelism off, or make every step dense (dense_timesteps)")
 
     def _check_tokens(self, n: int) -> JointSequence:
         grid = self.state.grid
@@ -104,9 +149,11 @@ class WanSparseAttnProcessor(ZooAttnProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                 **kwargs):
-        if encoder_hidden_states is not None or attention_mask is not None or kwargs or not self.runs_sparse():
+        if not self.runs_sparse(encoder_hidden_states is None and attention_mask is None and not kwargs):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        seq = self._check_tokens(hidden_states.shape[1])
+        group = self.ulysses_group(attn.heads)
+        ranks = 1 if group is None else self._parallel_config.context_parallel_config.ulysses_degree
+        seq = self._check_tokens(hidden_states.shape[1] * ranks)  # the full latent's grid, also under CP
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -115,9 +162,7 @@ class WanSparseAttnProcessor(ZooAttnProcessor):
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
-        out = self.sparse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seq,
-                          backend=self._attention_backend)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = self.attend(query, key, value, seq, group).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
     __call__ = forward
@@ -130,8 +175,9 @@ class HunyuanVideoSparseAttnProcessor(ZooAttnProcessor):
     """
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or not self.runs_sparse():
+        if not self.runs_sparse(encoder_hidden_states is not None):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.refuse_context_parallel()
         n_text = encoder_hidden_states.shape[1]
         joint = attn.add_q_proj is None  # single-stream blocks: text goes through the same projections
         n_video = hidden_states.shape[1]
@@ -156,9 +202,7 @@ class HunyuanVideoSparseAttnProcessor(ZooAttnProcessor):
             query, key, value = (torch.cat([a, b], dim=1) for a, b in zip((query, key, value), text))
         padding = None if attention_mask is None else ~attention_mask.reshape(attention_mask.shape[0], -1)[:, n_video:]
         seq = JointSequence(self.state.grid, n_text, text_first=False, key_padding=padding)
-        out = self.sparse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seq,
-                          backend=self._attention_backend)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend(query, key, value, seq).flatten(2, 3).to(query.dtype)
         hidden_states, encoder_hidden_states = out[:, :n_video], out[:, n_video:]
         if getattr(attn, "to_out", None) is not None:
             hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -173,7 +217,7 @@ class CogVideoXSparseAttnProcessor(ZooAttnProcessor):
     """For CogVideoX's joint attention (`transformer_blocks.N.attn1`): the sequence is [text, video]."""
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or attention_mask is not None or not self.runs_sparse():
+        if not self.runs_sparse(encoder_hidden_states is not None and attention_mask is None):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         n_text, n_video = encoder_hidden_states.shape[1], hidden_states.shape[1]
         self._check_tokens(n_video)
