@@ -38,19 +38,23 @@ OPS = {
 }
 
 
-def _make(shape, layout, gen, device, dtype, positive):
+def _make(shape, layout, gen, device, dtype, positive, scale=1.0, shift=0.0):
     """A `[B, H, N, D]` tensor stored as `layout`: "bhnd" (contiguous), "bnhd" (token-major, a head split of a
-    projection) or "bhdn" (channel-major, a 1x1 conv's output as MAViT/RAVLT split it)."""
+    projection) or "bhdn" (channel-major, a 1x1 conv's output as MAViT/RAVLT split it); (x + shift) * scale."""
     b, h, n, d = shape
     order = {"bhnd": (b, h, n, d), "bnhd": (b, n, h, d), "bhdn": (b, h, d, n)}[layout]
     x = torch.rand(order, generator=gen) + 0.05 if positive else torch.randn(order, generator=gen)
-    x = x.to(device, dtype)
+    x = ((x + shift) * scale).to(device, dtype)
     return {"bhnd": x, "bnhd": x.transpose(1, 2), "bhdn": x.transpose(2, 3)}[layout]
 
 
-def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layout="bhnd", programs=None):
+def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layout="bhnd", programs=None,
+               scales=(1.0, 1.0, 1.0), v_shift=0.0, grad_scale=1.0):
     """Outputs and gradients of the op through the kernel, the reference at the dtype, and the float64 oracle.
-    programs: the kernel's TARGET_PROGRAMS for this case (few: each program reduces several tiles)."""
+    programs: the kernel's TARGET_PROGRAMS for this case (few: each program reduces several tiles).
+    scales: of q (and q_num), k (and k_num), v; v_shift: added to v before scaling (a mean that K^T V keeps);
+    grad_scale: of the output gradient.
+    The result's "state_max" is the largest entry of the kernel's float32 state |K_num^T V / N| (RALA: weighted)."""
     if programs is not None:
         from zoo.ops.linear import kernel
 
@@ -58,14 +62,15 @@ def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layo
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
     fused, reference, numerator = OPS[op]
-    q = _make((batch, heads, n_q, dim), layout, gen, device, dt, True)
-    k = _make((batch, heads, n_k, dim), layout, gen, device, dt, True)
-    v = _make((batch, heads, n_k, dim_v), layout, gen, device, dt, False)
+    s_q, s_k, s_v = scales
+    q = _make((batch, heads, n_q, dim), layout, gen, device, dt, True, s_q)
+    k = _make((batch, heads, n_k, dim), layout, gen, device, dt, True, s_k)
+    v = _make((batch, heads, n_k, dim_v), layout, gen, device, dt, False, s_v, v_shift)
     inputs = [q, k, v]
     if numerator:  # RoPE'd features: any sign
-        inputs += [_make((batch, heads, n_q, dim), layout, gen, device, dt, False),
-                   _make((batch, heads, n_k, dim), layout, gen, device, dt, False)]
-    do = torch.randn(batch, heads, n_q, dim_v, generator=gen).to(device, dt)
+        inputs += [_make((batch, heads, n_q, dim), layout, gen, device, dt, False, s_q),
+                   _make((batch, heads, n_k, dim), layout, gen, device, dt, False, s_k)]
+    do = (torch.randn(batch, heads, n_q, dim_v, generator=gen) * grad_scale).to(device, dt)
 
     def run(fn, tensors):
         leaves = [t.detach().requires_grad_() for t in tensors]
@@ -76,7 +81,14 @@ def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layo
     exact = run(reference, [t.double() for t in inputs])
     low = run(reference, inputs)
     names = ["out", "dq", "dk", "dv", "dq_num", "dk_num"]
-    result = {"backend": ops.linear_attention_backend(q, k, v)[0], "dtype": str(fast[0].dtype)}
+    k_num = (inputs[4] if numerator else k).double()
+    if op.startswith("rala"):  # the kernel's state is weighted by RALA's key weights
+        weights = torch.softmax(dim ** -0.5 * q.double().mean(2, keepdim=True) @ k.double().transpose(-1, -2), -1)
+        state = (k_num * weights.transpose(-1, -2)).transpose(-1, -2) @ v.double()
+    else:
+        state = k_num.transpose(-1, -2) @ v.double() / n_k
+    result = {"backend": ops.linear_attention_backend(q, k, v)[0], "dtype": str(fast[0].dtype),
+              "state_max": state.abs().max().item()}
     for name, f, lo, ex in zip(names, fast, low, exact):
         f, lo = f.double(), lo.double()
         rounding = (ex.to(dt).double() - ex).abs().max().item()
@@ -136,6 +148,27 @@ INTERPRETER_GROUPS = [
 ]
 
 
+# float16 states beyond float16's range (|kv| > 65504, outputs and gradients within it) and below its normal range
+# (|kv| ~ 1e-6): the float32 state is split into float16 hi + lo parts, which must neither overflow nor underflow
+LARGE, TINY = {"scales": (1.0, 400.0, 400.0), "v_shift": 2.0}, {"scales": (1.0, 1e-3, 1e-3), "v_shift": 2.0}
+STATE_RANGE_CASES = [("linear", "float16", 1, 2, 100, 130, 16, 16, 12, LARGE),
+                     ("rala_rope", "float16", 1, 2, 90, 70, 16, 16, 13, dict(LARGE, layout="bhdn")),
+                     ("mala", "float16", 1, 1, 70, 70, 16, 16, 14, dict(LARGE, grad_scale=0.02)),
+                     ("decoupled", "float16", 1, 2, 80, 80, 16, 16, 15, TINY)]
+
+
+def test_float16_state_beyond_float16_range_interpreter():
+    """The float16 split of the float32 state keeps its range: no inf from a state above 65504, no precision
+    lost to subnormals below 6e-5; outputs and gradients within the usual bound of the float64 oracle."""
+    for case, result in zip(STATE_RANGE_CASES, run_interpreter(__file__, STATE_RANGE_CASES)):
+        options = case[9]
+        if options["scales"][1] > 1:
+            assert result["state_max"] > 65504 * 2, (case, result["state_max"])  # the case tests what it says
+        else:
+            assert result["state_max"] < 6e-5, (case, result["state_max"])
+        assert_case(result, str(case))
+
+
 def test_kernel_path_compiles_fullgraph_interpreter():
     """Every op's kernel path traces into one graph (no break) and runs its kernels forward and backward."""
     names = ["linear", "decoupled", "injective", "mala_rope", "rala"]
@@ -186,16 +219,18 @@ def test_backend_choice_names_reason():
 
 def test_kernels_compile_for_hopper_without_gpu():
     """The interpreter runs the kernels as Python; this lowers every kernel (each mode, decoupled and weighted,
-    head dim 32 and 128) to an sm_90 cubin, so a construct the compiler rejects fails on CPU too."""
+    head dim 32 and 128; bfloat16, and float16 with its range fitting, at head dim 32) to an sm_90 cubin, so a
+    construct the compiler rejects fails on CPU too."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from zoo.ops.linear import kernel as lk
 
-    pointers = {name: "*bf16" for name in ("K", "KN", "V", "Q", "QN", "OUT", "DO", "DQ", "DQN", "DK", "DKN", "DV_")}
-    pointers.update({name: "*fp32" for name in ("W", "KV", "KS", "VS", "DKV", "DKS", "DVS", "DW")})
     floats = ("scale", "eps", "inv_n")  # every other scalar is an int (strides, sizes)
-    for dim in (32, 128):
+    for dim, dtype in ((32, "bf16"), (128, "bf16"), (32, "fp16")):
+        pointers = {name: f"*{dtype}" for name in ("K", "KN", "V", "Q", "QN", "OUT", "DO", "DQ", "DQN", "DK", "DKN",
+                                                   "DV_")}
+        pointers.update({name: "*fp32" for name in ("W", "KV", "KS", "VS", "DKV", "DKS", "DVS", "DW")})
         for fn, flags in ((lk._state_kernel, dict(DECOUPLED=True, WEIGHTED=True)),
                           (lk._query_kernel, dict(DECOUPLED=True, MODE=2)),
                           (lk._query_grad_kernel, dict(DECOUPLED=False, MODE=1)), (lk._query_grad_kernel, dict(DECOUPLED=True, MODE=2)),

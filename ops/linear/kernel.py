@@ -23,6 +23,18 @@ projection (`[B, N, H, D]` or a conv's `[B, H, D, N]`) need no copy; out is writ
 Precision: products of two input-dtype operands run on tensor cores with float32 accumulation; a float32
 operand (kv, the gradients) is split into hi + lo parts in the input dtype (`_split_dot`), so it keeps
 about twice the dtype's mantissa. fp16/bf16 only (`can_run`); head dims up to 128 (padded to a power of two).
+
+Range: bfloat16 has float32's exponent range, so its split cannot overflow. float16 stops at 65504, and the
+state is not bounded by the inputs (kv = mean k^T v reaches |k| |v|, e.g. 300 x 300; d_num = do / z grows as z
+-> 0): a plain float16 split turns such an entry into inf, and an entry below 2^-14 into a few-bit subnormal.
+So for float16 every float32 operand is first scaled per column (per row for the left one of `_split_dot2`)
+by a power of two that puts its max in [2^13, 2^14) and the product is scaled back (`_fit_float16`). Chosen
+over the alternatives: a bfloat16 hi/lo split would need the float16 operand split too (mixed-dtype dots do not
+exist: four products instead of two); float32 operands with tf32 dots keep only a 10-bit mantissa (tf32x3
+costs three dots at half the float16 rate); detecting overflow on the host costs a device sync per call (and
+breaks CUDA graphs), and a silent inf is what this must rule out. Powers of two are exact, so results equal the
+unscaled split's wherever that one was in range; the cost is one max-reduction and a multiply on a tile
+already in registers, paid only for float16.
 """
 from __future__ import annotations
 
@@ -40,19 +52,52 @@ TARGET_PROGRAMS = 1024  # splits of the two reduction passes (state, query gradi
 
 
 @triton.jit
-def _split_dot(a, b, acc, DT: tl.constexpr):
-    """acc + a @ b for `a` in the input dtype and float32 `b` carried as hi + lo in that dtype."""
+def _fit_float16(x, AXIS: tl.constexpr):
+    """(x * up, down = 1 / up): `up` a power of two per slice along AXIS (kept as a broadcast dim) that puts the
+    slice's max |x| in [2^13, 2^14), so a float16 hi + lo split of it neither overflows (65504) nor loses bits
+    to subnormals (< 2^-14); powers of two scale exactly. Built from the float32 exponent bits (exact, unlike
+    exp2/log2); a slice below 2^-113 (or all zero) gets up = 2^126, above 2^127 up = 2^-114."""
+    m = tl.max(tl.abs(x), axis=AXIS, keep_dims=True)
+    e = tl.minimum(tl.maximum((m.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 254)  # biased exponent of m
+    up = ((267 - e) << 23).to(tl.float32, bitcast=True)  # 2^(13 - (e - 127))
+    down = ((e - 13) << 23).to(tl.float32, bitcast=True)  # 2^((e - 127) - 13)
+    return x * up, down
+
+
+@triton.jit
+def _hi_lo_dot(a, b, acc, DT: tl.constexpr):
+    """acc + a @ b for `a` in DT and float32 `b` carried as hi + lo in DT."""
     hi = b.to(DT)
     acc = tl.dot(a, hi, acc)
     return tl.dot(a, (b - hi.to(tl.float32)).to(DT), acc)
 
 
 @triton.jit
-def _split_dot2(a, b, acc, DT: tl.constexpr):
+def _hi_lo_dot2(a, b, acc, DT: tl.constexpr):
     """acc + a @ b for two float32 operands (three hi/lo products; lo @ lo is below the rounding)."""
     a_hi = a.to(DT)
-    acc = _split_dot(a_hi, b, acc, DT)
+    acc = _hi_lo_dot(a_hi, b, acc, DT)
     return tl.dot((a - a_hi.to(tl.float32)).to(DT), b.to(DT), acc)
+
+
+@triton.jit
+def _split_dot(a, b, acc, DT: tl.constexpr):
+    """acc + a @ b for `a` in the input dtype DT and a float32 `b` (see "Precision" above): for float16 each
+    column of b is first brought into float16's range by a power of two, undone on the product."""
+    if DT == tl.float16:
+        b, down = _fit_float16(b, 0)
+        return acc + _hi_lo_dot(a, b, tl.zeros_like(acc), DT) * down
+    return _hi_lo_dot(a, b, acc, DT)
+
+
+@triton.jit
+def _split_dot2(a, b, acc, DT: tl.constexpr):
+    """acc + a @ b for two float32 operands; for float16 the rows of a and the columns of b are fitted."""
+    if DT == tl.float16:
+        a, a_down = _fit_float16(a, 1)
+        b, b_down = _fit_float16(b, 0)
+        return acc + _hi_lo_dot2(a, b, tl.zeros_like(acc), DT) * a_down * b_down  # in turn: no 2^-252 underflow
+    return _hi_lo_dot2(a, b, acc, DT)
 
 
 @triton.jit
@@ -106,7 +151,7 @@ def _state_kernel(
             kn = tl.load(ptrs, mask=mask, other=0.0)
         else:
             kn = k
-        if WEIGHTED:  # w N is O(1): v w N in the input dtype neither underflows nor overflows
+        if WEIGHTED:  # w N: 1 on average, up to N (one dominant key); the split fits it to float16's range
             w = tl.load(W + b * swb + h * swh + rows, mask=rows < end, other=0.0) * N
             vw = v.to(tl.float32) * w[:, None]
             kv = _split_dot(tl.trans(kn), vw, kv, v.dtype)
