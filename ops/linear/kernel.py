@@ -343,13 +343,28 @@ def token_major_like(q: torch.Tensor, dim_v: int) -> torch.Tensor:
     return q.new_empty(b, n, h, dim_v).transpose(1, 2)
 
 
+def state_size(q: torch.Tensor, v: torch.Tensor) -> int:
+    """Entries of the flat float32 state (kv, ks, vs of every batch and head) of q `[B, H, N, D]`, v `[..., Dv]`."""
+    b, h, _, d = q.shape
+    dv = v.shape[3]
+    return b * h * (d * dv + d + dv)
+
+
+def _state_parts(state: torch.Tensor, q: torch.Tensor, v: torch.Tensor):
+    """kv `[B, H, D, Dv]`, ks `[B, H, D]`, vs `[B, H, Dv]`: views of one flat buffer (one memset, not three)."""
+    b, h, _, d = q.shape
+    dv = v.shape[3]
+    n_kv, n_ks = b * h * d * dv, b * h * d
+    return (state[:n_kv].view(b, h, d, dv), state[n_kv:n_kv + n_ks].view(b, h, d),
+            state[n_kv + n_ks:].view(b, h, dv))
+
+
 def forward(q, k, v, q_num, k_num, weights, mode: int, scale: float, eps: float):
-    """(out `[B, H, Nq, Dv]`, kv `[B, H, D, Dv]`, ks `[B, H, D]`, vs `[B, H, Dv]` float32)."""
+    """(out `[B, H, Nq, Dv]`, the float32 state: kv, ks, vs flat, `_state_parts`)."""
     b, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
-    kv = torch.zeros(b, h, d, dv, device=q.device, dtype=torch.float32)
-    ks = torch.zeros(b, h, d, device=q.device, dtype=torch.float32)
-    vs = torch.zeros(b, h, dv, device=q.device, dtype=torch.float32)
+    state = torch.zeros(state_size(q, v), device=q.device, dtype=torch.float32)
+    kv, ks, vs = _state_parts(state, q, v)
     bd, bdv, warps = _pad(d), _pad(dv), _warps(d, dv)
     splits, per_split = _splits(n_k, b * h)
     decoupled, weighted = k_num is not None, weights is not None
@@ -365,15 +380,16 @@ def forward(q, k, v, q_num, k_num, weights, mode: int, scale: float, eps: float)
         *_strides(q), *_strides(q_num), *_strides(out), h, n_q, scale, eps,
         D=d, DV=dv, BD=bd, BDV=bdv, BLOCK=BLOCK_N, DECOUPLED=q_num is not None, MODE=mode, num_warps=warps,
     )
-    return out, kv, ks, vs
+    return out, state
 
 
-def backward(do, q, k, v, q_num, k_num, weights, kv, ks, vs, mode: int, scale: float, eps: float):
-    """(dq, dk, dv, dq_num or None, dk_num or None, d weights (float32) or None)."""
+def backward(do, q, k, v, q_num, k_num, weights, state, mode: int, scale: float, eps: float):
+    """(dq, dk, dv, dq_num or None, dk_num or None, d weights (float32) or None) from the forward's state."""
     b, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
     bd, bdv, warps = _pad(d), _pad(dv), _warps(d, dv)
-    d_kv, d_ks, d_vs = torch.zeros_like(kv), torch.zeros_like(ks), torch.zeros_like(vs)
+    kv, ks, vs = _state_parts(state, q, v)
+    d_kv, d_ks, d_vs = _state_parts(torch.zeros_like(state), q, v)
     dq = torch.empty_like(q)
     dq_num = None if q_num is None else torch.empty_like(q_num)
     splits, per_split = _splits(n_q, b * h)
@@ -403,31 +419,27 @@ def backward(do, q, k, v, q_num, k_num, weights, kv, ks, vs, mode: int, scale: f
 @torch.library.custom_op("zoo::linear_attention_forward", mutates_args=())
 def linear_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_num: torch.Tensor | None,
                       k_num: torch.Tensor | None, weights: torch.Tensor | None, mode: int, scale: float,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, flat float32 state for the backward)."""
     return forward(q, k, v, q_num, k_num, weights, mode, scale, eps)
 
 
 @linear_forward_op.register_fake
 def _(q, k, v, q_num, k_num, weights, mode, scale, eps):
-    b, h, _, d = q.shape
-    dv = v.shape[3]
-    state = dict(device=q.device, dtype=torch.float32)
-    return (token_major_like(q, dv), torch.empty(b, h, d, dv, **state), torch.empty(b, h, d, **state),
-            torch.empty(b, h, dv, **state))
+    return token_major_like(q, v.shape[3]), q.new_empty(state_size(q, v), dtype=torch.float32)
 
 
 @torch.library.custom_op("zoo::linear_attention_backward", mutates_args=())
 def linear_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        q_num: torch.Tensor | None, k_num: torch.Tensor | None, weights: torch.Tensor | None,
-                       kv: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mode: int, scale: float,
-                       eps: float) -> list[torch.Tensor]:
+                       state: torch.Tensor, mode: int, scale: float, eps: float) -> list[torch.Tensor]:
     """[dq, dk, dv] + [dq_num, dk_num] when decoupled + [d weights] when weighted."""
-    grads = backward(do, q, k, v, q_num, k_num, weights, kv, ks, vs, mode, scale, eps)
+    grads = backward(do, q, k, v, q_num, k_num, weights, state, mode, scale, eps)
     return [g for g in grads if g is not None]
 
 
 @linear_backward_op.register_fake
-def _(do, q, k, v, q_num, k_num, weights, kv, ks, vs, mode, scale, eps):
+def _(do, q, k, v, q_num, k_num, weights, state, mode, scale, eps):
     grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
     if q_num is not None:
         grads += [torch.empty_like(q_num), torch.empty_like(k_num)]
@@ -438,15 +450,16 @@ def _(do, q, k, v, q_num, k_num, weights, kv, ks, vs, mode, scale, eps):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_num, k_num, weights, *constants = inputs
-    _, kv, ks, vs = output
-    ctx.mark_non_differentiable(kv, ks, vs)
-    ctx.save_for_backward(q, k, v, q_num, k_num, weights, kv, ks, vs)
+    _, state = output
+    ctx.mark_non_differentiable(state)
+    ctx.set_materialize_grads(False)  # the state gets no gradient: no zero-filled one made for it every backward
+    ctx.save_for_backward(q, k, v, q_num, k_num, weights, state)
     ctx.constants = constants
 
 
-def _backward(ctx, d_out, _d_kv, _d_ks, _d_vs):
-    q, k, v, q_num, k_num, weights, kv, ks, vs = ctx.saved_tensors
-    grads = iter(linear_backward_op(d_out, q, k, v, q_num, k_num, weights, kv, ks, vs, *ctx.constants))
+def _backward(ctx, d_out, _d_state):
+    q, k, v, q_num, k_num, weights, state = ctx.saved_tensors
+    grads = iter(linear_backward_op(d_out, q, k, v, q_num, k_num, weights, state, *ctx.constants))
     dq, dk, dv = next(grads), next(grads), next(grads)
     dq_num, dk_num = (None, None) if q_num is None else (next(grads), next(grads))
     d_weights = None if weights is None else next(grads)
