@@ -118,12 +118,11 @@ class RMTAttention(nn.Module):
         """x `[B, C, H, W]`; `signed_sin`, `cos`: the stage's `RoPE2d.tables`."""
         b, c, h, w = x.shape
         heads, n = self.num_heads, h * w
-        qkvo = self.qkvo(x)
-        v, o = qkvo[:, 2 * c:3 * c], qkvo[:, 3 * c:]
+        qk, v, o = self.qkvo(x).split([2 * c, c, c], dim=1)  # one split: its backward is one cat
         lepe = self.lepe(v)
         # q and k side by side as 2 * heads heads `[N, d]` (a view of the conv output): each elementwise op
         # below runs once for both
-        qk = qkvo[:, :2 * c].reshape(b, 2 * heads, c // heads, n).transpose(-1, -2)
+        qk = qk.reshape(b, 2 * heads, c // heads, n).transpose(-1, -2)
         v = v.reshape(b, heads, c // heads, n).transpose(-1, -2)
         if self.kind == "softmax":
             # RoPE in float32 (the tables are), rounded once to v's dtype (autocast would round it the same)
