@@ -45,8 +45,8 @@ def rala_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_num: tor
         return naive.rala_attention(q, k, v, q_num, k_num, scale=scale, eps=eps)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):  # the key weights in float32, as the reference
-        qf, kf = cast[0].float(), cast[1].float()
-        weights = torch.softmax(s * (qf.mean(dim=2, keepdim=True) @ kf.transpose(-1, -2)), dim=-1)[:, :, 0]
+        q_mean = cast[0].mean(dim=2, keepdim=True, dtype=torch.float32) * s  # no float32 copy of q
+        weights = torch.softmax(q_mean @ cast[1].float().transpose(-1, -2), dim=-1)[:, :, 0]
     return _kernel_module().linear_attention_triton(*cast, weights, "normalised", 1.0, eps)
 
 
