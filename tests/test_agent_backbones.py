@@ -340,6 +340,13 @@ def test_inference_reuses_agent_biases_until_they_change(cls_token):
         attn.na_bias.mul_(2.0)  # an in-place update, as an optimizer step
     torch.testing.assert_close(run((6, 6), True), run((6, 6), False), rtol=0, atol=1e-6)
     torch.testing.assert_close(run((4, 9), True), run((4, 9), False), rtol=0, atol=1e-6)  # another grid
+    copy = __import__("copy").deepcopy(attn)  # fresh parameters (version 0) holding the cache of the original
+    with torch.no_grad():
+        for mine, theirs in zip(copy._bias_params(), attn._bias_params()):
+            while mine._version < theirs._version:
+                mine.add_(0.25)  # as an EMA copy updated in place as often as the original was
+    attn = copy
+    torch.testing.assert_close(run((4, 9), True), run((4, 9), False), rtol=0, atol=1e-6)
 
 
 def test_agent_biases_get_gradients_in_training_and_eval_with_grad():
