@@ -33,6 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.layers import LayerNorm2d as _TimmLayerNorm2d
 from zoo.ops import mala_attention, rala_attention
+from zoo.ops.linear_rmt.naive import rope as apply_rope
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
@@ -41,14 +42,6 @@ from zoo.weights import generate_default_cfgs
 from ._common import ClassifierMixin, run_blocks
 
 ATTN_KINDS = ("mala", "rala", "softmax")
-
-
-def apply_rope(x: torch.Tensor, signed_sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate `[..., N, D]` by the per-token angles of `RoPE2d.tables` (`signed_sin`, `cos` `[N, D]`): channel
-    pairs turn together, (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), i.e. the official
-    `x * cos + rotate_every_two(x) * sin` with rotate_every_two(x) = (-x1, x0, ...) written as the pair swap
-    (x1, x0, ...) times the sin of alternating sign (the same products: 4 kernels instead of 5)."""
-    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * signed_sin
 
 
 class RoPE2d(nn.Module):
@@ -77,7 +70,9 @@ class RoPE2d(nn.Module):
         return theta.sin(), theta.cos()
 
     def tables(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`apply_rope`'s (signed_sin, cos): the sin of even channels negated (computed once per stage)."""
+        """(signed_sin, cos) for `zoo.ops.linear_rmt.naive.rope` and the ops' `rope=`: the sin of even channels
+        negated, so the official `x * cos + rotate_every_two(x) * sin` (rotate_every_two(x) = (-x1, x0, ...))
+        is x * cos + swap_pairs(x) * signed_sin, the same products (computed once per stage)."""
         sin, cos = self(height, width)
         return torch.stack([-sin[..., ::2], sin[..., 1::2]], dim=-1).flatten(-2), cos
 
@@ -130,9 +125,9 @@ class RMTAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             qk = F.elu(qk) + 1
-            q_num, k_num = apply_rope(qk, signed_sin, cos).to(qk.dtype).chunk(2, dim=1)
             op = mala_attention if self.kind == "mala" else rala_attention
-            y = op(*qk.chunk(2, dim=1), v, q_num, k_num)
+            # the numerator features RoPE(q), RoPE(k) are made inside the kernel (the reference makes them itself)
+            y = op(*qk.chunk(2, dim=1), v, rope=(signed_sin, cos))
         y = y.transpose(-1, -2).reshape(b, c, h, w)
         return self.proj((y.to(lepe.dtype) + lepe) * o)
 
