@@ -22,11 +22,8 @@ import pathlib
 import sys
 from collections.abc import Iterator
 
-if __name__ == "__main__" and "--device" not in sys.argv:  # CPU: the Triton kernels run in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # label -> (model, block path inside it): the block the family repeats most (agent Swin-T stage 3; the linear
 # families' stage 2, since their stages 3-4 are softmax), and timm's blocks at the same place
@@ -141,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+    if args.device == "cpu":  # the Triton kernels run in the interpreter (read when the kernel module is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     baseline = json.loads(args.baseline.read_text()) if args.baseline else {}
     results = {}
     print(f"{'family':<18} {'block':<40} {'fwd':>9} {'fwd+bwd':>11}")
