@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from zoo.ops import (
     agent_attention,
+    agent_attention_backend,
     agent_grid,
     build_agent_biases,
     focused_feature_map,
@@ -76,11 +77,21 @@ class QKV:
 
 # ----------------------------------------------------------------------------- agent attention
 
+def aligned_copy(x: torch.Tensor, dtype: torch.dtype, multiple: int = 16) -> torch.Tensor:
+    """`x` in `dtype`, contiguous along the last dim with every other stride a multiple of `multiple` elements:
+    SDPA's memory-efficient kernel takes such a bias as it is, where it pads a copy of any other every call."""
+    cols = x.shape[-1]
+    padded = x.new_empty(*x.shape[:-1], -(-cols // multiple) * multiple, dtype=dtype)
+    return padded[..., :cols].copy_(x)
+
+
 class AgentCore(nn.Module):
     """Agent attention's parameters and math: agents = AdaptiveAvgPool2d of the pre-split Q to a
     sqrt(n) x sqrt(n) grid; biases `an/na_bias (heads, n, 7, 7)` resized to the grid every call,
     row/column biases `ah/aw/ha/wa_bias` sized to the construction `grid` and resized when the
-    input grid differs; `ac/ca_bias` for a leading CLS token (DeiT)."""
+    input grid differs; `ac/ca_bias` for a leading CLS token (DeiT).
+
+    Inference (eval, no gradient, eager) builds the biases once per grid and dtype instead (`_biases`)."""
 
     def __init__(self, dim: int, num_heads: int, agent_num: int, grid: Size, cls_token: bool = False,
                  attn_drop: float = 0.0):
@@ -103,6 +114,7 @@ class AgentCore(nn.Module):
             self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, 1, agent_num))
         self.cls_token = cls_token
         self.attn_drop = attn_drop
+        self._bias_cache: tuple | None = None  # (key, key_bias, query_bias), see `_biases`; not in the state_dict
         for p in self._bias_params():
             init_trunc_normal(p)
 
@@ -110,19 +122,42 @@ class AgentCore(nn.Module):
         names = ["an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"] + (["ac_bias", "ca_bias"] if self.cls_token else [])
         return [getattr(self, n) for n in names]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
-        """q, k, v `[B, (1+) H*W, C]` -> `[B, (1+) H*W, C]` (no projection, no local term)."""
-        patches = q[:, 1:] if self.cls_token else q
-        # under autocast pooling may run in float32: keep the projections' dtype
-        agents = split_heads(pool_agents(patches, size, self.agent_shape).to(q.dtype), self.num_heads)
+    def _build_biases(self, size: Size) -> tuple[torch.Tensor, torch.Tensor]:
         key_bias, query_bias = build_agent_biases(
             self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, size, size)
         if self.cls_token:
             key_bias = torch.cat([self.ac_bias, key_bias], dim=-1)
             query_bias = torch.cat([self.ca_bias, query_bias], dim=-2)
-        out = agent_attention(
-            split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads), agents,
-            agent_bias=key_bias, query_bias=query_bias, dropout_p=self.attn_drop if self.training else 0.0)
+        return key_bias, query_bias
+
+    def _biases(self, size: Size, heads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(agent_bias, query_bias) for the grid `size`. Built from the parameters every call when training, when
+        a gradient may reach them, or under torch.compile (which fuses the build). Otherwise (inference) built
+        once and kept until the grid, the device, the dtype the backend runs (SDPA: q's, else the parameters'),
+        a bias parameter's storage (a copy of the module, `.to`, an assigning load) or its version counter
+        (in-place updates: optimizer steps, EMA, load_state_dict) changes:
+        inference then launches none of the ~10 resize/add/cat/cast kernels per block, and the SDPA path gets
+        biases aligned for its fused kernels (`aligned_copy`)."""
+        params = self._bias_params()
+        if self.training or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self._build_biases(size)
+        sdpa = agent_attention_backend(*heads)[0] == "sdpa"
+        dtype = heads[0].dtype if sdpa else params[0].dtype
+        key = (tuple(size), dtype, params[0].device, tuple((p.data_ptr(), p._version) for p in params))
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, *(aligned_copy(b, dtype) for b in self._build_biases(size)))
+        return self._bias_cache[1], self._bias_cache[2]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
+        """q, k, v `[B, (1+) H*W, C]` -> `[B, (1+) H*W, C]` (no projection, no local term)."""
+        patches = q[:, 1:] if self.cls_token else q
+        # under autocast pooling may run in float32: keep the projections' dtype
+        agents = split_heads(pool_agents(patches, size, self.agent_shape).to(q.dtype), self.num_heads)
+        heads = (*(split_heads(t, self.num_heads) for t in (q, k, v)), agents)
+        key_bias, query_bias = self._biases(size, heads)
+        out = agent_attention(*heads, agent_bias=key_bias, query_bias=query_bias,
+                              dropout_p=self.attn_drop if self.training else 0.0)
         return merge_heads(out)
 
 
@@ -167,9 +202,11 @@ class FocusedCore(nn.Module):
         self.positional_encoding = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
-        k = (k + resize_tokens(self.positional_encoding, self.grid, size, "bicubic")).to(k.dtype)  # autocast: keep k's dtype
-        q = focused_feature_map(q, self.scale, self.focusing_factor)
-        k = focused_feature_map(k, self.scale, self.focusing_factor)
+        # q and k through the focused map side by side (each of its ~11 kernels runs once for both); under
+        # autocast k + positional_encoding stays float32 as in the official code, the features are rounded once
+        k = k + resize_tokens(self.positional_encoding, self.grid, size, "bicubic")
+        features = focused_feature_map(torch.stack([q, k], dim=2), self.scale, self.focusing_factor).to(v.dtype)
+        q, k = features.unbind(2)
         vh = split_heads(v, self.num_heads)
         out = merge_heads(linear_attention(split_heads(q, self.num_heads), split_heads(k, self.num_heads), vh))
         b, h, n, d = vh.shape

@@ -33,6 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.layers import LayerNorm2d as _TimmLayerNorm2d
 from zoo.ops import mala_attention, rala_attention
+from zoo.ops.linear_rmt.naive import rope as apply_rope
 
 from zoo._registry import register_model
 from zoo.factory import build_classifier
@@ -41,16 +42,6 @@ from zoo.weights import generate_default_cfgs
 from ._common import ClassifierMixin, run_blocks
 
 ATTN_KINDS = ("mala", "rala", "softmax")
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): channel pairs rotate together."""
-    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
-
-
-def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate `[..., N, D]` by the per-token angles of `sin`, `cos` `[N, D]`."""
-    return x * cos + rotate_every_two(x) * sin
 
 
 class RoPE2d(nn.Module):
@@ -77,6 +68,13 @@ class RoPE2d(nn.Module):
         theta = torch.cat([rows[:, None].expand(height, width, half), cols[None].expand(height, width, half)], -1)
         theta = theta.flatten(0, 1)
         return theta.sin(), theta.cos()
+
+    def tables(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed_sin, cos) for `zoo.ops.linear_rmt.naive.rope` and the ops' `rope=`: the sin of even channels
+        negated, so the official `x * cos + rotate_every_two(x) * sin` (rotate_every_two(x) = (-x1, x0, ...))
+        is x * cos + swap_pairs(x) * signed_sin, the same products (computed once per stage)."""
+        sin, cos = self(height, width)
+        return torch.stack([-sin[..., ::2], sin[..., 1::2]], dim=-1).flatten(-2), cos
 
 
 class LayerNorm2d(nn.Module):
@@ -111,19 +109,25 @@ class RMTAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, signed_sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """x `[B, C, H, W]`; `signed_sin`, `cos`: the stage's `RoPE2d.tables`."""
         b, c, h, w = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)
+        heads, n = self.num_heads, h * w
+        qk, v, o = self.qkvo(x).split([2 * c, c, c], dim=1)  # one split: its backward is one cat
         lepe = self.lepe(v)
-        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2) for t in (q, k, v))
+        # q and k side by side as 2 * heads heads `[N, d]` (a view of the conv output): each elementwise op
+        # below runs once for both
+        qk = qk.reshape(b, 2 * heads, c // heads, n).transpose(-1, -2)
+        v = v.reshape(b, heads, c // heads, n).transpose(-1, -2)
         if self.kind == "softmax":
-            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-            y = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
+            # RoPE in float32 (the tables are), rounded once to v's dtype (autocast would round it the same)
+            q, k = apply_rope(qk, signed_sin, cos).to(v.dtype).chunk(2, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
-            q, k = F.elu(q) + 1, F.elu(k) + 1
+            qk = F.elu(qk) + 1
             op = mala_attention if self.kind == "mala" else rala_attention
-            q_num, k_num = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-            y = op(q.to(q_num.dtype), k.to(q_num.dtype), v.to(q_num.dtype), q_num, k_num)
+            # the numerator features RoPE(q), RoPE(k) are made inside the kernel (the reference makes them itself)
+            y = op(*qk.chunk(2, dim=1), v, rope=(signed_sin, cos))
         y = y.transpose(-1, -2).reshape(b, c, h, w)
         return self.proj((y.to(lepe.dtype) + lepe) * o)
 
@@ -158,10 +162,10 @@ class RMTBlock(nn.Module):
             self.gamma_1 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale)))
             self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale)))
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, signed_sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         x = x + self.pos(x)
         a, f = (self.gamma_1, self.gamma_2) if self.layer_scale else (1.0, 1.0)
-        x = x + self.drop_path(a * self.attn(self.norm1(x), sin, cos))
+        x = x + self.drop_path(a * self.attn(self.norm1(x), signed_sin, cos))
         return x + self.drop_path(f * self.ffn(self.norm2(x)))
 
 
@@ -191,8 +195,7 @@ class RMTStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sin, cos = self.RoPE(x.shape[2], x.shape[3])
-        return run_blocks(self.blocks, x, sin, cos, checkpointing=self.grad_checkpointing)
+        return run_blocks(self.blocks, x, *self.RoPE.tables(x.shape[2], x.shape[3]), checkpointing=self.grad_checkpointing)
 
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:

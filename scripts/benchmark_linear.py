@@ -18,19 +18,19 @@ and the time inside each block type's attention (record_function ranges opened b
 What each family's attention block runs (the op inventory behind the kernels; `[B, N, C]` tokens, h heads):
   agent (Swin/PVT/DeiT)  qkv Linear -> chunk (strided views) -> pool_agents: AdaptiveAvgPool2d of q on the grid
       (transpose + reshape + pool + transpose) -> build_agent_biases: 2 bilinear resizes of the 7x7 block biases
-      + row/col broadcasts, every call -> split_heads views -> two softmax stages (reference: float32 copies
+      + row/col broadcasts, every training call (inference: built once per grid, aligned) -> split_heads views -> two softmax stages (reference: float32 copies
       and [B, h, n, N] / [B, h, N, n] maps; SDPA path: two fused calls) -> merge_heads copy -> 3x3 depthwise
       conv on v (to_grid transpose copy, conv, back) -> add -> proj Linear.
-  FLatten                qkv Linear -> k += bicubic-resized positional encoding -> focused map on q and k over
-      all C (ReLU, softplus temperature, row max, cube, two norms; float32) -> split_heads views -> linear
+  FLatten                qkv Linear -> k += bicubic-resized positional encoding -> focused map on q and k stacked,
+      over all C (ReLU, softplus temperature, row max, cube, two norms; float32; closed-form backward) -> views -> linear
       attention (kernel: state pass over k, v + query pass; reference: float32 copies, means, two matmuls)
       -> merge_heads (free: the kernel writes token-major) -> 5x5 depthwise conv shared by heads on v viewed
       (B*h, d, H, W) (permute copy) -> add -> proj.
   InLine                 qkv Linear -> injective linear attention on identity features -> token mean of x ->
       two grouped 1x1 Conv1d (+GELU) predicting a 3x3 kernel per sample and channel -> grouped conv2d with
       B*C groups on v -> add -> proj.
-  MAViT / RAVLT (NCHW)   1x1 conv qkvo -> chunk -> 5x5 LePE on v -> [B, h, N, d] views of the channel-major
-      maps -> ELU+1 -> 2-D RoPE in float32 (numerator features) -> MALA / RALA (kernel: the same two passes,
+  MAViT / RAVLT (NCHW)   1x1 conv qkvo -> split -> 5x5 LePE on v -> [B, h, N, d] views of the channel-major
+      maps -> ELU+1 on q and k together -> 2-D RoPE in float32 (numerator features, rounded once) -> MALA / RALA (kernel: the same two passes,
       RALA's softmax key weights computed first in float32) -> transpose back to NCHW -> (y + LePE) * o -> proj.
 The fused kernel covers the attention op itself in every family; feature maps, RoPE and the depthwise convs
 are elementwise/conv work left to cuDNN and torch.compile (the `zoo+compile` variant fuses them).

@@ -303,3 +303,91 @@ def test_unpooled_features_and_pooling_choices():
         _meta("agent_swin_tiny", global_pool="token")
     with pytest.raises(ValueError, match="num_classes=0"):
         _meta("agent_pvt_tiny").reset_classifier(5, "")
+
+
+def _agent_attention(**kw):
+    from zoo.backbones._mixers import AgentAttention
+
+    torch.manual_seed(0)
+    return AgentAttention(32, 2, 4, (6, 6), **kw).eval()
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_inference_reuses_agent_biases_until_they_change(cls_token):
+    """Eval without gradients builds the biases once per grid (aligned rows) and rebuilds them when a bias
+    parameter changes in place (load_state_dict, an optimizer step) or the grid changes; outputs equal a fresh
+    build's (the path with gradients on, which never caches)."""
+    attn = _agent_attention(cls_token=cls_token)
+    lead = int(cls_token)
+
+    def run(size, cached: bool):
+        x = torch.randn(2, lead + size[0] * size[1], 32, generator=torch.Generator().manual_seed(1))
+        with torch.set_grad_enabled(not cached):
+            return attn(x, size).detach()
+
+    first = run((6, 6), True)
+    key, agent_bias, query_bias = attn._bias_cache
+    for bias in (agent_bias, query_bias):
+        assert bias.stride(-1) == 1 and all(s % 16 == 0 for s in bias.stride()[:-1]), bias.stride()
+    assert torch.equal(run((6, 6), True), first) and attn._bias_cache[1] is agent_bias  # reused, not rebuilt
+    torch.testing.assert_close(first, run((6, 6), False), rtol=0, atol=1e-6)
+    state = {k: v + 0.5 if k.endswith("_bias") and "proj" not in k else v for k, v in attn.state_dict().items()}
+    attn.load_state_dict(state)
+    changed = run((6, 6), True)
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, run((6, 6), False), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        attn.na_bias.mul_(2.0)  # an in-place update, as an optimizer step
+    torch.testing.assert_close(run((6, 6), True), run((6, 6), False), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run((4, 9), True), run((4, 9), False), rtol=0, atol=1e-6)  # another grid
+    copy = __import__("copy").deepcopy(attn)  # fresh parameters (version 0) holding the cache of the original
+    with torch.no_grad():
+        for mine, theirs in zip(copy._bias_params(), attn._bias_params()):
+            while mine._version < theirs._version:
+                mine.add_(0.25)  # as an EMA copy updated in place as often as the original was
+    attn = copy
+    torch.testing.assert_close(run((4, 9), True), run((4, 9), False), rtol=0, atol=1e-6)
+
+
+def test_agent_biases_get_gradients_in_training_and_eval_with_grad():
+    attn = _agent_attention(cls_token=True)
+    for training in (True, False):
+        attn.train(training).zero_grad()
+        attn(torch.randn(2, 37, 32), (6, 6)).square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn._bias_params()), training
+    assert attn._bias_cache is None
+
+
+def test_cached_agent_biases_in_the_sdpa_dtype(monkeypatch):
+    """On the SDPA path under autocast the biases are kept in the autocast dtype, and the output equals SDPA's
+    with biases built and cast every call."""
+    import zoo.ops.agent as agent_ops
+
+    monkeypatch.setattr(agent_ops, "SDPA_DEVICES", ("cpu",))
+    attn = _agent_attention(cls_token=True)
+    x = torch.randn(2, 37, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        cached = attn(x, (6, 6))
+        fresh = attn.train()(x, (6, 6))  # training builds them (no dropout here: the same math)
+    assert attn._bias_cache[1].dtype == torch.bfloat16 and cached.dtype == torch.bfloat16
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+
+
+def test_focused_attention_maps_q_and_k_as_the_official_code():
+    """FLatten's attend (q and k through the focused map side by side) against the official order in float64:
+    k + positional encoding, the focused map of q and of k separately, linear attention per head, shared DWC."""
+    from zoo.backbones._mixers import FocusedLinearAttention, merge_heads, split_heads
+    from zoo.ops.linear import naive
+
+    torch.manual_seed(0)
+    attn = FocusedLinearAttention(24, 2, (4, 5)).double()
+    with torch.no_grad():
+        attn.scale.normal_(0, 0.5)
+        attn.positional_encoding.normal_(0, 0.5)
+    q, k, v = (torch.randn(2, 20, 24, dtype=torch.float64) for _ in range(3))
+    fq = naive.focused_feature_map(q, attn.scale, 3.0)
+    fk = naive.focused_feature_map(k + attn.positional_encoding, attn.scale, 3.0)
+    vh = split_heads(v, 2)
+    expected = merge_heads(naive.linear_attention(split_heads(fq, 2), split_heads(fk, 2), vh))
+    local = attn.dwc(vh.reshape(4, 4, 5, 12).permute(0, 3, 1, 2)).reshape(2, 24, 20).transpose(1, 2)
+    torch.testing.assert_close(attn.attend(q, k, v, (4, 5)), expected + local, rtol=1e-12, atol=1e-12)

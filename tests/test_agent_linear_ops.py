@@ -265,3 +265,31 @@ def test_long_sequence_half_precision_has_no_nan(dtype):
         assert out.dtype == dtype and torch.isfinite(out).all()
     ref = ops.linear_attention(fq.double(), fk.double(), v.double())
     torch.testing.assert_close(outs[0].double(), ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("p", [3.0, 2.5])
+def test_focused_feature_map_backward_equals_autograd_of_the_formula(p):
+    """The written-out backward against autograd through the plain formula (float64; a row with every channel
+    negative, the temperature broadcast over a 4-D input, and none), and bfloat16 inputs against float64."""
+    torch.manual_seed(0)
+    x, s = _rand(2, 3, 2, 8), _rand(1, 1, 8)
+    with torch.no_grad():
+        x[0, 0, 1] = -x[0, 0, 1].abs()
+    g = torch.randn(2, 3, 2, 8, **F64)
+
+    def formula(x, s=None):
+        y = torch.relu(x) + 1e-6
+        y = y if s is None else y / torch.nn.functional.softplus(s)
+        return y ** p / (y ** p).norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
+
+    for got, want in zip(torch.autograd.grad(ops.focused_feature_map(x, s, p), (x, s), g),
+                         torch.autograd.grad(formula(x, s), (x, s), g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ops.focused_feature_map(x, None, p), x, g)[0],
+                               torch.autograd.grad(formula(x), x, g)[0], rtol=1e-10, atol=1e-12)
+    xb = x.detach().bfloat16().requires_grad_()
+    got = torch.autograd.grad(ops.focused_feature_map(xb, s.float(), p), xb, g.bfloat16())[0]
+    exact = xb.detach().double().requires_grad_()
+    want = torch.autograd.grad(formula(exact, s), exact, g.bfloat16().double())[0]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

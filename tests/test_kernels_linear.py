@@ -36,47 +36,79 @@ OPS = {
     "rala": (ops.rala_attention, rmt_naive.rala_attention, False),
     "rala_rope": (ops.rala_attention, rmt_naive.rala_attention, True),
 }
+# RoPE made inside the kernel from q, k and the (signed_sin, cos) tables (`rope=`): op name -> the OPS entry
+FUSED_ROPE = {"mala_rope_fused": "mala", "rala_rope_fused": "rala"}
 
 
-def _make(shape, layout, gen, device, dtype, positive):
+def rope_tables(n: int, dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (signed_sin, cos) `[n, dim]` of random angles, one per channel pair (`naive.rope`'s layout)."""
+    theta = (torch.rand(n, dim // 2, generator=gen, dtype=torch.float64) * 6).repeat_interleave(2, -1)
+    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64).repeat(dim // 2)
+    return theta.sin() * sign, theta.cos()
+
+
+def _make(shape, layout, gen, device, dtype, positive, scale=1.0, shift=0.0):
     """A `[B, H, N, D]` tensor stored as `layout`: "bhnd" (contiguous), "bnhd" (token-major, a head split of a
-    projection) or "bhdn" (channel-major, a 1x1 conv's output as MAViT/RAVLT split it)."""
+    projection) or "bhdn" (channel-major, a 1x1 conv's output as MAViT/RAVLT split it); (x + shift) * scale."""
     b, h, n, d = shape
     order = {"bhnd": (b, h, n, d), "bnhd": (b, n, h, d), "bhdn": (b, h, d, n)}[layout]
     x = torch.rand(order, generator=gen) + 0.05 if positive else torch.randn(order, generator=gen)
-    x = x.to(device, dtype)
+    x = ((x + shift) * scale).to(device, dtype)
     return {"bhnd": x, "bnhd": x.transpose(1, 2), "bhdn": x.transpose(2, 3)}[layout]
 
 
-def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layout="bhnd", programs=None):
+def check_case(op, dtype, batch, heads, n_q, n_k, dim, dim_v, seed, device, layout="bhnd", programs=None,
+               scales=(1.0, 1.0, 1.0), v_shift=0.0, grad_scale=1.0):
     """Outputs and gradients of the op through the kernel, the reference at the dtype, and the float64 oracle.
-    programs: the kernel's TARGET_PROGRAMS for this case (few: each program reduces several tiles)."""
+    programs: the kernel's TARGET_PROGRAMS for this case (few: each program reduces several tiles).
+    scales: of q (and q_num), k (and k_num), v; v_shift: added to v before scaling (a mean that K^T V keeps);
+    grad_scale: of the output gradient.
+    The result's "state_max" is the largest entry of the kernel's float32 state |K_num^T V / N| (RALA: weighted)."""
     if programs is not None:
         from zoo.ops.linear import kernel
 
         kernel.TARGET_PROGRAMS = programs
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
-    fused, reference, numerator = OPS[op]
-    q = _make((batch, heads, n_q, dim), layout, gen, device, dt, True)
-    k = _make((batch, heads, n_k, dim), layout, gen, device, dt, True)
-    v = _make((batch, heads, n_k, dim_v), layout, gen, device, dt, False)
+    fused, reference, numerator = OPS[FUSED_ROPE.get(op, op)]
+    tables = rope_tables(n_q, dim, gen) if op in FUSED_ROPE else None
+    s_q, s_k, s_v = scales
+    q = _make((batch, heads, n_q, dim), layout, gen, device, dt, True, s_q)
+    k = _make((batch, heads, n_k, dim), layout, gen, device, dt, True, s_k)
+    v = _make((batch, heads, n_k, dim_v), layout, gen, device, dt, False, s_v, v_shift)
     inputs = [q, k, v]
     if numerator:  # RoPE'd features: any sign
-        inputs += [_make((batch, heads, n_q, dim), layout, gen, device, dt, False),
-                   _make((batch, heads, n_k, dim), layout, gen, device, dt, False)]
-    do = torch.randn(batch, heads, n_q, dim_v, generator=gen).to(device, dt)
+        inputs += [_make((batch, heads, n_q, dim), layout, gen, device, dt, False, s_q),
+                   _make((batch, heads, n_k, dim), layout, gen, device, dt, False, s_k)]
+    do = (torch.randn(batch, heads, n_q, dim_v, generator=gen) * grad_scale).to(device, dt)
 
     def run(fn, tensors):
         leaves = [t.detach().requires_grad_() for t in tensors]
         out = fn(*leaves)
         return [out, *torch.autograd.grad((out.double() * do.double()).sum(), leaves)]
 
-    fast = run(lambda *t: fused(*t, backend="triton"), inputs)
-    exact = run(reference, [t.double() for t in inputs])
-    low = run(reference, inputs)
+    if tables is None:
+        fast = run(lambda *t: fused(*t, backend="triton"), inputs)
+        exact = run(reference, [t.double() for t in inputs])
+        low = run(reference, inputs)
+    else:  # the kernel rounds RoPE's features to the inputs' dtype, as RoPE outside and a cast: so does `low`
+        fast = run(lambda *t: fused(*t, backend="triton", rope=tuple(x.float().to(device) for x in tables)), inputs)
+        exact = run(lambda q, k, v: reference(q, k, v, rmt_naive.rope(q, *tables), rmt_naive.rope(k, *tables)),
+                    [t.double() for t in inputs])
+        low_tables = [x.float().to(device) for x in tables]
+        low = run(lambda q, k, v: reference(q, k, v, rmt_naive.rope(q, *low_tables).to(dt),
+                                            rmt_naive.rope(k, *low_tables).to(dt)), inputs)
     names = ["out", "dq", "dk", "dv", "dq_num", "dk_num"]
-    result = {"backend": ops.linear_attention_backend(q, k, v)[0], "dtype": str(fast[0].dtype)}
+    k_num = (inputs[4] if numerator else k).double()
+    if tables is not None:
+        k_num = rmt_naive.rope(k_num, *tables)
+    if op.startswith("rala"):  # the kernel's state is weighted by RALA's key weights
+        weights = torch.softmax(dim ** -0.5 * q.double().mean(2, keepdim=True) @ k.double().transpose(-1, -2), -1)
+        state = (k_num * weights.transpose(-1, -2)).transpose(-1, -2) @ v.double()
+    else:
+        state = k_num.transpose(-1, -2) @ v.double() / n_k
+    result = {"backend": ops.linear_attention_backend(q, k, v)[0], "dtype": str(fast[0].dtype),
+              "state_max": state.abs().max().item()}
     for name, f, lo, ex in zip(names, fast, low, exact):
         f, lo = f.double(), lo.double()
         rounding = (ex.to(dt).double() - ex).abs().max().item()
@@ -92,9 +124,10 @@ def check_compile(op: str) -> dict:
     import torch._dynamo
 
     gen = torch.Generator().manual_seed(0)
-    fused, _, numerator = OPS[op]
+    fused, _, numerator = OPS[FUSED_ROPE.get(op, op)]
     shapes = [(1, 2, 70, 16)] * (5 if numerator else 3)
     inputs = [torch.rand(s, generator=gen).half() + 0.05 for s in shapes]
+    extra = {"rope": tuple(t.float() for t in rope_tables(70, 16, gen))} if op in FUSED_ROPE else {}
     do = torch.randn(1, 2, 70, 16, generator=gen).half()
 
     def run(fn):
@@ -103,7 +136,7 @@ def check_compile(op: str) -> dict:
         return [out, *torch.autograd.grad(out, leaves, do)]
 
     def call(*t):
-        return fused(*t, backend="triton")
+        return fused(*t, backend="triton", **extra)
 
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -133,12 +166,35 @@ INTERPRETER_GROUPS = [
     [("rala_rope", "float16", 2, 1, 81, 81, 16, 16, 9, {"layout": "bhdn"}),
      ("mala", "float16", 1, 2, 300, 330, 16, 16, 10, {"programs": 4}),
      ("rala_rope", "float16", 1, 1, 200, 270, 16, 16, 11, {"programs": 2, "layout": "bnhd"})],
+    [("mala_rope_fused", "float16", 1, 2, 81, 81, 32, 32, 16, {"layout": "bhdn"}),
+     ("rala_rope_fused", "float16", 2, 1, 150, 150, 16, 24, 17, {"programs": 2})],
 ]
+
+
+# float16 states beyond float16's range (|kv| > 65504, outputs and gradients within it) and below its normal range
+# (|kv| ~ 1e-6): the float32 state is split into float16 hi + lo parts, which must neither overflow nor underflow
+LARGE, TINY = {"scales": (1.0, 400.0, 400.0), "v_shift": 2.0}, {"scales": (1.0, 1e-3, 1e-3), "v_shift": 2.0}
+STATE_RANGE_CASES = [("linear", "float16", 1, 2, 100, 130, 16, 16, 12, LARGE),
+                     ("rala_rope", "float16", 1, 2, 90, 70, 16, 16, 13, dict(LARGE, layout="bhdn")),
+                     ("mala", "float16", 1, 1, 70, 70, 16, 16, 14, dict(LARGE, grad_scale=0.02)),
+                     ("decoupled", "float16", 1, 2, 80, 80, 16, 16, 15, TINY)]
+
+
+def test_float16_state_beyond_float16_range_interpreter():
+    """The float16 split of the float32 state keeps its range: no inf from a state above 65504, no precision
+    lost to subnormals below 6e-5; outputs and gradients within the usual bound of the float64 oracle."""
+    for case, result in zip(STATE_RANGE_CASES, run_interpreter(__file__, STATE_RANGE_CASES)):
+        options = case[9]
+        if options["scales"][1] > 1:
+            assert result["state_max"] > 65504 * 2, (case, result["state_max"])  # the case tests what it says
+        else:
+            assert result["state_max"] < 6e-5, (case, result["state_max"])
+        assert_case(result, str(case))
 
 
 def test_kernel_path_compiles_fullgraph_interpreter():
     """Every op's kernel path traces into one graph (no break) and runs its kernels forward and backward."""
-    names = ["linear", "decoupled", "injective", "mala_rope", "rala"]
+    names = ["linear", "decoupled", "injective", "mala_rope", "rala", "rala_rope_fused"]
     for name, result in zip(names, run_interpreter(__file__, [["compile", n] for n in names])):
         assert result["graphs"] == 1 and result["max_diff"] <= 1e-3, (name, result)
 
@@ -184,22 +240,51 @@ def test_backend_choice_names_reason():
     assert ops.linear_attention_backend(q, q, q, backend="reference") == ("reference", "asked for (backend='reference')")
 
 
+@pytest.mark.parametrize("op", [ops.mala_attention, ops.rala_attention])
+def test_rope_tables_mean_rope_of_q_and_k(op):
+    """`rope=(signed_sin, cos)` is q_num = RoPE(q), k_num = RoPE(k) (reference path, float64, with gradients);
+    bad tables get one-line errors."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(2, 2, 12, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 2, 12, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    tables = rope_tables(12, 8, gen)
+    fused, explicit = op(q, k, v, rope=tables), op(q, k, v, rmt_naive.rope(q, *tables), rmt_naive.rope(k, *tables))
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=0)
+    g = torch.randn(fused.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(fused, (q, k, v), g), torch.autograd.grad(explicit, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="either rope"):
+        op(q, k, v, q, k, rope=tables)
+    with pytest.raises(ValueError, match=r"rope's cos must be a floating \[seq_len, head_dim\]"):
+        op(q, k, v, rope=(tables[0], tables[1][:5]))
+    with pytest.raises(ValueError, match="one length"):
+        op(q, k[:, :, :6], v[:, :, :6], rope=tables)
+
+
 def test_kernels_compile_for_hopper_without_gpu():
     """The interpreter runs the kernels as Python; this lowers every kernel (each mode, decoupled and weighted,
-    head dim 32 and 128) to an sm_90 cubin, so a construct the compiler rejects fails on CPU too."""
+    head dim 32 and 128; bfloat16, and float16 with its range fitting, at head dim 32) to an sm_90 cubin, so a
+    construct the compiler rejects fails on CPU too."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from zoo.ops.linear import kernel as lk
 
-    pointers = {name: "*bf16" for name in ("K", "KN", "V", "Q", "QN", "OUT", "DO", "DQ", "DQN", "DK", "DKN", "DV_")}
-    pointers.update({name: "*fp32" for name in ("W", "KV", "KS", "VS", "DKV", "DKS", "DVS", "DW")})
     floats = ("scale", "eps", "inv_n")  # every other scalar is an int (strides, sizes)
-    for dim in (32, 128):
-        for fn, flags in ((lk._state_kernel, dict(DECOUPLED=True, WEIGHTED=True)),
-                          (lk._query_kernel, dict(DECOUPLED=True, MODE=2)),
-                          (lk._query_grad_kernel, dict(DECOUPLED=False, MODE=1)), (lk._query_grad_kernel, dict(DECOUPLED=True, MODE=2)),
-                          (lk._key_grad_kernel, dict(DECOUPLED=True, WEIGHTED=True))):
+    for dim, dtype in ((32, "bf16"), (128, "bf16"), (32, "fp16")):
+        pointers = {name: f"*{dtype}" for name in ("K", "KN", "V", "Q", "QN", "OUT", "DO", "DQ", "DQN", "DK", "DKN",
+                                                   "DV_")}
+        pointers.update({name: "*fp32" for name in ("W", "KV", "KS", "VS", "DKV", "DKS", "DVS", "DW")})
+        pointers.update(SIN="*fp32", COS="*fp32")
+        for fn, flags in ((lk._state_kernel, dict(DECOUPLED=True, WEIGHTED=True, ROPE=False)),
+                          (lk._state_kernel, dict(DECOUPLED=False, WEIGHTED=True, ROPE=True)),
+                          (lk._query_kernel, dict(DECOUPLED=True, MODE=2, ROPE=False)),
+                          (lk._query_kernel, dict(DECOUPLED=False, MODE=2, ROPE=True)),
+                          (lk._query_grad_kernel, dict(DECOUPLED=False, MODE=1, ROPE=False)),
+                          (lk._query_grad_kernel, dict(DECOUPLED=True, MODE=2, ROPE=False)),
+                          (lk._query_grad_kernel, dict(DECOUPLED=False, MODE=0, ROPE=True)),
+                          (lk._key_grad_kernel, dict(DECOUPLED=True, WEIGHTED=True, ROPE=False)),
+                          (lk._key_grad_kernel, dict(DECOUPLED=False, WEIGHTED=True, ROPE=True))):
             constants = dict(D=dim, DV=dim, BD=dim, BDV=dim, BLOCK=lk.BLOCK_N, **flags)
             signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name in floats
                                                                                    else "i32")
@@ -219,7 +304,8 @@ def needs_cuda(test):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("op,dim,layout", [("linear", 32, "bnhd"), ("decoupled", 64, "bhnd"), ("injective", 32, "bnhd"),
                                            ("injective", 128, "bhnd"), ("mala_rope", 64, "bhdn"), ("mala", 32, "bhnd"),
-                                           ("rala_rope", 64, "bhdn"), ("rala", 128, "bnhd")])
+                                           ("rala_rope", 64, "bhdn"), ("rala", 128, "bnhd"),
+                                           ("mala_rope_fused", 64, "bhdn"), ("rala_rope_fused", 32, "bnhd")])
 def test_kernel_matches_reference_gpu(dtype, op, dim, layout):
     """Swin stage-1 sizes (3136 tokens), MAViT's head dim 64, and 128; NaN-poisoned allocator: unwritten = NaN."""
     torch.empty(1 << 28, device="cuda").fill_(float("nan"))

@@ -172,7 +172,7 @@ def test_attention_matches_official_order(kind):
     for p in attn.parameters():
         p.data.normal_(0, 0.3)
     x = torch.randn(2, 24, 5, 7)
-    out = attn(x, *RoPE2d(12)(5, 7))
+    out = attn(x, *RoPE2d(12).tables(5, 7))
     torch.testing.assert_close(out.double(), _reference_attention(attn, x, kind), rtol=1e-4, atol=1e-5)
 
 

@@ -73,6 +73,33 @@ def check_inputs(q, k, v, q_num, k_num, scale, eps) -> tuple[torch.Tensor, torch
     return q_num, k_num
 
 
+def rope(x: torch.Tensor, signed_sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of `[..., N, D]` with the `[N, D]` tables (signed_sin, cos): channel pairs turn together,
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written as x cos + swap_pairs(x) signed_sin where
+    swap_pairs(x) = (x1, x0, x3, x2, ...) and signed_sin = (-sin, sin, ...) (the MAViT/RAVLT layout: both
+    channels of a pair share an angle). In the tables' dtype when it is wider (float32 tables: float32)."""
+    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * signed_sin
+
+
+def check_rope(q: torch.Tensor, k: torch.Tensor, q_num, k_num, rope_tables) -> None:
+    """`rope_tables` None, or (signed_sin, cos) `[N, D]` on q's device for q and k of N tokens, without q_num/k_num."""
+    if rope_tables is None:
+        return
+    if q_num is not None or k_num is not None:
+        raise ValueError("pass either rope (numerator features made from q, k) or q_num/k_num, not both")
+    if not isinstance(rope_tables, (tuple, list)) or len(rope_tables) != 2:
+        raise ValueError(f"rope must be a (signed_sin, cos) pair of tensors, got {type(rope_tables).__name__}")
+    want = (q.shape[2], q.shape[3])
+    for name, t in zip(("signed_sin", "cos"), rope_tables):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"rope's {name} must be a floating [seq_len, head_dim] = {list(want)} table, got {got}")
+        if t.device != q.device:
+            raise ValueError(f"rope's {name} is on {t.device} but q is on {q.device}: move it to one device")
+    if k.shape[2] != q.shape[2] or q.shape[3] % 2:
+        raise ValueError(f"rope needs q and k of one length and an even head_dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
