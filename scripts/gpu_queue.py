@@ -48,7 +48,8 @@ STEPS = (
     Step("fa4_bench", 15, 420, ("python scripts/benchmark_fa4.py --shape wan480 --dense-lists",
                                 "python scripts/benchmark_fa4.py --shape wan720 --shape hunyuan720",
                                 "python scripts/benchmark_fa4.py --shape wan480 --sla")),
-    Step("linear_bench", 20, 420, ("python scripts/benchmark_linear.py --variants ref,zoo",)),
+    Step("linear_bench", 20, 480, ("python scripts/count_block_ops.py --device cuda",
+                                   "python scripts/benchmark_linear.py --variants ref,zoo")),
     Step("linear_compile", 20, 540, (
         "python scripts/benchmark_linear.py --variants ref+compile,zoo+compile "
         "--models swin_tiny_patch4_window7_224,flatten_swin_tiny,agent_swin_tiny",)),
