@@ -6,18 +6,18 @@ cached) and checked on CPU (tests/test_fa4_backend.py):
 
 * Token order: 1-D/2-D run as 3-D with singleton leading axes. Dilation groups are put apart first (group-major;
   each group is a dense NA problem in group coordinates, `naive.py`), then each group is cut into N-d tiles of
-  `block_q` query tokens (`block_k` key tokens), the tile shapes chosen per geometry (`choose_tiles`: fewest
-  listed block pairs). A FA4 query block is then one compact query tile, a key block one key tile. Every group
+  `block_q` query tokens (`block_k` key tokens), the tile shapes chosen per geometry (`choose_tiles`: the least
+  block work, partial blocks weighted above full ones). A FA4 query block is then one compact query tile, a key block one key tile. Every group
   is padded to the same whole number of tiles per axis: padded queries take the window of the nearest real
   query of their group (finite rows, dropped on the way back), padded keys get a coordinate outside every window.
 * Block lists: the window relation is a product over axes, so per axis and group the tile pairs that some
-  (query, key) pair links ("listed") and those that every pair links ("full") are exact from small per-axis
-  tables; an N-d tile pair is listed (full) iff it is on every axis. Listed but not full blocks are FA4's partial
+  (query, key) pair links ("listed") and those that every pair links ("full") are exact from the per-axis
+  window ends (`axis_tiles`); an N-d tile pair is listed (full) iff it is on every axis. Listed but not full blocks are FA4's partial
   blocks, where the mask_mod decides per pair from two aux tensors: per query slot its window [lo, hi] per axis,
   per key slot its group coordinates.
-* RPB: the score_mod adds `bias[h, off0[qc0, kc0] + off1[qc1, kc1] + off2[qc2, kc2]]`, per-axis offset tables
-  of the clamped relative position (as the reference), with one zero column appended to the bias table that
-  padded and additional keys read.
+* RPB: the score_mod adds `bias[h, off0[kc0 - qc0 + W] + off1[...] + off2[...]]`, per-axis tables of the
+  clamped relative position's offset (as the reference), with one zero entry appended to the bias table that
+  padded and additional keys (at a sentinel coordinate) read.
 * Additional keys/values (HunyuanVideo's text tokens) follow the padded spatial keys, in key blocks every query
   block lists as full (FA4 masks the sequence end on the last, ascending, entry of a list, as `block_sparse/fa4.py`).
 
@@ -75,31 +75,34 @@ def group_lengths(length: int, dilation: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def axis_relation(length: int, kernel: int, dilation: int, stride: int, causal: bool, group: int,
-                  size: int) -> torch.Tensor:
-    """Bool `[size, size]` in group coordinates of one dilation group: query slot i (clamped to the group's last
-    query, as padded queries are) sees key slot j; key slots past the group are padding and seen by none."""
+def group_windows(length: int, kernel: int, dilation: int, stride: int, causal: bool,
+                  group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) `[group length]`: the keys each query of one dilation group sees, in group coordinates (both
+    non-decreasing along the axis, `kernel.py` relies on it too)."""
     bounds = axis_bounds(length, kernel, dilation, stride, causal, "cpu").long()
-    glen = int(group_lengths(length, dilation)[group])
-    query = torch.arange(size).clamp_max(glen - 1) * dilation + group
-    key = torch.arange(size)
-    lo, hi = bounds[0, query], bounds[1, query]
-    return (key >= lo[:, None]) & (key <= hi[:, None]) & (key < glen)
+    return bounds[0, group::dilation].contiguous(), bounds[1, group::dilation].contiguous()
 
 
 def axis_tiles(geometry: Geometry, axis: int, group: int, tile_q: int, tile_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`tile_relation` of one axis and dilation group, both sides padded to whole tiles."""
-    extent = _extent(geometry, axis)
-    size = max(_padded(extent, tile_q), _padded(extent, tile_k))
-    relation = axis_relation(*(g[axis] for g in geometry), group, size)
-    return tile_relation(relation[:_padded(extent, tile_q), :_padded(extent, tile_k)], tile_q, tile_k)
-
-
-def tile_relation(relation: torch.Tensor, tile_q: int, tile_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(listed, full) bool `[rows / tile_q, cols / tile_k]`: some / every pair of the two tiles is related."""
-    rows, cols = relation.shape
-    tiles = relation.view(rows // tile_q, tile_q, cols // tile_k, tile_k)
-    return tiles.any(3).any(1), tiles.all(3).all(1)
+    """(listed, full) bool `[query tiles, key tiles]` of one axis and dilation group, both sides padded to whole
+    tiles: some / every (query, key) pair of the two tiles is related. Padded queries take the group's last
+    query's window; padded keys are seen by none. Exact from the monotone window ends: the queries whose window
+    starts at or before the tile's last key are a prefix, those whose window ends at or after its first key a
+    suffix, and some query sees a key of the tile iff the two meet inside the query tile."""
+    lo, hi = group_windows(*(g[axis] for g in geometry), group)
+    glen, extent = len(lo), _extent(geometry, axis)
+    q_first = torch.arange(0, _padded(extent, tile_q), tile_q)
+    q_last, q_first = (q_first + tile_q - 1).clamp_max(glen - 1), q_first.clamp_max(glen - 1)
+    k_first = torch.arange(0, _padded(extent, tile_k), tile_k)
+    k_last = (k_first + tile_k - 1).clamp_max(glen - 1)
+    prefix_end = torch.searchsorted(lo, k_last, right=True) - 1
+    suffix_start = torch.searchsorted(hi, k_first)
+    listed = ((torch.maximum(suffix_start[None, :], q_first[:, None]) <= torch.minimum(prefix_end[None, :],
+                                                                                       q_last[:, None]))
+              & (k_first < glen)[None, :])
+    full = ((lo[q_last][:, None] <= k_first[None, :]) & (hi[q_first][:, None] >= k_first[None, :] + tile_k - 1)
+            & (k_first + tile_k <= glen)[None, :])
+    return listed, full
 
 
 def _extent(geometry: Geometry, axis: int) -> int:
@@ -111,32 +114,43 @@ def _padded(extent: int, tile: int) -> int:
     return math.ceil(extent / tile) * tile
 
 
-def _tile_shapes(block: int) -> list[tuple[int, int, int]]:
-    """Every 3-D tile of powers of two holding `block` (a power of two) tokens."""
+def _tile_shapes(block: int, geometry: Geometry | None = None) -> list[tuple[int, int, int]]:
+    """Every 3-D tile of powers of two holding `block` (a power of two) tokens; with a geometry, those no longer
+    than an axis' longest group rounded up to a power of two (when one fits)."""
     bits = block.bit_length() - 1
-    return [(1 << a, 1 << b, 1 << (bits - a - b)) for a in range(bits + 1) for b in range(bits + 1 - a)]
+    shapes = [(1 << a, 1 << b, 1 << (bits - a - b)) for a in range(bits + 1) for b in range(bits + 1 - a)]
+    if geometry is None:
+        return shapes
+    caps = [1 << (_extent(geometry, a) - 1).bit_length() for a in range(AXES)]
+    fitting = [t for t in shapes if all(size <= cap for size, cap in zip(t, caps))]
+    return fitting or shapes
+
+
+PARTIAL_COST = 2.0  # a partial block (mask_mod on every pair, six aux reads each) against a full one: to be measured
 
 
 @functools.lru_cache(maxsize=64)
 def choose_tiles(geometry: Geometry, block_q: int, block_k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(query tile, key tile) shapes: the fewest listed block pairs (the work), then the fewest padded queries.
+    """(query tile, key tile) shapes of the least work: full block pairs plus `PARTIAL_COST` x partial ones, then
+    the fewest padded queries.
 
-    The count is exact and cheap: listed pairs multiply over axes, so their sum over the groups is the product
+    The counts are exact and cheap: pairs multiply over axes, so their sum over the dilation groups is the product
     over axes of each axis' sum over its groups."""
-    per_axis = {}  # (axis, tile_q, tile_k) -> listed tile pairs summed over the axis' groups
+    per_axis = {}  # (axis, tile_q, tile_k) -> (listed, full) tile pairs summed over the axis' groups
 
-    def listed(axis: int, tq: int, tk: int) -> int:
+    def counts(axis: int, tq: int, tk: int) -> tuple[int, int]:
         if (axis, tq, tk) not in per_axis:
-            per_axis[axis, tq, tk] = sum(int(axis_tiles(geometry, axis, group, tq, tk)[0].sum())
-                                         for group in range(geometry[2][axis]))
+            tiles = [axis_tiles(geometry, axis, group, tq, tk) for group in range(geometry[2][axis])]
+            per_axis[axis, tq, tk] = sum(int(t[0].sum()) for t in tiles), sum(int(t[1].sum()) for t in tiles)
         return per_axis[axis, tq, tk]
 
     def cost(tiles):
         tq, tk = tiles
-        pairs = math.prod(listed(a, tq[a], tk[a]) for a in range(AXES))
-        return pairs, math.prod(_padded(_extent(geometry, a), tq[a]) for a in range(AXES))
+        listed = math.prod(counts(a, tq[a], tk[a])[0] for a in range(AXES))
+        full = math.prod(counts(a, tq[a], tk[a])[1] for a in range(AXES))
+        return full + PARTIAL_COST * (listed - full), math.prod(_padded(_extent(geometry, a), tq[a]) for a in range(AXES))
 
-    return min(itertools.product(_tile_shapes(block_q), _tile_shapes(block_k)), key=cost)
+    return min(itertools.product(_tile_shapes(block_q, geometry), _tile_shapes(block_k, geometry)), key=cost)
 
 
 @dataclass(frozen=True)
@@ -193,18 +207,23 @@ def block_masks(geometry: Geometry, tile_q: Sequence[int], tile_k: Sequence[int]
     return block_diagonal(per_group(listed_axes)), block_diagonal(per_group(full_axes))
 
 
+def key_sentinel(geometry: Geometry) -> int:
+    """Coordinate of padded and additional keys on every axis, 2W (W the longest group): past every window."""
+    return 2 * max(_extent(geometry, a) for a in range(AXES))
+
+
 def offset_tables(geometry: Geometry) -> torch.Tensor:
-    """int32 `[3, W, W + 1]`: per axis, the flattened rpb offset part `clamp(kc - qc + k - 1, 0, 2k - 2) x stride`
-    of query / key group coordinates (qc, kc); column `W` (padded and additional keys) reads, summed over the
-    axes, the appended zero entry `prod(2k - 1)` of the bias table."""
+    """int32 `[3, 3W + 1]`: per axis, at `key coordinate + W - query coordinate` (the query slots store W minus
+    their coordinate), the flattened rpb offset part `clamp(kc - qc + k - 1, 0, 2k - 2) x stride`; past 2W (keys at
+    the sentinel 2W) the entries read, summed over the axes, the appended zero entry `prod(2k - 1)` of the table."""
     kernel = geometry[1]
-    width = max(_extent(geometry, a) for a in range(AXES))
+    width = key_sentinel(geometry) // 2
     sizes = [2 * k - 1 for k in kernel]
-    table = torch.zeros(AXES, width, width + 1, dtype=torch.int32)
-    rel = torch.arange(width)[None, :] - torch.arange(width)[:, None]
+    table = torch.zeros(AXES, 3 * width + 1, dtype=torch.int32)
+    rel = torch.arange(2 * width + 1) - width  # kc - qc
     for a in range(AXES):
-        table[a, :, :width] = (rel + kernel[a] - 1).clamp(0, sizes[a] - 1) * math.prod(sizes[a + 1:])
-    table[0, :, width] = math.prod(sizes)
+        table[a, :2 * width + 1] = (rel + kernel[a] - 1).clamp(0, sizes[a] - 1) * math.prod(sizes[a + 1:])
+    table[0, 2 * width + 1:] = math.prod(sizes)
     return table
 
 
@@ -221,8 +240,8 @@ class NaFa4Plan:
     """Everything FA4 needs for one geometry, on the device.
 
     q_source / k_source `[n_q]` / `[n_k spatial slots]`: token gathered into each slot; q_slot `[N]`: the slot of
-    each token (for the way back); query_info int32 `[n_q, 9]` (lo, hi per axis, then the clamped coordinates);
-    key_info int32 `[n_k + extra, 3]`; offsets (`offset_tables`); forward / backward FA4 lists (dicts of
+    each token (for the way back); query_info int32 `[n_q, 9]` (lo, hi per axis, then W minus the clamped
+    coordinates); key_info int32 `[n_k + extra, 3]` (padded and additional keys: `key_sentinel`); offsets (`offset_tables`); forward / backward FA4 lists (dicts of
     `*_block_cnt` / `*_block_idx`); block sizes."""
 
     q_source: torch.Tensor
@@ -276,10 +295,10 @@ def na_fa4_plan(geometry: Geometry, block_q: int, block_k: int, n_extra: int, de
         bounds = axis_bounds(spatial[a], kernel[a], dilation[a], stride[a], causal[a], "cpu")
         token_axis = _unravel(queries.source, spatial)[a]
         windows += [bounds[0, token_axis], bounds[1, token_axis]]
-    query_info = torch.cat([torch.stack(windows, 1), queries.clamped.T.int()], 1).int()
-    sentinel = torch.tensor([_extent(geometry, a) for a in range(AXES)])
-    key_coords = torch.where(keys.real, keys.coords, sentinel[:, None]).T
-    key_info = torch.cat([key_coords, sentinel.expand(n_extra, AXES)]).int()
+    sentinel = key_sentinel(geometry)
+    query_info = torch.cat([torch.stack(windows, 1), sentinel // 2 - queries.clamped.T], 1).int()
+    key_coords = torch.where(keys.real, keys.coords, sentinel).T
+    key_info = torch.cat([key_coords, torch.full((n_extra, AXES), sentinel)]).int()
 
     listed, full = block_masks(geometry, tile_q, tile_k)
     extra_blocks = math.ceil(n_extra / block_k)
