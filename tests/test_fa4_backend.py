@@ -538,3 +538,67 @@ def test_na_fa4_matches_oracle_gpu(dtype, name):
     result = check_case(dtype, *NA_GPU_CASES[name], seed=len(name), device="cuda",
                         options={"backend": "flash_attn_4", "frozen_rpb": True})
     assert_case(result, f"flash_attn_4 {name} {dtype}", backend="flash_attn_4")
+
+
+COMPILE_GEOMETRY = ((13, 21), (5, 7), (1, 2), (1, 1), (False, True))
+
+
+def compile_na_mods(rpb: bool, n_extra: int) -> None:
+    """Compile (not run) FA4's sm90 block-sparse forward and backward with the NA mods, the plan's aux tensors and
+    lists, in FakeTensorMode; for a process started with FA4's CPU-only compilation variables (FLASH_ATTENTION_ARCH,
+    CUTE_DSL_ARCH, read at import). Prints the result shapes."""
+    from flash_attn.cute import interface
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from zoo.ops.na import fa4 as na_fa4
+    from zoo.ops.na import fa4_mods
+
+    plan = na_fa4.na_fa4_plan(na_fa4.as_3d(*COMPILE_GEOMETRY), 128, 128, n_extra, torch.device("cpu"))
+    aux = plan.aux_tensors(torch.randn(4, 9, 13) if rpb else None)
+    mods = dict(mask_mod=fa4_mods.na_window)
+    if rpb:
+        mods.update(score_mod=fa4_mods.na_relative_bias)
+    n_q, n_k = len(plan.q_source), len(plan.k_source) + n_extra
+    with FakeTensorMode():
+        def on_gpu(t):
+            return torch.empty(t.shape, dtype=t.dtype, device="cuda")
+
+        q = torch.empty(2, n_q, 4, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.empty(2, n_k, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lists = {direction: interface.BlockSparseTensorsTorch(
+            **{name: on_gpu(t) for name, t in getattr(plan, direction).items()}, block_size=(128, 128))
+            for direction in ("forward", "backward")}
+        fake_aux = [on_gpu(t) for t in aux]
+        out, lse, *_ = interface._flash_attn_fwd(q, k, v, softmax_scale=0.125, aux_tensors=fake_aux,
+                                                 block_sparse_tensors=lists["forward"], return_lse=True, **mods)
+        if rpb:
+            mods["score_mod_bwd"] = fa4_mods.additive_bias_bwd
+        grads = interface._flash_attn_bwd(q, k, v, out, torch.empty_like(out), lse, 0.125, False, 0.0,
+                                          aux_tensors=fake_aux, block_sparse_tensors=lists["backward"], **mods)[:3]
+    print("compiled", [list(t.shape) for t in (out, lse, *grads)])
+
+
+@pytest.mark.parametrize("rpb,n_extra", [(False, 0), (True, 77)])
+def test_na_fa4_mods_compile_for_hopper(rpb, n_extra):
+    """Where flash-attn-4 is installed (a GPU is not needed: FakeTensorMode and FA4's CPU-only compilation, in a
+    subprocess with its arch variables), the NA mask_mod and RPB score_mod compile into FA4's sm90 block-sparse
+    forward and backward kernels with the plan's aux tensors and lists (GQA, dilation, causal, additional keys)."""
+    import importlib.util
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from zoo.ops.na import fa4 as na_fa4
+
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        pytest.skip("flash-attn-4 is not installed")
+    here = str(pathlib.Path(__file__).resolve().parent)
+    env = dict(os.environ, FLASH_ATTENTION_ARCH="sm_90", CUTE_DSL_ARCH="sm_90a", FLASH_ATTENTION_NUM_SMS="132",
+               PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run([sys.executable, "-c", f"import test_fa4_backend as t; t.compile_na_mods({rpb}, {n_extra})"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    plan = na_fa4.na_fa4_plan(na_fa4.as_3d(*COMPILE_GEOMETRY), 128, 128, n_extra, torch.device("cpu"))
+    n_q, n_k = len(plan.q_source), len(plan.k_source) + n_extra
+    assert f"compiled [[2, {n_q}, 4, 64], [2, 4, {n_q}], [2, {n_q}, 4, 64], [2, {n_k}, 2, 64], [2, {n_k}, 2, 64]]" in (
+        result.stdout)

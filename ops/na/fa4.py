@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._cost import is_counting_flops
 from ..block_sparse import fa4 as fa4_common
 from ..block_sparse.layout import mask_to_lists
 from .naive import axis_bounds
@@ -330,6 +331,8 @@ def plan_blocks(major: int, geometry: Geometry) -> tuple[int, int]:
 
 def fa4_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None = None) -> str | None:
     """None when flash-attn-4 runs this (checked) NA call on q, k, v `[B, *spatial, heads, D]`, else why not."""
+    if is_counting_flops():
+        return "FLOP counting runs the reference's cost model"
     reason = fa4_common.can_run_fa4_dense(q, k, v)
     if reason:
         return reason
