@@ -392,20 +392,15 @@ def fa4_emulation(q, k, v, geometry, rpb, scale, extra_k, extra_v, block_q, bloc
 NA_BLOCKS = st.sampled_from([(8, 8), (16, 8), (16, 16), (32, 16)])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=na_configs(), blocks=NA_BLOCKS, n_extra=st.sampled_from([0, 5, 19]))
-def test_na_fa4_lists_expand_to_the_reference_mask(cfg, blocks, n_extra):
-    """Property over geometries (odd sizes, unequal dilation groups, even kernels, stride, per-axis causal): the
-    plan's permutation is a bijection on the real tokens; expanded to tokens, its lists and mask_mod give the
-    reference's NA mask exactly; full blocks are all neighbours, partial blocks hold the pairs the mask_mod keeps
+def check_na_lists(spatial, kernel, dilation, stride, causal, block_q, block_k, n_extra) -> tuple[int, int]:
+    """The plan's permutation is a bijection on the real tokens; expanded to tokens, its lists and mask_mod give
+    the reference's NA mask exactly; full blocks are all neighbours, partial blocks hold the pairs the mask_mod keeps
     and no pair lies outside the listed blocks; padded queries see keys (finite rows); additional keys are full
-    blocks every query block lists; the backward lists are the forward's transposes."""
+    blocks every query block lists; the backward lists are the forward's transposes. Returns the (full, partial)
+    token pairs."""
     from test_kernels_na import dense_geometry
     from zoo.ops.na import fa4 as na_fa4
 
-    block_q, block_k = blocks
-    spatial, kernel, dilation, stride, causal = (cfg[key] for key in ("spatial", "kernel", "dilation", "stride",
-                                                                      "causal"))
     reference = dense_geometry(spatial, kernel, dilation, stride, causal, "cpu")[0]
     n = math.prod(spatial)
     geometry = na_fa4.as_3d(spatial, kernel, dilation, stride, causal)
@@ -431,6 +426,27 @@ def test_na_fa4_lists_expand_to_the_reference_mask(cfg, blocks, n_extra):
         bwd = {(int(r), c) for c, (rows, ok) in enumerate(zip(*_block_matrix(plan.backward, kind)))
                for r in rows[ok]}
         assert fwd == bwd, kind
+    return int(full.sum()), int(partial.sum())
+
+
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=na_configs(), blocks=NA_BLOCKS, n_extra=st.sampled_from([0, 5, 19]))
+def test_na_fa4_lists_expand_to_the_reference_mask(cfg, blocks, n_extra):
+    """`check_na_lists` over geometries: odd sizes, unequal dilation groups, even kernels, stride, per-axis causal."""
+    check_na_lists(*(cfg[key] for key in ("spatial", "kernel", "dilation", "stride", "causal")), *blocks, n_extra)
+
+
+@pytest.mark.parametrize("case", [
+    ((40, 37), (13, 12), (1, 2), (1, 3), (False, True), 32, 16, 7),
+    ((5, 24, 21), (3, 15, 13), (1, 2, 1), (2, 1, 1), (True, False, False), 32, 16, 0),
+    ((300,), (61,), (2,), (5,), (False,), 32, 32, 40),
+])
+def test_na_fa4_lists_with_full_blocks(case):
+    """`check_na_lists` where kernels are large against the tiles: full and partial blocks both occur."""
+    full, partial = check_na_lists(*case)
+    assert full > 0 and partial > 0
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

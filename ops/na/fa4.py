@@ -115,13 +115,11 @@ def _padded(extent: int, tile: int) -> int:
     return math.ceil(extent / tile) * tile
 
 
-def _tile_shapes(block: int, geometry: Geometry | None = None) -> list[tuple[int, int, int]]:
-    """Every 3-D tile of powers of two holding `block` (a power of two) tokens; with a geometry, those no longer
-    than an axis' longest group rounded up to a power of two (when one fits)."""
+def _tile_shapes(block: int, geometry: Geometry) -> list[tuple[int, int, int]]:
+    """The 3-D tiles of powers of two holding `block` (a power of two) tokens, no longer on an axis than its longest
+    group rounded up to a power of two (unless none fits: tiny inputs)."""
     bits = block.bit_length() - 1
     shapes = [(1 << a, 1 << b, 1 << (bits - a - b)) for a in range(bits + 1) for b in range(bits + 1 - a)]
-    if geometry is None:
-        return shapes
     caps = [1 << (_extent(geometry, a) - 1).bit_length() for a in range(AXES)]
     fitting = [t for t in shapes if all(size <= cap for size, cap in zip(t, caps))]
     return fitting or shapes
