@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from script_modules import load_script
 from test_ops_na_flex import configs as na_configs
@@ -451,6 +451,8 @@ def test_na_fa4_lists_with_full_blocks(case):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=na_configs(), blocks=NA_BLOCKS)
+@example(cfg=dict(spatial=(40, 37), kernel=(13, 12), dilation=(1, 2), stride=(1, 3), causal=(False, True), heads_kv=2,
+                  group=2, n_extra=7, rpb=True), blocks=(32, 16))  # full and partial blocks (as the lists test)
 def test_na_fa4_emulation_matches_reference(cfg, blocks):
     """Attention computed as FA4 would from the plan (gathered q/k/v, lists, mask_mod, RPB score_mod with its
     offsets and zero-padded bias table, additional keys, GQA, scattered back) equals the reference in float64,
