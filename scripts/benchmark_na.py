@@ -2,6 +2,9 @@
 
 Ops (`--only ops`), same run, same GPU, bf16, heads-last `[B, *spatial, heads, D]` inputs:
   zoo      `zoo.ops.na2d/na3d(..., backend=--zoo-backend)` (default "triton")
+  fa4      `zoo.ops.na2d/na3d(..., backend="flash_attn_4")`: flash-attn-4 block-sparse with the NA mask_mod
+           (token permutation and lists built once per shape, cached, not timed); skipped with a note when
+           flash-attn-4 is not importable or the run is not on CUDA
   flex     `zoo.ops.na.flex.na_flex`: torch.compile(flex_attention) with the NA mask_mod (same semantics,
            row-major tokens, block mask built once and cached, not timed)
   cudnn    dense SDPA over all tokens, `sdpa_kernel(SDPBackend.CUDNN_ATTENTION)` (heads-first copies)
@@ -42,6 +45,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from zoo.ops.block_sparse.fa4 import fa4_interface
 from zoo.ops.na import axis_neighbors, neighborhood_attention
 from zoo.ops.na.flex import na_flex
 
@@ -126,8 +130,16 @@ def zoo_op(na_dim: int, backend: str) -> Callable:
     return lambda q, k, v, kernel, dilation: op(q, k, v, kernel, dilation=dilation, backend=backend)
 
 
+def fa4_skip_reason(device: str) -> str | None:
+    """Why the fa4 column is not measured (not a CUDA run, flash-attn-4 not importable), or None."""
+    if device != "cuda":
+        return "flash-attn-4 runs on CUDA only"
+    interface = fa4_interface()
+    return interface if isinstance(interface, str) else None
+
+
 def op_methods(na_dim: int, args, device: str) -> dict[str, Callable]:
-    """name -> f(q, k, v, kernel, dilation) on heads-last tensors."""
+    """name -> f(q, k, v, kernel, dilation) on heads-last tensors (fa4 only when `fa4_skip_reason` is None)."""
     try:  # resolved once: no signature inspection inside the timed calls
         zoo = zoo_op(na_dim, args.zoo_backend)
     except RuntimeError as missing:
@@ -148,7 +160,10 @@ def op_methods(na_dim: int, args, device: str) -> dict[str, Callable]:
     def ref(q, k, v, kernel, dilation):
         return neighborhood_attention(q, k, v, na_dim, kernel, dilation)
 
-    return {"zoo": zoo, "flex": flex, "cudnn": cudnn, "ref": ref}
+    methods = {"zoo": zoo, "flex": flex, "cudnn": cudnn, "ref": ref}
+    if fa4_skip_reason(device) is None:
+        methods["fa4"] = zoo_op(na_dim, "flash_attn_4")
+    return methods
 
 
 def run_op_row(name: str, spec: tuple, args, device: str) -> dict:
@@ -168,6 +183,8 @@ def run_op_row(name: str, spec: tuple, args, device: str) -> dict:
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     macs = batch * heads * n * math.prod(kernel_t) * 2 * dim
     methods = op_methods(na_dim, args, device)
+    if "fa4" not in methods:
+        row["notes"].append(f"fa4 skipped: {fa4_skip_reason(device)}")
     if macs > args.reference_max_macs:
         methods.pop("ref")
         row["notes"].append(f"ref skipped: {macs:.2g} MACs > --reference-max-macs {args.reference_max_macs:.2g}")
@@ -312,7 +329,7 @@ def target_line(t: dict) -> str:
 def report(op_rows: list[dict], model_rows: list[dict], model_checks: list[dict]) -> str:
     lines = []
     if op_rows:
-        methods = ("zoo", "flex", "cudnn", "ref")
+        methods = ("zoo", "fa4", "flex", "cudnn", "ref")
         lines.append("ops: ms/peak MiB, bf16 | " + "row".ljust(11) + "".join(
             f"{mode}/{m}".rjust(17) for mode in ("fwd", "fwdbwd") for m in methods))
         for r in op_rows:

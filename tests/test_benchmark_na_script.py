@@ -60,6 +60,7 @@ def test_quick_cpu_ops_run(bench, tmp_path, capsys):
     assert "ms" in times["fwd/zoo"] or "backend" in times["fwd/zoo"]["error"]
     assert row["max_abs_diff_vs"] == "ref" and row["max_abs_diff"]["flex"] < 2e-2  # bf16 outputs
     assert len(row["targets"]) == 2
+    assert "fwd/fa4" not in times and "fa4 skipped: flash-attn-4 runs on CUDA only" in row["notes"]
     assert json.loads(out.read_text())["ops"][0]["row"] == "dinat_t_s1"
     printed = capsys.readouterr().out
     assert "TARGET" in printed and "dinat_t_s1" in printed

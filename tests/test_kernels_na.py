@@ -26,6 +26,7 @@ import torch
 from interpreter import run_interpreter
 from kernel_checks import assert_bounded, bounded_error, nan_poisoned_allocations, poison_cuda_allocator, rounding_error
 from zoo.ops import na1d, na2d, na3d, na_backend
+from zoo.ops.na import fa4 as na_fa4
 from zoo.ops.na.naive import axis_neighbors, neighborhood_attention, normalize_args
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,8 +149,10 @@ def check_case(dtype, spatial, heads, heads_kv, dim, kernel_size, dilation, stri
     """Run one case through `na{1,2,3}d` (backend='triton'); return errors and bounds (see `assert_case`).
 
     options: {"tiles": (t0, t1, t2)} small tiles, {"dim_v": n} v's head_dim, {"fused": True} (q, k, v
-    strided views of one qkv tensor)."""
+    strided views of one qkv tensor), {"backend": name} another backend, {"frozen_rpb": True} rpb without grad."""
     options = options or {}
+    backend_asked = options.get("backend", "triton")
+    train_rpb = rpb and not options.get("frozen_rpb")
     na_dim = len(spatial)
     gen = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
@@ -171,21 +174,23 @@ def check_case(dtype, spatial, heads, heads_kv, dim, kernel_size, dilation, stri
     scale = dim ** -0.5
 
     def run(fn, tensors):
-        leaves = [t.detach().requires_grad_() for t in tensors]
+        leaves = [t.detach().requires_grad_(i != 3 or not rpb or bool(train_rpb)) for i, t in enumerate(tensors)]
         it = iter(leaves[3:])
         b = next(it) if rpb else None
         e_k, e_v = (next(it), next(it)) if n_extra else (None, None)
         out, lse = fn(*leaves[:3], b, e_k, e_v)
         loss = (out.double() * d_out.double()).sum() + (lse.double() * d_lse.double()).sum()
-        grads = iter(torch.autograd.grad(loss, leaves))
-        return [out, lse, next(grads), next(grads), next(grads), next(grads) if rpb else None,
+        grads = iter(torch.autograd.grad(loss, [t for t in leaves if t.requires_grad]))
+        return [out, lse, next(grads), next(grads), next(grads), next(grads) if train_rpb else None,
                 *((next(grads), next(grads)) if n_extra else (None, None))]
 
     args = dict(kernel_size=kernel, dilation=dil, stride=strd, is_causal=caus, scale=scale)
-    backend = na_backend(q, k, v, kernel, dil, strd, caus, bias, ek, ev)[0]
+    # triton: the choice of backend='auto'; another backend: that it accepts the call
+    backend = na_backend(q, k, v, kernel, dil, strd, caus, None if bias is None else bias.detach().requires_grad_(bool(train_rpb)),
+                         ek, ev, backend="auto" if backend_asked == "triton" else backend_asked)[0]
     with small_tiles(options.get("tiles")):
         fast = run(lambda a, b, c, r, e, f: OPS[na_dim](a, b, c, rpb=r, additional_keys=e, additional_values=f,
-                                                        return_lse=True, backend="triton", **args), inputs)
+                                                        return_lse=True, backend=backend_asked, **args), inputs)
     geometry = dense_geometry(spatial, kernel, dil, strd, caus, device)
     exact64 = [t.double() for t in inputs]
     exact = dense_attention(q, k, v, bias, ek, ev, geometry, scale, d_out, d_lse, exact=True)
@@ -203,8 +208,8 @@ def check_case(dtype, spatial, heads, heads_kv, dim, kernel_size, dilation, stri
     return result
 
 
-def assert_case(result, label):
-    assert result["backend"] == "triton", f"{label}: the dispatcher chose {result['backend']}"
+def assert_case(result, label, backend="triton"):
+    assert result["backend"] == backend, f"{label}: the dispatcher chose {result['backend']}"
     assert result["reference_vs_oracle"] < 1e-9, f"{label}: reference disagrees with the dense oracle {result}"
     assert_bounded(result, label, tuple(name for name in NAMES if name in result))
 
@@ -240,7 +245,8 @@ def test_kernel_matches_reference_interpreter(group):
 
 def test_backend_choice_names_reason():
     q = torch.randn(1, 8, 8, 2, 32)
-    assert na_backend(q, q, q, 3) == ("reference", "triton: tensors are on cpu (the Triton kernel runs on CUDA)")
+    assert na_backend(q, q, q, 3) == ("reference", f"flash_attn_4: {na_fa4.NOT_IN_AUTO}; "
+                                      "triton: tensors are on cpu (the Triton kernel runs on CUDA)")
     assert na_backend(q, q, q, 3, backend="reference")[0] == "reference"
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         na2d(q, q, q, 3, backend="triton")

@@ -1,9 +1,11 @@
 """Neighborhood attention with NATTEN's functional API (`na1d`, `na2d`, `na3d`), plus the
 relative position bias NATTEN >= 0.20 dropped and every NAT/DiNAT checkpoint needs.
 
-Backends: "triton" (`kernel.py`, fused forward and backward, CUDA, float16/bfloat16) and "reference"
-(`naive.py`, exact, any device and dtype, the oracle). `backend="auto"` takes the first one that can run
-the call; `na_backend` says which one that is and why the others cannot (NATTEN's `can_run` idea).
+Backends: "flash_attn_4" (`fa4.py`, flash-attn-4's block-sparse CuTe-DSL kernels with an NA mask_mod, Hopper and
+Blackwell, when installed; `backend="auto"` skips it until validated on a GPU, `fa4.IN_AUTO`), "triton"
+(`kernel.py`, fused forward and backward, CUDA, float16/bfloat16) and "reference" (`naive.py`, exact, any device
+and dtype, the oracle). `backend="auto"` takes the first one that can run the call; `na_backend` says which one
+that is and why the others cannot (NATTEN's `can_run` idea).
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import torch
 
 from .._checks import autocast_cast
 from .._kernels import kernel_module, triton_or_reference, triton_reason
+from . import fa4
 from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention, normalize_args
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
-BACKENDS = ("triton", "reference")  # in "auto" order ("flash_attn_4" slots in here when it lands)
+BACKENDS = ("flash_attn_4", "triton", "reference")  # in "auto" order
 EXPLICIT_BACKENDS = ("flex",)  # run only when asked for: FlexAttention with the NA mask_mod (ops/na/flex.py)
 
 
@@ -45,15 +48,27 @@ def na_backend(
     Inside `torch.autocast` it answers for q, k, v cast to the autocast dtype, as the op runs them."""
     check_inputs(q, k, v, q.dim() - 3, kernel_size, dilation, stride, is_causal, rpb, additional_keys,
                  additional_values)
-    return _select(*autocast_cast(q, k, v), backend)
+    return _select(*autocast_cast(q, k, v), rpb, backend)
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[str, str]:
+def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
+            backend: str) -> tuple[str, str]:
     """`na_backend` for checked arguments."""
     if backend not in ("auto", *BACKENDS, *EXPLICIT_BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS + EXPLICIT_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference", "asked for (backend='reference')"
+    if backend == "flash_attn_4":
+        reason = fa4.fa4_reason(q, k, v, rpb)
+        if reason:
+            raise ValueError(f"backend='flash_attn_4' cannot run this call: {reason}; use backend='auto' or 'triton'")
+        return "flash_attn_4", "flash-attn-4 block-sparse with the NA mask_mod (asked for)"
+    skipped = ""
+    if backend == "auto":
+        reason = fa4.fa4_reason(q, k, v, rpb) if fa4.IN_AUTO else fa4.NOT_IN_AUTO
+        if reason is None:
+            return "flash_attn_4", "flash-attn-4 block-sparse with the NA mask_mod"
+        skipped = f"flash_attn_4: {reason}; "
     if backend == "flex":
         from .flex import flex_can_run
 
@@ -61,7 +76,8 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> 
         if reason:
             raise ValueError(f"backend='flex' cannot run this call: {reason}; use backend='auto' or 'reference'")
         return "flex", "FlexAttention with the NA mask_mod (asked for)"
-    return triton_or_reference(backend, _triton_reason(q, k, v))
+    chosen, why = triton_or_reference(backend, _triton_reason(q, k, v))
+    return chosen, skipped + why
 
 
 def _na(na_dim: int):
@@ -83,7 +99,7 @@ def _na(na_dim: int):
         kernel, dil, strd, causal = check_inputs(q, k, v, na_dim, kernel_size, dilation, stride, is_causal, rpb,
                                                  additional_keys, additional_values, scale)
         cast = autocast_cast(q, k, v)  # the kernel runs in the autocast dtype; the reference takes q, k, v as given
-        chosen = _select(*cast, backend)[0]
+        chosen = _select(*cast, rpb, backend)[0]
         if chosen == "flex":
             from .flex import na_flex
 
@@ -97,6 +113,10 @@ def _na(na_dim: int):
             )
         q, k, v = cast
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if chosen == "flash_attn_4":
+            out, lse = fa4.na_fa4(q, k, v, (q.shape[1:-2], kernel, dil, strd, causal), rpb, scale, additional_keys,
+                                  additional_values)
+            return (out, lse) if return_lse else out
         out, lse = _kernel_module().neighborhood_attention_triton(
             q, k, v, na_dim, kernel, dil, strd, causal, rpb, scale, additional_keys, additional_values)
         return (out, lse) if return_lse else out
@@ -120,7 +140,8 @@ def _na(na_dim: int):
         return_lse: also return the log-sum-exp of each query's logits, `[batch, {axes}, heads]`
             (float32; float64 for float64 inputs on the reference).
         backend: "auto" (the Triton kernel on CUDA for float16/bfloat16 and head dims 16..128 powers of
-            two, else the reference), "triton" (an error if it cannot run), "flex" (FlexAttention with the
+            two, else the reference), "triton" (an error if it cannot run), "flash_attn_4" (flash-attn-4 on
+            sm90/sm100, float16/bfloat16, head dims 64/96/128, rpb frozen), "flex" (FlexAttention with the
             NA mask_mod and rpb as a score_mod: compiled on CUDA, eager and forward-only on CPU) or "reference";
             `zoo.ops.na_backend` says which one runs and why. Inside `torch.autocast`, q, k, v are cast
             to its dtype (as SDPA); float32 outside autocast runs the reference.

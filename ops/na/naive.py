@@ -115,6 +115,20 @@ def axis_neighbors(length: int, kernel: int, dilation: int, stride: int, causal:
     return keys * dilation + group[:, None], rel, valid
 
 
+def axis_bounds(length: int, kernel: int, dilation: int, stride: int, causal: bool, device) -> torch.Tensor:
+    """int32 `[4, length]`: key_lo, key_hi (keys each query sees), q_lo, q_hi (queries that see each key),
+    in group coordinates, from the reference's own window tables (`axis_neighbors`); empty = lo > hi."""
+    keys, _, valid = axis_neighbors(length, kernel, dilation, stride, causal, device)
+    inner_keys = keys // dilation
+    key_lo = torch.where(valid, inner_keys, length).amin(1)
+    key_hi = torch.where(valid, inner_keys, -1).amax(1)
+    queries = (torch.arange(length, device=device) // dilation)[:, None].expand_as(keys)[valid]
+    seen = keys[valid]
+    q_lo = torch.full((length,), length, device=device, dtype=torch.long).scatter_reduce(0, seen, queries, "amin")
+    q_hi = torch.full((length,), -1, device=device, dtype=torch.long).scatter_reduce(0, seen, queries, "amax")
+    return torch.stack([key_lo, key_hi, q_lo, q_hi]).to(torch.int32)
+
+
 def _combine(tables: list[torch.Tensor], coords: list[torch.Tensor], strides: Sequence[int], reduce: str):
     """Cartesian product of per-axis window tables for a chunk of queries -> `[n, prod(k)]`."""
     out = None
