@@ -2,7 +2,7 @@
 
 Ops (`--only ops`), same run, same GPU, bf16, heads-last `[B, *spatial, heads, D]` inputs:
   zoo      `zoo.ops.na2d/na3d(..., backend=--zoo-backend)` (default "triton")
-  fa4      `zoo.ops.na2d/na3d(..., backend="flash_attn_4")`: flash-attn-4 block-sparse with the NA mask_mod
+  fa4      `zoo.ops.na2d/na3d(..., backend="fa4")`: flash-attn-4 block-sparse with the NA mask_mod
            (token permutation and lists built once per shape, cached, not timed); skipped with a note when
            flash-attn-4 is not importable or the run is not on CUDA
   flex     `zoo.ops.na.flex.na_flex`: torch.compile(flex_attention) with the NA mask_mod (same semantics,
@@ -162,7 +162,7 @@ def op_methods(na_dim: int, args, device: str) -> dict[str, Callable]:
 
     methods = {"zoo": zoo, "flex": flex, "cudnn": cudnn, "ref": ref}
     if fa4_skip_reason(device) is None:
-        methods["fa4"] = zoo_op(na_dim, "flash_attn_4")
+        methods["fa4"] = zoo_op(na_dim, "fa4")
     return methods
 
 

@@ -47,7 +47,8 @@ STEPS = (
     Step("fa4_check", 15, 300, ("python scripts/check_fa4.py", f"{PYTEST} -m gpu tests/test_fa4_backend.py")),
     Step("fa4_bench", 15, 420, ("python scripts/benchmark_fa4.py --shape wan480 --dense-lists",
                                 "python scripts/benchmark_fa4.py --shape wan720 --shape hunyuan720",
-                                "python scripts/benchmark_fa4.py --shape wan480 --sla")),
+                                "python scripts/benchmark_fa4.py --shape wan480 --sla",
+                                "python scripts/benchmark_na.py --only ops --rows na2d_k7,na2d_k13,wan480,hunyuan720")),
     Step("linear_bench", 20, 480, ("python scripts/count_block_ops.py --device cuda",
                                    "python scripts/benchmark_linear.py --variants ref,zoo")),
     Step("linear_compile", 20, 540, (

@@ -503,22 +503,22 @@ def test_na_fa4_reasons(gpu_like):
         assert na_fa4.fa4_reason(q, q, q, rpb) is None
     assert na_fa4.fa4_reason(q, q, q, rpb.detach()) is None
     backend, reason = ops.na_backend(q, q, q, 3)
-    assert backend == "reference" and reason.startswith("flash_attn_4: not yet validated on a GPU")
+    assert backend == "reference" and reason.startswith("fa4: not yet validated on a GPU")
     assert "triton: tensors are on cpu" in reason
-    assert ops.na_backend(q, q, q, 3, backend="flash_attn_4")[0] == "flash_attn_4"
+    assert ops.na_backend(q, q, q, 3, backend="fa4")[0] == "fa4"
     gpu_like.setattr(na_fa4, "IN_AUTO", True)
-    assert ops.na_backend(q, q, q, 3, rpb=rpb.detach())[0] == "flash_attn_4"
+    assert ops.na_backend(q, q, q, 3, rpb=rpb.detach())[0] == "fa4"
     backend, reason = ops.na_backend(q, q, q, 3, rpb=rpb)
-    assert backend == "reference" and reason.startswith("flash_attn_4: rpb requires grad")
-    with pytest.raises(ValueError, match="backend='flash_attn_4' cannot run this call: rpb requires grad"):
-        ops.na2d(q, q, q, 3, rpb=rpb, backend="flash_attn_4")
+    assert backend == "reference" and reason.startswith("fa4: rpb requires grad")
+    with pytest.raises(ValueError, match="backend='fa4' cannot run this call: rpb requires grad"):
+        ops.na2d(q, q, q, 3, rpb=rpb, backend="fa4")
     gpu_like.setattr(fa4, "device_capability", lambda device: (8, 0))
     assert "compute capability 8.0" in ops.na_backend(q, q, q, 3)[1]
 
 
 def test_na_fa4_reason_without_flash_attn_4(monkeypatch):
     """On CPU tensors FA4 cannot run; on a (pretended) Hopper GPU without flash-attn-4 the reason says it is not
-    importable, and backend='flash_attn_4' raises with it."""
+    importable, and backend='fa4' raises with it."""
     from zoo.ops.na import fa4 as na_fa4
 
     q = torch.randn(1, 9, 10, 2, 64, dtype=torch.bfloat16)
@@ -527,8 +527,8 @@ def test_na_fa4_reason_without_flash_attn_4(monkeypatch):
         pytest.skip("flash-attn-4 is installed here")
     monkeypatch.setattr(fa4, "device_capability", lambda device: (9, 0))
     assert "flash-attn-4 is not importable" in na_fa4.fa4_reason(q, q, q)
-    with pytest.raises(ValueError, match="backend='flash_attn_4' cannot run this call: flash-attn-4 is not importable"):
-        ops.na2d(q, q, q, 3, backend="flash_attn_4")
+    with pytest.raises(ValueError, match="backend='fa4' cannot run this call: flash-attn-4 is not importable"):
+        ops.na2d(q, q, q, 3, backend="fa4")
 
 
 NA_GPU_CASES = {  # (spatial, heads, heads_kv, dim, kernel, dilation, stride, causal, batch, n_extra, rpb)
@@ -545,7 +545,7 @@ NA_GPU_CASES = {  # (spatial, heads, heads_kv, dim, kernel, dilation, stride, ca
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", list(NA_GPU_CASES))
 def test_na_fa4_matches_oracle_gpu(dtype, name):
-    """backend='flash_attn_4' against the float64 dense oracle of test_kernels_na (outputs, lse, gradients of q, k,
+    """backend='fa4' against the float64 dense oracle of test_kernels_na (outputs, lse, gradients of q, k,
     v and the additional keys/values; rpb frozen: FA4 gives it no gradient), bound: 2x the dtype's own dense
     attention error plus rounding; odd sizes, dilation groups of unequal length, GQA, causal, stride, text keys."""
     from kernel_checks import poison_cuda_allocator
@@ -554,8 +554,8 @@ def test_na_fa4_matches_oracle_gpu(dtype, name):
     _fa4_gpu()
     poison_cuda_allocator()
     result = check_case(dtype, *NA_GPU_CASES[name], seed=len(name), device="cuda",
-                        options={"backend": "flash_attn_4", "frozen_rpb": True})
-    assert_case(result, f"flash_attn_4 {name} {dtype}", backend="flash_attn_4")
+                        options={"backend": "fa4", "frozen_rpb": True})
+    assert_case(result, f"fa4 {name} {dtype}", backend="fa4")
 
 
 COMPILE_GEOMETRY = ((13, 21), (5, 7), (1, 2), (1, 1), (False, True))

@@ -245,7 +245,7 @@ def test_kernel_matches_reference_interpreter(group):
 
 def test_backend_choice_names_reason():
     q = torch.randn(1, 8, 8, 2, 32)
-    assert na_backend(q, q, q, 3) == ("reference", f"flash_attn_4: {na_fa4.NOT_IN_AUTO}; "
+    assert na_backend(q, q, q, 3) == ("reference", f"fa4: {na_fa4.NOT_IN_AUTO}; "
                                       "triton: tensors are on cpu (the Triton kernel runs on CUDA)")
     assert na_backend(q, q, q, 3, backend="reference")[0] == "reference"
     with pytest.raises(ValueError, match="backend='triton' cannot run"):

@@ -1,7 +1,7 @@
 """Neighborhood attention with NATTEN's functional API (`na1d`, `na2d`, `na3d`), plus the
 relative position bias NATTEN >= 0.20 dropped and every NAT/DiNAT checkpoint needs.
 
-Backends: "flash_attn_4" (`fa4.py`, flash-attn-4's block-sparse CuTe-DSL kernels with an NA mask_mod, Hopper and
+Backends: "fa4" (`fa4.py`, flash-attn-4's block-sparse CuTe-DSL kernels with an NA mask_mod, Hopper and
 Blackwell, when installed; `backend="auto"` skips it until validated on a GPU, `fa4.IN_AUTO`), "triton"
 (`kernel.py`, fused forward and backward, CUDA, float16/bfloat16) and "reference" (`naive.py`, exact, any device
 and dtype, the oracle). `backend="auto"` takes the first one that can run the call; `na_backend` says which one
@@ -17,7 +17,7 @@ from . import fa4
 from .naive import BoolArg, IntArg, axis_neighbors, check_inputs, na_legacy_pad, neighborhood_attention, normalize_args
 
 KERNEL_DEVICES = ("cuda",)  # the interpreter tests add "cpu" (TRITON_INTERPRET=1 runs the kernel on CPU tensors)
-BACKENDS = ("flash_attn_4", "triton", "reference")  # in "auto" order
+BACKENDS = ("fa4", "triton", "reference")  # in "auto" order
 EXPLICIT_BACKENDS = ("flex",)  # run only when asked for: FlexAttention with the NA mask_mod (ops/na/flex.py)
 
 
@@ -58,17 +58,17 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS + EXPLICIT_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference", "asked for (backend='reference')"
-    if backend == "flash_attn_4":
+    if backend == "fa4":
         reason = fa4.fa4_reason(q, k, v, rpb)
         if reason:
-            raise ValueError(f"backend='flash_attn_4' cannot run this call: {reason}; use backend='auto' or 'triton'")
-        return "flash_attn_4", "flash-attn-4 block-sparse with the NA mask_mod (asked for)"
+            raise ValueError(f"backend='fa4' cannot run this call: {reason}; use backend='auto' or 'triton'")
+        return "fa4", "flash-attn-4 block-sparse with the NA mask_mod (asked for)"
     skipped = ""
     if backend == "auto":
         reason = fa4.fa4_reason(q, k, v, rpb) if fa4.IN_AUTO else fa4.NOT_IN_AUTO
         if reason is None:
-            return "flash_attn_4", "flash-attn-4 block-sparse with the NA mask_mod"
-        skipped = f"flash_attn_4: {reason}; "
+            return "fa4", "flash-attn-4 block-sparse with the NA mask_mod"
+        skipped = f"fa4: {reason}; "
     if backend == "flex":
         from .flex import flex_can_run
 
@@ -113,7 +113,7 @@ def _na(na_dim: int):
             )
         q, k, v = cast
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        if chosen == "flash_attn_4":
+        if chosen == "fa4":
             out, lse = fa4.na_fa4(q, k, v, (q.shape[1:-2], kernel, dil, strd, causal), rpb, scale, additional_keys,
                                   additional_values)
             return (out, lse) if return_lse else out
@@ -140,7 +140,7 @@ def _na(na_dim: int):
         return_lse: also return the log-sum-exp of each query's logits, `[batch, {axes}, heads]`
             (float32; float64 for float64 inputs on the reference).
         backend: "auto" (the Triton kernel on CUDA for float16/bfloat16 and head dims 16..128 powers of
-            two, else the reference), "triton" (an error if it cannot run), "flash_attn_4" (flash-attn-4 on
+            two, else the reference), "triton" (an error if it cannot run), "fa4" (flash-attn-4 on
             sm90/sm100, float16/bfloat16, head dims 64/96/128, rpb frozen), "flex" (FlexAttention with the
             NA mask_mod and rpb as a score_mod: compiled on CUDA, eager and forward-only on CPU) or "reference";
             `zoo.ops.na_backend` says which one runs and why. Inside `torch.autocast`, q, k, v are cast

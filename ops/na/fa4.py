@@ -41,7 +41,7 @@ from .naive import axis_bounds
 # backend="auto" takes flash-attn-4 only once tests/test_fa4_backend.py's NA GPU tests have passed on a GPU (not
 # yet: written without one); until then it runs when asked for
 IN_AUTO = False
-NOT_IN_AUTO = "not yet validated on a GPU, so backend='auto' skips it: pass backend='flash_attn_4' to use it"
+NOT_IN_AUTO = "not yet validated on a GPU, so backend='auto' skips it: pass backend='fa4' to use it"
 AXES = 3  # 1-D and 2-D run as 3-D with singleton leading axes
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
 
