@@ -71,6 +71,10 @@ def one_line_error(capsys, argv: list[str]) -> str:
     (["bench", "model", "--repeats", "0"], r"zoo bench model: error: argument --repeats: must be an integer >= 1"),
     (["bench", "model", "--batch-size", "-2"], r"argument --batch-size: must be an integer >= 1"),
     (["list", "--bogus"], r"unrecognized arguments: --bogus"),
+    ([*GENERATE, "--device", "meta"], r"--device 'meta': the zoo runs on cpu, cuda or cuda:N"),
+    (["generate", *TINY_DIT, "--out-dir", "{tmp}/garbage.png"], r"--out-dir .*garbage.png is a file; give a folder"),
+    (["flops", "nat_mini", "--input-size", "1", "3", "64", "64"],
+     r"input_size \(1, 3, 64, 64\) must be one image's \(C, H, W\) or \(H, W\), without the batch dimension"),
     # zoo train: the config file itself
     (["train", "--config", "{tmp}/broken.yaml"], r"--config .*broken.yaml: not valid YAML at line 3, column 1"),
     (["train", "--config", "{tmp}/garbage.png"], r"--config .*garbage.png: not a text file; give a YAML config"),

@@ -36,7 +36,11 @@ def test_help_has_examples(capsys, command):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
-    assert "examples:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    # argparse's "(default: ...)" only where it informs: never None/False, never twice after a help that gives it
+    assert "default: None" not in out and "default: False" not in out
+    assert not re.search(r"default[^)]*\)\s*\(default:", " ".join(out.split()))
 
 
 @pytest.mark.parametrize("argv, pattern", [

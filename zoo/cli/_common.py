@@ -16,7 +16,13 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples verbatim in the epilog, defaults shown after each flag."""
+    """Examples verbatim in the epilog, defaults shown after each flag: unless its help already says the default, or
+    the default is None / False (an unset flag whose meaning the help or the description gives, never 'None')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
@@ -68,9 +74,14 @@ def device_of(args: argparse.Namespace):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CliError("--device cuda but no CUDA GPU is visible; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise CliError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError("--device mps but no Apple MPS device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {name!r}: the zoo runs on cpu, cuda or cuda:N (or mps)")
+    return device
 
 
 def autocast(args: argparse.Namespace, device):
@@ -141,6 +152,8 @@ def load_cli_weights(args: argparse.Namespace, model, name: str, attention: str 
 
 def writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out-dir {path} is a file; give a folder (created if missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
