@@ -70,6 +70,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
     (["flops", "nat_mini", "--input-size", "3", "0", "32"], r"argument --input-size: must be an integer >= 1, got 0"),
     (["bench", "model", "--repeats", "0"], r"zoo bench model: error: argument --repeats: must be an integer >= 1"),
     (["bench", "model", "--batch-size", "-2"], r"argument --batch-size: must be an integer >= 1"),
+    (["bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "na"], r"--na-kernel 7 exceeds the token grid \[4, 4, 4\]"),
     (["list", "--bogus"], r"unrecognized arguments: --bogus"),
     ([*GENERATE, "--device", "meta"], r"--device 'meta': the zoo runs on cpu, cuda or cuda:N"),
     (["generate", *TINY_DIT, "--out-dir", "{tmp}/garbage.png"], r"--out-dir .*garbage.png is a file; give a folder"),
@@ -181,6 +182,13 @@ def test_generate_offline_without_the_vae_says_what_to_download(capsys, tmp_path
     line = one_line_error(capsys, argv)
     assert "--vae ema: offline mode and stabilityai/sd-vae-ft-ema is not cached; download it with `huggingface-cli download" in line
     assert not (tmp_path / "a.png").exists()
+
+
+def test_bench_model_refuses_a_backend_before_timing_any(capsys):
+    assert main(["bench", "model", "--model", "dit_s_2", "--input-size", "8", "--attention", "dense", "radial"]) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"^zoo bench: error: --attention radial: .*needs video", err) and len(err.strip().splitlines()) == 1, err
+    assert out == ""  # dense was not timed first
 
 
 def test_verbose_after_the_subcommand_shows_the_traceback(capsys):

@@ -300,8 +300,8 @@ def test_generate_video_default_digits_are_recognised(capsys, tmp_path):
 
 
 def test_bench_model_prints_ratios(capsys):
-    code, out, err = run(capsys, "bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "sla", "--repeats", "2",
-                         "--device", "cpu")
+    code, out, err = run(capsys, "bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "sla", "na", "--repeats", "2",
+                         "--na-kernel", "3", "--device", "cpu")
     assert code == 0, err
     rows = [line for line in out.splitlines() if "x vs dense" in line]
-    assert len(rows) == 2 and rows[0].split()[0] == "dense" and "1.00x" in rows[0]
+    assert [r.split()[0] for r in rows] == ["dense", "sla", "na"] and "1.00x" in rows[0]

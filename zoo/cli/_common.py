@@ -113,6 +113,17 @@ def check_model_name(name: str, kind: str | None = None):
     return entry
 
 
+def check_na_kernel(model, kernel: list[int], name: str) -> None:
+    """--na-kernel (one value for every axis, or one per axis) fits the DiT's token grid: a larger kernel would build
+    and then fail in the first forward pass."""
+    patch = model.patch_size if isinstance(model.patch_size, (tuple, list)) else [model.patch_size] * len(model.input_size)
+    grid = [s // p for s, p in zip(model.input_size, patch)]
+    if any(k > g for k, g in zip(kernel * len(grid) if len(kernel) == 1 else kernel, grid)):
+        axes = "(frames, height, width)" if len(grid) == 3 else "(height, width)"
+        raise CliError(f"--na-kernel {' '.join(map(str, kernel))} exceeds the token grid {grid} {axes} "
+                       f"of {name}: use a kernel no larger than the grid on each axis")
+
+
 def no_weights_message(name: str) -> str:
     return (f"{name} has no pretrained weights registered: pass --checkpoint PATH (e.g. a file written by "
             f"`zoo train ... export=PATH`), or --random-init for an untrained model")

@@ -12,6 +12,7 @@ from ._common import (
     add_model_source,
     autocast,
     check_model_name,
+    check_na_kernel,
     device_of,
     info,
     load_cli_weights,
@@ -210,10 +211,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
         model = _create_video(name, dict(kwargs, input_size=(args.frames, *model.input_size[1:])), args)
     frames = model.input_size[0]
     if args.attention == "na":
-        grid = [s // p for s, p in zip(model.input_size, model.patch_size)]
-        if any(k > g for k, g in zip(args.na_kernel, grid)):
-            raise CliError(f"--na-kernel {' '.join(map(str, args.na_kernel))} exceeds the token grid {grid} (frames, height, width) "
-                           f"of {name}: use a kernel no larger than the grid on each axis")
+        check_na_kernel(model, args.na_kernel, name)
     source, weights_cfg = load_cli_weights(args, model, name, attention=args.attention)
     labels = _labels(args, model.num_classes)
     info(args, f"{name}: {source}; attention {args.attention}: {attention_sparsity(model)}")
