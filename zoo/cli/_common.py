@@ -61,9 +61,10 @@ def add_common(p: argparse.ArgumentParser, seed: bool = True) -> None:
         p.add_argument("--seed", type=SEED, default=0, help="random seed: the same seed on the same device gives the same output")
 
 
-def add_model_source(p: argparse.ArgumentParser, default: str | None) -> None:
+def add_model_source(p: argparse.ArgumentParser, default: str | None,
+                     checkpoint: str = "load these weights (safetensors, .pth or Lightning .ckpt) instead of the registered ones") -> None:
     p.add_argument("--model", "-m", default=default, help="model name (`zoo list`), optionally arch.tag")
-    p.add_argument("--checkpoint", default=None, help="load these weights (safetensors, .pth or Lightning .ckpt) instead of the registered ones")
+    p.add_argument("--checkpoint", default=None, help=checkpoint)
     p.add_argument("--random-init", action="store_true", help="use untrained weights (for smoke tests and timing)")
 
 
@@ -122,6 +123,24 @@ def check_na_kernel(model, kernel: list[int], name: str) -> None:
         axes = "(frames, height, width)" if len(grid) == 3 else "(height, width)"
         raise CliError(f"--na-kernel {' '.join(map(str, kernel))} exceeds the token grid {grid} {axes} "
                        f"of {name}: use a kernel no larger than the grid on each axis")
+
+
+def recorded_model(args: argparse.Namespace) -> dict:
+    """The architecture and model arguments recorded with --checkpoint (an export's JSON, a `zoo train` checkpoint's
+    hyper-parameters), or {}."""
+    from zoo import weights
+
+    if not args.checkpoint:
+        return {}
+    try:
+        return weights.recorded_model(args.checkpoint) or {}
+    except weights.WeightsError as e:
+        raise CliError(f"--checkpoint {e}") from None
+
+
+def model_name(args: argparse.Namespace, default: str) -> str:
+    """--model, else the architecture recorded with --checkpoint, else `default`."""
+    return args.model or recorded_model(args).get("architecture") or default
 
 
 def no_weights_message(name: str) -> str:
