@@ -86,11 +86,12 @@ def _per_channel(values: Sequence[float], channels: int) -> list[float]:
 
 
 def _bounce(p: float, v: float, span: float) -> tuple[float, float]:
-    """Reflect a position that left [0, span] back inside, reversing the velocity."""
-    if p < 0:
-        return -p, -v
-    if p > span:
-        return 2 * span - p, -v
+    """Reflect a position that left [0, span] back inside, reversing the velocity (as often as it takes: a step
+    of up to 3 px can cross a span narrower than that; a digit that fills the frame stays put)."""
+    if span <= 0:
+        return 0.0, v
+    while not 0 <= p <= span:
+        p, v = (-p, -v) if p < 0 else (2 * span - p, -v)
     return p, v
 
 
