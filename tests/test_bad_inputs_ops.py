@@ -109,6 +109,8 @@ BAD_INPUTS = {
     "DiT label past its classes": (lambda: _tiny_dit()(*_dit_inputs(y=[1, 11])), "y holds class id 11"),
     "DiT negative label": (lambda: _tiny_dit()(*_dit_inputs(y=[-1, 0])), "y holds class id -1"),
     "DiT float labels": (lambda: _tiny_dit()(*_dit_inputs(y=[1.0, 2.0])), "y must hold integer class ids"),
+    "flops of NAT below its kernel (sizes are tensors while tracing)": (
+        lambda: zoo.flops(zoo.create_model("nat_mini"), input_size=(3, 64, 64)), "input spatial shape (4, 4)"),
     "flops at a negative size": (lambda: zoo.flops(torch.nn.Identity(), input_size=(3, -5, 8)), "input_size"),
 }
 
