@@ -109,10 +109,27 @@ class LabelEmbedder(nn.Module):
         return self.num_classes if self.dropout_prob > 0 else None
 
     def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+        self._check_labels(labels)
         if train and self.dropout_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Out-of-range ids would be an index error deep in the embedding (a device-side assert on CUDA).
+
+        Costs one sync; skipped while tracing or compiling."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or labels.numel() == 0:
+            return
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class ids, got dtype {labels.dtype}")
+        top = self.num_classes if self.null_class is not None else self.num_classes - 1
+        low, high = labels.aminmax()
+        if low < 0 or high > top:
+            null = f" and {top} (the null class)" if self.null_class is not None else ""
+            raise ValueError(f"y holds class id {int(low if low < 0 else high)}; this model knows classes "
+                             f"0..{self.num_classes - 1}{null}")
 
 
 class Attention(nn.Module):

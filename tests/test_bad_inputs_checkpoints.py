@@ -150,3 +150,12 @@ def _digit(tmp_path: Path) -> Path:
 
     Image.new("L", (28, 28)).save(tmp_path / "digit.png")
     return tmp_path / "digit.png"
+
+
+def test_classify_refuses_a_training_checkpoint_for_its_export(tmp_path, capsys):
+    """A Lightning checkpoint of a classifier has no preprocessing (mean, std, size): classifying with it could be silently wrong."""
+    from zoo.cli import main
+
+    path = _torch_file(tmp_path / "last.ckpt", {"state_dict": {}, "hyper_parameters": {"model_name": "nat_mini", "model_kwargs": {}}})
+    assert main(["classify", "--quiet", "--checkpoint", str(path), str(_digit(tmp_path))]) == 1
+    _one_line(capsys.readouterr().err.strip(), f"--checkpoint {path}", "classify with the run's export")

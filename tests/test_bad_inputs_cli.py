@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,7 +70,12 @@ def one_line_error(capsys, argv: list[str]) -> str:
     (["flops", "nat_mini", "--input-size", "3", "0", "32"], r"argument --input-size: must be an integer >= 1, got 0"),
     (["bench", "model", "--repeats", "0"], r"zoo bench model: error: argument --repeats: must be an integer >= 1"),
     (["bench", "model", "--batch-size", "-2"], r"argument --batch-size: must be an integer >= 1"),
+    (["bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "na"], r"--na-kernel 7 exceeds the token grid \[4, 4, 4\]"),
     (["list", "--bogus"], r"unrecognized arguments: --bogus"),
+    ([*GENERATE, "--device", "meta"], r"--device 'meta': the zoo runs on cpu, cuda or cuda:N"),
+    (["generate", *TINY_DIT, "--out-dir", "{tmp}/garbage.png"], r"--out-dir .*garbage.png is a file; give a folder"),
+    (["flops", "nat_mini", "--input-size", "1", "3", "64", "64"],
+     r"input_size \(1, 3, 64, 64\) must be one image's \(C, H, W\) or \(H, W\), without the batch dimension"),
     # zoo train: the config file itself
     (["train", "--config", "{tmp}/broken.yaml"], r"--config .*broken.yaml: not valid YAML at line 3, column 1"),
     (["train", "--config", "{tmp}/garbage.png"], r"--config .*garbage.png: not a text file; give a YAML config"),
@@ -99,11 +105,27 @@ def one_line_error(capsys, argv: list[str]) -> str:
     (["train", "--config", "diffusion/dit_s_2_mnist.yaml", "diffusion.sample_every_n_steps=5"],
      r"'diffusion.sample_every_n_steps' was removed .*trainer.val_check_interval"),
     (["train", "--config", "diffusion/dit_s_2_mnist.yaml", "diffusion.ema_decay=1.5"], r"'diffusion.ema_decay': 1.5 is out of range"),
+    ([*TRAIN, "traner.max_steps=2"], r"config key 'traner': .*Did you mean: 'trainer'"),
+    ([*TRAIN, "model.name=nat_tinyy"], r"^zoo train: error: config key 'model.name': unknown model 'nat_tinyy'; did you mean nat_tiny"),
+    ([*TRAIN, "data.path={tmp}/ok.npz", "output_dir={tmp}/run", "resume={tmp}/missing.ckpt"],  # refused inside the run
+     r"^zoo train: error: config key 'resume': .*missing.ckpt is not a file"),
+    ([*TRAIN, "output_dir={tmp}/garbage.png"], r"config key 'output_dir': .*garbage.png is a file; give a folder"),
+    # zoo train: the arrays of data.path, checked against data.channels / data.num_classes before anything is built
+    ([*TRAIN, "data.path={tmp}/nchw.npz"], r"'images' has shape \(4, 1, 28, 28\), read as channels-last .*np.moveaxis\(images, 1, -1\)"),
+    ([*TRAIN, "data.path={tmp}/rgb.npz"], r"'images' has shape \(4, 28, 28, 3\).*3 channels, but data.channels=1; set data.channels=3"),
+    ([*TRAIN, "data.path={tmp}/labels12.npz"], r"'labels' holds 11, beyond the classes 0..9 of data.num_classes=10; set data.num_classes=12"),
+    ([*TRAIN, "data.path={tmp}/short_labels.npz"], r"'labels' has shape \(3,\) for 4 images; give one label per image"),
+    ([*TRAIN, "data.path={tmp}/garbage.png"], r"data.path=.*garbage.png: not an .npz NumPy can read"),
 ])
 def test_one_line_error_naming_the_argument(capsys, tmp_path, argv, pattern):
     (tmp_path / "broken.yaml").write_text("task: classify\nmodel: {name: x\n")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    digits = np.zeros((4, 28, 28), np.uint8)
+    for name, images, labels in (("nchw", digits[:, None], [0, 1, 2, 3]), ("rgb", np.stack([digits] * 3, -1), [0, 1, 2, 3]),
+                                 ("labels12", digits, [0, 1, 2, 11]), ("short_labels", digits, [0, 1, 2]),
+                                 ("ok", digits, [0, 1, 2, 3])):
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=np.array(labels))
     line = one_line_error(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert re.search(pattern, line), line
     assert not list(tmp_path.glob("*.gif")) and not (Path("outputs").exists() and list(Path("outputs").glob("*nat*")))
@@ -160,6 +182,13 @@ def test_generate_offline_without_the_vae_says_what_to_download(capsys, tmp_path
     line = one_line_error(capsys, argv)
     assert "--vae ema: offline mode and stabilityai/sd-vae-ft-ema is not cached; download it with `huggingface-cli download" in line
     assert not (tmp_path / "a.png").exists()
+
+
+def test_bench_model_refuses_a_backend_before_timing_any(capsys):
+    assert main(["bench", "model", "--model", "dit_s_2", "--input-size", "8", "--attention", "dense", "radial"]) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"^zoo bench: error: --attention radial: .*needs video", err) and len(err.strip().splitlines()) == 1, err
+    assert out == ""  # dense was not timed first
 
 
 def test_verbose_after_the_subcommand_shows_the_traceback(capsys):

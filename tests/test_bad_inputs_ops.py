@@ -16,6 +16,14 @@ def qkv(*shape: int):
     return r(*shape), r(*shape), r(*shape)
 
 
+def _tiny_dit():
+    return zoo.create_model("dit_s_2", input_size=8, in_channels=1, depth=1, hidden_size=32, num_heads=2, num_classes=10)
+
+
+def _dit_inputs(y: list):
+    return r(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor(y)
+
+
 BAD_INPUTS = {
     "na2d q of wrong rank": (lambda: ops.na2d(r(1, 8, 2, 4), r(1, 8, 2, 4), r(1, 8, 2, 4), 3), "q must have rank 5"),
     "na2d heads not a multiple of kv heads": (
@@ -96,6 +104,13 @@ BAD_INPUTS = {
     "InLine negative scale": (lambda: ops.injective_linear_attention(*qkv(1, 2, 8, 4), scale=-1.0), "scale"),
     "flops at 3x8192x8192": (
         lambda: zoo.flops(torch.nn.Identity(), input_size=(3, 8192, 8192)), "input_size 3x8192x8192"),
+    "flops with the batch in input_size": (
+        lambda: zoo.flops(torch.nn.Identity(), input_size=(2, 3, 8, 8)), "without the batch dimension"),
+    "DiT label past its classes": (lambda: _tiny_dit()(*_dit_inputs(y=[1, 11])), "y holds class id 11"),
+    "DiT negative label": (lambda: _tiny_dit()(*_dit_inputs(y=[-1, 0])), "y holds class id -1"),
+    "DiT float labels": (lambda: _tiny_dit()(*_dit_inputs(y=[1.0, 2.0])), "y must hold integer class ids"),
+    "flops of NAT below its kernel (sizes are tensors while tracing)": (
+        lambda: zoo.flops(zoo.create_model("nat_mini"), input_size=(3, 64, 64)), "input spatial shape (4, 4)"),
     "flops at a negative size": (lambda: zoo.flops(torch.nn.Identity(), input_size=(3, -5, 8)), "input_size"),
 }
 

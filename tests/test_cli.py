@@ -36,7 +36,11 @@ def test_help_has_examples(capsys, command):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
-    assert "examples:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    # argparse's "(default: ...)" only where it informs: never None/False, never twice after a help that gives it
+    assert "default: None" not in out and "default: False" not in out
+    assert not re.search(r"default[^)]*\)\s*\(default:", " ".join(out.split()))
 
 
 @pytest.mark.parametrize("argv, pattern", [
@@ -187,19 +191,28 @@ def test_generate_video_samples_with_the_exports_training_shift(capsys, tmp_path
 
 # ---------------------------------------------------------------- classify
 
-def test_classify_exported_checkpoint_prints_top5(capsys, tmp_path):
+TINY_CLASSIFIERS = {  # name -> (shipped config, model arguments)
+    "nat_mini": ("classify/nat_mnist.yaml", dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), kernel_size=3, legacy_pad=True)),
+    "vit_tiny_patch16_224": ("classify/vit_mnist.yaml", dict(img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=1)),
+}
+
+
+@pytest.mark.parametrize("name, with_model", [("nat_mini", True), ("nat_mini", False), ("vit_tiny_patch16_224", False)])
+def test_classify_exported_checkpoint_prints_top5(capsys, tmp_path, name, with_model):
+    """An export classifies with or without --model: it records its architecture and arguments (timm models too)."""
     from zoo.lightning.config import load_config
     from zoo.lightning.train import export_model
 
-    model = zoo.create_model("nat_mini", num_classes=10, in_chans=1, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
-                             kernel_size=3, legacy_pad=True)
+    config, kwargs = TINY_CLASSIFIERS[name]
+    model = zoo.create_model(name, num_classes=10, in_chans=1, **kwargs)
 
     class Module:  # what export_model reads from a LightningModule
         pass
 
     Module.model = model
-    path = export_model(load_config("classify/nat_mnist.yaml"), Module, tmp_path / "nat.safetensors")
-    code, out, err = run(capsys, "classify", "--model", "nat_mini", "--checkpoint", str(path), *map(str, DIGITS[:2]))
+    path = export_model(load_config(config), Module, tmp_path / "exported.safetensors")
+    chosen = ["--model", name] if with_model else []
+    code, out, err = run(capsys, "classify", *chosen, "--checkpoint", str(path), *map(str, DIGITS[:2]))
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0].endswith(DIGITS[0].name) and len(lines) == 2 * (1 + 5)
@@ -296,8 +309,8 @@ def test_generate_video_default_digits_are_recognised(capsys, tmp_path):
 
 
 def test_bench_model_prints_ratios(capsys):
-    code, out, err = run(capsys, "bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "sla", "--repeats", "2",
-                         "--device", "cpu")
+    code, out, err = run(capsys, "bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "sla", "na", "--repeats", "2",
+                         "--na-kernel", "3", "--device", "cpu")
     assert code == 0, err
     rows = [line for line in out.splitlines() if "x vs dense" in line]
-    assert len(rows) == 2 and rows[0].split()[0] == "dense" and "1.00x" in rows[0]
+    assert [r.split()[0] for r in rows] == ["dense", "sla", "na"] and "1.00x" in rows[0]

@@ -47,3 +47,13 @@ def test_counting_leaves_normal_results_untouched():
     mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
     out = block_sparse_attention(q, q, q, block_mask=mask, block_size=3)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+
+
+def test_counting_prints_no_deprecation_warning_of_fvcore():
+    """fvcore's import scripts a loss with torch.jit (deprecated): `zoo.flops` must not pass that warning to the user."""
+    import subprocess
+    import sys
+
+    code = "import torch, zoo; zoo.flops(torch.nn.Linear(2, 2), inputs=(torch.randn(1, 2),))"
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

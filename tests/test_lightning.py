@@ -130,6 +130,17 @@ def test_moving_digits_bounce_and_seed():
     assert torch.allclose(mass, mass[0].expand_as(mass), rtol=1e-5)  # whole digit in every frame
 
 
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_moving_digits_in_a_frame_barely_larger_than_the_digit(margin):
+    """Frames of digit_size + 0..2 px: a 3 px step used to bounce past the far border (a crash in the loader)."""
+    digits, labels = torch.rand(3, 1, 8, 8), torch.arange(3)
+    ds = MovingDigits(digits, labels, num_videos=20, frames=16, size=8 + margin, digit_size=8, seed=0, mean=[0.0], std=[1.0])
+    for i in range(len(ds)):
+        video, _ = ds[i]
+        mass = video[0].flatten(1).sum(1)
+        assert torch.allclose(mass, mass[0].expand_as(mass), rtol=1e-5)  # the whole digit in every frame
+
+
 def test_npz_datamodule(tmp_path):
     images = (np.random.default_rng(0).random((40, 28, 28)) * 255).astype(np.uint8)
     np.savez(tmp_path / "d.npz", images=images, labels=np.arange(40) % 10)

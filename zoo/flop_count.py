@@ -7,6 +7,7 @@ and every zoo op reports its own density-aware count through `zoo::attention_cos
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,9 @@ def _example_inputs(model: torch.nn.Module, input_size: Sequence[int] | None, ba
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         input_size = cfg.get("input_size", (3, 224, 224))
+    if len(input_size) not in (2, 3):
+        raise ValueError(f"input_size {tuple(input_size)} must be one image's (C, H, W) or (H, W), without the batch "
+                         f"dimension: e.g. {tuple(input_size[-3:])}")
     if len(input_size) == 2:
         input_size = (3, *input_size)
     param = next(model.parameters(), None)
@@ -80,7 +84,9 @@ def flop_analysis(model: torch.nn.Module, input_size: Sequence[int] | None = Non
     """An fvcore `FlopCountAnalysis` with the zoo's handles installed (inputs above `max_input_elements`
     values are refused: see `MAX_INPUT_ELEMENTS`)."""
     _check_size(input_size, inputs, max_input_elements)
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore scripts a loss with torch.jit at import, which torch now deprecates
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     inputs = inputs if inputs is not None else _example_inputs(model, input_size, 1)
     analysis = FlopCountAnalysis(model, inputs)

@@ -73,7 +73,7 @@ def check_against_shape(spatial: Sequence[int], kernel: Sequence[int], dilation:
         if k * d > length:
             raise ValueError(
                 f"kernel_size * dilation = {k} * {d} = {k * d} exceeds spatial axis {axis} of length {length} "
-                f"(input spatial shape {tuple(spatial)}): use a smaller kernel_size/dilation or a larger input, "
+                f"(input spatial shape {tuple(int(s) for s in spatial)}): use a smaller kernel_size/dilation or a larger input, "
                 "or zero-pad the input up to kernel_size * dilation (NATTEN <= 0.15 did that; see "
                 "zoo.ops.na_legacy_pad, which the NAT/DiNAT models apply with legacy_pad=True)"
             )

@@ -16,7 +16,13 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples verbatim in the epilog, defaults shown after each flag."""
+    """Examples verbatim in the epilog, defaults shown after each flag: unless its help already says the default, or
+    the default is None / False (an unset flag whose meaning the help or the description gives, never 'None')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
@@ -55,9 +61,10 @@ def add_common(p: argparse.ArgumentParser, seed: bool = True) -> None:
         p.add_argument("--seed", type=SEED, default=0, help="random seed: the same seed on the same device gives the same output")
 
 
-def add_model_source(p: argparse.ArgumentParser, default: str | None) -> None:
+def add_model_source(p: argparse.ArgumentParser, default: str | None,
+                     checkpoint: str = "load these weights (safetensors, .pth or Lightning .ckpt) instead of the registered ones") -> None:
     p.add_argument("--model", "-m", default=default, help="model name (`zoo list`), optionally arch.tag")
-    p.add_argument("--checkpoint", default=None, help="load these weights (safetensors, .pth or Lightning .ckpt) instead of the registered ones")
+    p.add_argument("--checkpoint", default=None, help=checkpoint)
     p.add_argument("--random-init", action="store_true", help="use untrained weights (for smoke tests and timing)")
 
 
@@ -68,9 +75,14 @@ def device_of(args: argparse.Namespace):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CliError("--device cuda but no CUDA GPU is visible; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise CliError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError("--device mps but no Apple MPS device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {name!r}: the zoo runs on cpu, cuda or cuda:N (or mps)")
+    return device
 
 
 def autocast(args: argparse.Namespace, device):
@@ -100,6 +112,35 @@ def check_model_name(name: str, kind: str | None = None):
     if kind and entry.kind != kind:
         raise CliError(f"{name} is a {entry.kind}, not a {kind}; `zoo list` shows the models")
     return entry
+
+
+def check_na_kernel(model, kernel: list[int], name: str) -> None:
+    """--na-kernel (one value for every axis, or one per axis) fits the DiT's token grid: a larger kernel would build
+    and then fail in the first forward pass."""
+    patch = model.patch_size if isinstance(model.patch_size, (tuple, list)) else [model.patch_size] * len(model.input_size)
+    grid = [s // p for s, p in zip(model.input_size, patch)]
+    if any(k > g for k, g in zip(kernel * len(grid) if len(kernel) == 1 else kernel, grid)):
+        axes = "(frames, height, width)" if len(grid) == 3 else "(height, width)"
+        raise CliError(f"--na-kernel {' '.join(map(str, kernel))} exceeds the token grid {grid} {axes} "
+                       f"of {name}: use a kernel no larger than the grid on each axis")
+
+
+def recorded_model(args: argparse.Namespace) -> dict:
+    """The architecture and model arguments recorded with --checkpoint (an export's JSON, a `zoo train` checkpoint's
+    hyper-parameters), or {}."""
+    from zoo import weights
+
+    if not args.checkpoint:
+        return {}
+    try:
+        return weights.recorded_model(args.checkpoint) or {}
+    except weights.WeightsError as e:
+        raise CliError(f"--checkpoint {e}") from None
+
+
+def model_name(args: argparse.Namespace, default: str) -> str:
+    """--model, else the architecture recorded with --checkpoint, else `default`."""
+    return args.model or recorded_model(args).get("architecture") or default
 
 
 def no_weights_message(name: str) -> str:
@@ -141,6 +182,8 @@ def load_cli_weights(args: argparse.Namespace, model, name: str, attention: str 
 
 def writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out-dir {path} is a file; give a folder (created if missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -44,27 +44,36 @@ def bench_model(rest: list[str]) -> int:
     from zoo.dit import attention_backends
 
     from . import ArgumentParser
-    from ._common import check_model_name, device_of, number
+    from ._common import check_model_name, check_na_kernel, device_of, number
 
     p = ArgumentParser(prog="zoo bench model", description=bench_model.__doc__)
     p.add_argument("--model", default="video_dit_s_2", help="a generator (video_dit_* for radial)")
     p.add_argument("--attention", nargs="+", default=["dense", "radial", "sla"], choices=attention_backends(),
                    help="backends (zoo.dit.attention_backends()); the first is the baseline")
-    p.add_argument("--input-size", type=number(int, 1), nargs="+", default=None, help="model input_size, e.g. 16 32 32")
+    p.add_argument("--input-size", type=number(int, 1), nargs="+", default=None, help="model input_size: frames height width of a video DiT (e.g. 16 32 32), or one size of an image DiT")
     p.add_argument("--batch-size", type=number(int, 1), default=1)
     p.add_argument("--repeats", type=number(int, 1), default=10)
+    p.add_argument("--na-kernel", type=number(int, 1), nargs="+", default=[7], metavar="K",
+                   help="kernel_size of na: one for every axis, or one per axis (default: 7)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args(rest)
     check_model_name(args.model, kind="generator")
     device = device_of(args)
-    kwargs = {"input_size": tuple(args.input_size)} if args.input_size else {}
+    kwargs = {"input_size": args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)} if args.input_size else {}
+    na_kernel = args.na_kernel[0] if len(args.na_kernel) == 1 else tuple(args.na_kernel)
+    models = {}
+    for attention in args.attention:  # every backend built (and refused) before any is timed
+        options = {"attention_kwargs": {"kernel_size": na_kernel}} if attention == "na" else {}
+        try:
+            models[attention] = zoo.create_model(args.model, attention=attention, **options, **kwargs).eval()
+        except (ImportError, ValueError, TypeError) as e:
+            raise CliError(f"--attention {attention}: {e}" + (" (--na-kernel sets it)" if attention == "na" else "")) from None
+        if attention == "na":
+            check_na_kernel(models[attention], args.na_kernel, args.model)
     base = None
     print(f"{args.model} batch {args.batch_size} on {device} (median of {args.repeats}, bf16 autocast on CUDA)")
     for attention in args.attention:
-        try:
-            model = zoo.create_model(args.model, attention=attention, **kwargs).to(device).eval()
-        except (ImportError, ValueError, TypeError) as e:
-            raise CliError(f"--attention {attention}: {e}") from None
+        model = models.pop(attention).to(device)
         inputs = tuple(t.to(device) if t is not None else None for t in model.example_inputs(args.batch_size))
         times = []
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -12,8 +12,10 @@ from ._common import (
     check_model_name,
     device_of,
     info,
+    model_name,
     no_weights_message,
     number,
+    recorded_model,
 )
 
 DEFAULT_CLASSIFIER = "biformer_mnist"
@@ -21,7 +23,7 @@ DEFAULT_CLASSIFIER = "biformer_mnist"
 EXAMPLES = """examples:
   zoo classify digit.png                              # the embedded MNIST classifier (white digit on black)
   zoo classify --model nat_tiny --top 3 cat.jpg dog.jpg
-  zoo classify --model nat_mini --checkpoint outputs/classify/nat_mini_mnist/export/nat_mini_mnist.safetensors digit.png"""
+  zoo classify --checkpoint outputs/classify/nat_mnist/export/nat_mnist.safetensors digit.png   # a `zoo train` export"""
 
 
 def class_names(model) -> list[str]:
@@ -46,27 +48,26 @@ def load_classifier(args: argparse.Namespace):
     import zoo
     from zoo.factory import default_weights
 
-    name = args.model or DEFAULT_CLASSIFIER
+    name = model_name(args, DEFAULT_CLASSIFIER)  # an export rebuilds its own network, as in `zoo generate`
     timm_only = timm.is_model(name) and not zoo.list_models(name.partition(".")[0])
     if not timm_only:
         check_model_name(name, kind="classifier")
     _check_images(args.images)
-    if timm_only:  # a timm model: timm loads its weights
-        pretrained = not (args.random_init or args.checkpoint)
-        if args.checkpoint and not Path(args.checkpoint).is_file():
+    if args.checkpoint:  # the zoo's tensors-only reader; an export rebuilds with its own model arguments (timm models too)
+        if not Path(args.checkpoint).is_file():
             raise CliError(f"--checkpoint {args.checkpoint}: no such file")
+        if recorded_model(args) and zoo.weights.read_export_config(args.checkpoint) is None:
+            raise CliError(f"--checkpoint {args.checkpoint}: a training checkpoint does not record the classifier's "
+                           "preprocessing; classify with the run's export (`zoo train` writes it at export=PATH, "
+                           "by default <output_dir>/export/<name>.safetensors)")
+        return name, zoo.create_model(name, checkpoint_path=args.checkpoint), args.checkpoint
+    if timm_only:  # a timm model: timm loads its weights
         try:
-            model = timm.create_model(name, pretrained=pretrained)
+            model = timm.create_model(name, pretrained=not args.random_init)
         except Exception as e:  # hub / network errors come in many types
             raise CliError(f"timm could not load {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "pass --checkpoint PATH or --random-init") from None
-        if args.checkpoint:  # through the zoo's tensors-only reader, as every other checkpoint
-            zoo.weights.load_weights(model, Path(args.checkpoint))
-        return name, model, f"timm {'pretrained' if pretrained else args.checkpoint or 'random init'}"
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise CliError(f"--checkpoint {args.checkpoint}: no such file")
-        return name, zoo.create_model(name, checkpoint_path=args.checkpoint), args.checkpoint
+        return name, model, f"timm {'random init' if args.random_init else 'pretrained'}"
     if args.random_init:
         return name, zoo.create_model(name), "random init (untrained)"
     w = default_weights(name)
@@ -142,7 +143,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Classify images with a zoo/timm classifier, using its own preprocessing. "
                        f"Without --model, the embedded {DEFAULT_CLASSIFIER} (MNIST digits, 32x32) is used.",
                        epilog=EXAMPLES, formatter_class=HelpFormatter)
-    add_model_source(p, None)
+    add_model_source(p, None, checkpoint="load these weights (safetensors or .pth; an export of `zoo train` rebuilds its "
+                     "own network and preprocessing, without --model) instead of the registered ones")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--top", type=number(int, 1), default=5, help="classes to print per image")
     add_common(p, seed=False)

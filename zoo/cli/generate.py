@@ -12,10 +12,13 @@ from ._common import (
     add_model_source,
     autocast,
     check_model_name,
+    check_na_kernel,
     device_of,
     info,
     load_cli_weights,
+    model_name,
     number,
+    recorded_model,
     writable_dir,
 )
 
@@ -59,27 +62,9 @@ def _model_args(pairs: list[str]) -> dict:
     return out
 
 
-def _recorded_model(args: argparse.Namespace) -> dict:
-    """The architecture and model arguments recorded with --checkpoint (an export's JSON, a `zoo train` checkpoint's
-    hyper-parameters), or {}."""
-    from zoo import weights
-
-    if not args.checkpoint:
-        return {}
-    try:
-        return weights.recorded_model(args.checkpoint) or {}
-    except weights.WeightsError as e:
-        raise CliError(f"--checkpoint {e}") from None
-
-
-def _model_name(args: argparse.Namespace, default: str) -> str:
-    """--model, else the architecture recorded with --checkpoint, else `default`."""
-    return args.model or _recorded_model(args).get("architecture") or default
-
-
 def _exported_args(args: argparse.Namespace, name: str) -> dict:
     """The model arguments recorded with --checkpoint (same architecture only)."""
-    meta = _recorded_model(args)
+    meta = recorded_model(args)
     return dict(meta.get("model_args", {})) if meta.get("architecture") == name.partition(".")[0] else {}
 
 
@@ -93,7 +78,7 @@ def _labels(args: argparse.Namespace, num_classes: int) -> list[int]:
 def _build(args: argparse.Namespace, default: str, **kwargs):
     import zoo
 
-    name = _model_name(args, default)
+    name = model_name(args, default)
     check_model_name(name, kind="generator")
     kwargs = {**_exported_args(args, name), **_model_args(getattr(args, "model_arg", None)), **kwargs}
     try:
@@ -195,7 +180,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     video_pipeline.check_dit_arguments(args)
     out = media.check_writable(args.out, (".mp4", ".gif"))
     device = device_of(args)
-    name = _model_name(args, DEFAULT_VIDEO_MODEL)
+    name = model_name(args, DEFAULT_VIDEO_MODEL)
     check_model_name(name, kind="generator")
     if args.attention not in dit.attention_backends():
         raise CliError(f"--attention {args.attention!r}: {name} supports {', '.join(dit.attention_backends())}")
@@ -210,10 +195,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
         model = _create_video(name, dict(kwargs, input_size=(args.frames, *model.input_size[1:])), args)
     frames = model.input_size[0]
     if args.attention == "na":
-        grid = [s // p for s, p in zip(model.input_size, model.patch_size)]
-        if any(k > g for k, g in zip(args.na_kernel, grid)):
-            raise CliError(f"--na-kernel {' '.join(map(str, args.na_kernel))} exceeds the token grid {grid} (frames, height, width) "
-                           f"of {name}: use a kernel no larger than the grid on each axis")
+        check_na_kernel(model, args.na_kernel, name)
     source, weights_cfg = load_cli_weights(args, model, name, attention=args.attention)
     labels = _labels(args, model.num_classes)
     info(args, f"{name}: {source}; attention {args.attention}: {attention_sparsity(model)}")

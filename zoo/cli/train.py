@@ -7,12 +7,13 @@ import argparse
 def cmd_train(args: argparse.Namespace) -> int:
     from zoo.lightning.config import load_config
     from zoo.lightning.data import check_paths
-    from zoo.lightning.train import main
+    from zoo.lightning.train import check_model_name, main
 
     cfg = load_config(args.config, args.overrides)  # bad configs and missing data files: one line, before anything runs
     if not args.print_config:
+        check_model_name(cfg)
         check_paths(cfg.data)
-    return main(["--config", args.config, *(["--print-config"] if args.print_config else []), *args.overrides])
+    return main(["--config", args.config, *(["--print-config"] if args.print_config else []), *args.overrides], prog="zoo train")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -202,13 +202,16 @@ def load_config(config: str | os.PathLike | None = None, overrides: list[str] | 
     _check_numbers(cfg)
     _check_trainer(cfg)
     _check_model_args(cfg)
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"config key 'output_dir': {cfg.output_dir} is a file; give a folder for the run "
+                          "(config.yaml, checkpoints/, logs)")
     return cfg
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
     msg = str(e).splitlines()[0]
     key = getattr(e, "full_key", None)
-    return f"config key {key!r}: {msg}" if key and key not in msg else msg
+    return f"config key {key!r}: {msg}" if key and not msg.startswith("config key") else msg
 
 
 def _refuse_removed_keys(layers: list[DictConfig]) -> None:

@@ -8,6 +8,7 @@ reproducible and costs no memory beyond the digits.
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,11 +86,12 @@ def _per_channel(values: Sequence[float], channels: int) -> list[float]:
 
 
 def _bounce(p: float, v: float, span: float) -> tuple[float, float]:
-    """Reflect a position that left [0, span] back inside, reversing the velocity."""
-    if p < 0:
-        return -p, -v
-    if p > span:
-        return 2 * span - p, -v
+    """Reflect a position that left [0, span] back inside, reversing the velocity (as often as it takes: a step
+    of up to 3 px can cross a span narrower than that; a digit that fills the frame stays put)."""
+    if span <= 0:
+        return 0.0, v
+    while not 0 <= p <= span:
+        p, v = (-p, -v) if p < 0 else (2 * span - p, -v)
     return p, v
 
 
@@ -146,6 +148,44 @@ def synthetic_images(num_classes: int, channels: int, size: int, length: int, se
     return (templates[labels] + noise).clamp(0, 1), labels
 
 
+def _npz_shape(path: str | Path, key: str) -> tuple[int, ...]:
+    """The shape of array `key` in an `.npz`, read from its header (the array itself is not loaded)."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return header(f)[0]
+
+
+def check_npz(cfg) -> None:
+    """`data.path`'s arrays fit the config: `images` (N, H, W[, C]) with `data.channels` channels last, one label
+    per image, labels in [0, data.num_classes) (a channels-first array or an 11th class fails here, not mid-training)."""
+    try:
+        with np.load(cfg.path) as f:
+            missing = [k for k in ("images", "labels") if k not in f]
+            labels = f["labels"] if not missing else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise ValueError(f"data.path={cfg.path}: not an .npz NumPy can read; save one with "
+                         "np.savez(path, images=..., labels=...)") from None
+    if missing:
+        raise ValueError(f"data.path={cfg.path}: needs arrays 'images' and 'labels'; missing {missing}")
+    shape = _npz_shape(cfg.path, "images")
+    channels = shape[3] if len(shape) == 4 else 1
+    where = f"data.path={cfg.path}: 'images' has shape {shape}"
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{where}; give (N, H, W) or channels-last (N, H, W, C)")
+    if channels != cfg.channels:
+        fix = ("save it channels-last: np.moveaxis(images, 1, -1)" if len(shape) == 4 and shape[1] == cfg.channels
+               else f"set data.channels={channels}")
+        raise ValueError(f"{where}, read as channels-last (N, H, W, C): {channels} channels, but data.channels={cfg.channels}; {fix}")
+    if labels.shape != (shape[0],):
+        raise ValueError(f"data.path={cfg.path}: 'labels' has shape {labels.shape} for {shape[0]} images; give one label per image")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"data.path={cfg.path}: 'labels' holds {labels.min()}; give 0-based class ids 0..{cfg.num_classes - 1}")
+    if labels.size and labels.max() >= cfg.num_classes:
+        raise ValueError(f"data.path={cfg.path}: 'labels' holds {labels.max()}, beyond the classes 0..{cfg.num_classes - 1} of "
+                         f"data.num_classes={cfg.num_classes}; set data.num_classes={labels.max() + 1}")
+
+
 def check_paths(cfg) -> None:
     """The files `cfg.kind` reads exist (a missing `data.path` is named before any model is built or trained)."""
     if cfg.kind in ("npz", "moving_mnist"):
@@ -154,6 +194,7 @@ def check_paths(cfg) -> None:
             raise ValueError(f"data.path is not set: data.kind={cfg.kind} needs data.path=FILE, {what}")
         if not Path(cfg.path).is_file():
             raise FileNotFoundError(f"data.path={cfg.path}: no such file; give {what}")
+        check_npz(cfg)
     if cfg.kind == "imagefolder":
         for key in ("train_dir", "val_dir"):
             if not cfg[key] or not Path(cfg[key]).is_dir():

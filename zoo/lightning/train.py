@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zoo import weights
+from zoo.factory import _entry_or_timm
 
 from ._compat import pl
 from .config import ConfigError, load_config, save_config
@@ -325,14 +326,24 @@ def export_model(cfg: DictConfig, module: pl.LightningModule, path: str | Path) 
     return weights.export(model, path, architecture=getattr(model, "zoo_architecture", None) or cfg.model.name.partition(".")[0])
 
 
+def check_model_name(cfg: DictConfig) -> None:
+    """`model.name` is a zoo or timm model: a misspelt one gets the closest names, before an output_dir of another
+    model or a missing data file is blamed."""
+    try:
+        _entry_or_timm(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.name': {e}") from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit `cfg` (resuming as `resume_checkpoint` says); returns final metrics and paths."""
+    check_model_name(cfg)
+    out = Path(cfg.output_dir)
+    ckpt = resume_checkpoint(cfg)  # what is refused (another model's run, a bad checkpoint) is refused before any write
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.output_dir)
-    ckpt = resume_checkpoint(cfg)  # what is refused (another model's run, a bad checkpoint) is refused before any write
     module = build_module(cfg)
     enable_grad_checkpointing(cfg, module.model)
     data = build_datamodule(cfg.data)
@@ -393,12 +404,13 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    """scripts/train.py; `zoo train` calls it with its own `prog`, the name its one-line errors start with."""
     args = build_arg_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
@@ -406,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(cfg)
     except (ConfigError, weights.WeightsError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if _launch_rank() == 0:  # one summary, not one per process
         print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
