@@ -115,15 +115,16 @@ class LabelEmbedder(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
 
-
     def _check_labels(self, labels: torch.Tensor) -> None:
-        """Out-of-range ids would be an index error deep in the embedding (a device-side assert on CUDA).
-
-        Costs one sync; skipped while tracing or compiling."""
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or labels.numel() == 0:
-            return
+        """Out-of-range ids would be an index error deep in the embedding. Checked for CPU labels only: on an
+        accelerator the check would cost a host sync every forward (there PyTorch's device-side assert stands,
+        and the CLI and the training data are checked before they reach the model); skipped while tracing or
+        compiling."""
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"y must hold integer class ids, got dtype {labels.dtype}")
+        if (labels.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or labels.numel() == 0):
+            return
         top = self.num_classes if self.null_class is not None else self.num_classes - 1
         low, high = labels.aminmax()
         if low < 0 or high > top:
