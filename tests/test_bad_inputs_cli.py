@@ -72,6 +72,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
     (["bench", "model", "--batch-size", "-2"], r"argument --batch-size: must be an integer >= 1"),
     (["bench", "model", "--model", "video_dit_tiny", "--attention", "dense", "na"], r"--na-kernel 7 exceeds the token grid \[4, 4, 4\]"),
     (["list", "--bogus"], r"unrecognized arguments: --bogus"),
+    (["list", "xyz*"], r"zoo list: error: no model matches 'xyz\*': see `zoo list` for every name"),
     ([*GENERATE, "--device", "meta"], r"--device 'meta': the zoo runs on cpu, cuda or cuda:N"),
     (["generate", *TINY_DIT, "--out-dir", "{tmp}/garbage.png"], r"--out-dir .*garbage.png is a file; give a folder"),
     (["flops", "nat_mini", "--input-size", "1", "3", "64", "64"],
@@ -194,6 +195,13 @@ def test_bench_model_refuses_a_backend_before_timing_any(capsys):
 def test_verbose_after_the_subcommand_shows_the_traceback(capsys):
     with pytest.raises(zoo.lightning.ConfigError, match="trainer.max_steps"):
         main([*TRAIN, "--verbose", "trainer.max_steps=-5"])
+
+
+def test_verbose_shows_the_traceback_of_an_error_inside_the_run(tmp_path):
+    (tmp_path / "random.safetensors").write_bytes(b"\x07" * 64)
+    with pytest.raises(zoo.weights.WeightsError, match="random.safetensors"):
+        main([*TRAIN, "--verbose", "data.kind=synthetic", f"output_dir={tmp_path}/run",
+              f"model.checkpoint_path={tmp_path}/random.safetensors"])
 
 
 def test_list_into_a_closed_pipe_is_quiet():

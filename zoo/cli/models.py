@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import CliError
+
 
 def _fmt_count(n: int | float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -14,7 +16,11 @@ def _fmt_count(n: int | float) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     import zoo
 
-    for name in zoo.list_models(args.filter or "", pretrained=args.pretrained):
+    names = zoo.list_models(args.filter or "", pretrained=args.pretrained)
+    if not names:  # say so (and fail), rather than print nothing
+        raise CliError(f"no model matches {args.filter or '*'!r}{' with pretrained weights' if args.pretrained else ''}: "
+                       "see `zoo list` for every name")
+    for name in names:
         print(name)
     return 0
 

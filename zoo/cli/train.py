@@ -13,7 +13,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.print_config:
         check_model_name(cfg)
         check_paths(cfg.data)
-    return main(["--config", args.config, *(["--print-config"] if args.print_config else []), *args.overrides], prog="zoo train")
+    return main(["--config", args.config, *(["--print-config"] if args.print_config else []), *args.overrides], prog="zoo train",
+                verbose=args.verbose)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

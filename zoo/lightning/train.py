@@ -404,12 +404,15 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
-    """scripts/train.py; `zoo train` calls it with its own `prog`, the name its one-line errors start with."""
+def main(argv: list[str] | None = None, prog: str = "train.py", verbose: bool = False) -> int:
+    """scripts/train.py; `zoo train` calls it with its own `prog`, the name its one-line errors start with, and
+    `verbose` (`zoo --verbose train ...`): raise the errors with their tracebacks instead of one line."""
     args = build_arg_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
+        if verbose:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -418,6 +421,8 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     try:
         result = run(cfg)
     except (ConfigError, weights.WeightsError) as e:
+        if verbose:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if _launch_rank() == 0:  # one summary, not one per process
