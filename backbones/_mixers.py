@@ -134,7 +134,7 @@ class AgentCore(nn.Module):
         """(agent_bias, query_bias) for the grid `size`. Built from the parameters every call when training, when
         a gradient may reach them, or under torch.compile (which fuses the build). Otherwise (inference) built
         once and kept until the grid, the device, the dtype the backend runs (SDPA: q's, else the parameters'),
-        a bias parameter's storage (a copy of the module, `.to`, an assigning load) or its version counter
+        inference mode, a bias parameter's storage (a copy of the module, `.to`, an assigning load) or its version counter
         (in-place updates: optimizer steps, EMA, load_state_dict) changes:
         inference then launches none of the ~10 resize/add/cat/cast kernels per block, and the SDPA path gets
         biases aligned for its fused kernels (`aligned_copy`)."""
@@ -144,7 +144,9 @@ class AgentCore(nn.Module):
             return self._build_biases(size)
         sdpa = agent_attention_backend(*heads)[0] == "sdpa"
         dtype = heads[0].dtype if sdpa else params[0].dtype
-        key = (tuple(size), dtype, params[0].device, tuple((p.data_ptr(), p._version) for p in params))
+        # inference-mode tensors cannot be saved for a later backward (SDPA saves the bias): keyed on the mode
+        key = (tuple(size), dtype, params[0].device, torch.is_inference_mode_enabled(),
+               tuple((p.data_ptr(), p._version) for p in params))
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, *(aligned_copy(b, dtype) for b in self._build_biases(size)))
         return self._bias_cache[1], self._bias_cache[2]

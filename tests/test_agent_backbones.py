@@ -391,3 +391,18 @@ def test_focused_attention_maps_q_and_k_as_the_official_code():
     expected = merge_heads(naive.linear_attention(split_heads(fq, 2), split_heads(fk, 2), vh))
     local = attn.dwc(vh.reshape(4, 4, 5, 12).permute(0, 3, 1, 2)).reshape(2, 24, 20).transpose(1, 2)
     torch.testing.assert_close(attn.attend(q, k, v, (4, 5)), expected + local, rtol=1e-12, atol=1e-12)
+
+
+def test_biases_cached_in_inference_mode_serve_a_frozen_model_with_input_gradients(monkeypatch):
+    """A frozen eval model first run under torch.inference_mode (validation), then with gradients to its input
+    (a perceptual loss, saliency): the SDPA path saves the bias for backward, which an inference tensor cannot be."""
+    import zoo.ops.agent as agent_ops
+
+    monkeypatch.setattr(agent_ops, "SDPA_DEVICES", ("cpu",))
+    attn = _agent_attention().requires_grad_(False)
+    x = torch.randn(2, 36, 32)
+    with torch.inference_mode():
+        attn(x, (6, 6))
+    x.requires_grad_()
+    attn(x, (6, 6)).square().sum().backward()
+    assert x.grad.abs().sum() > 0
