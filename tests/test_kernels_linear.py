@@ -259,6 +259,8 @@ def test_rope_tables_mean_rope_of_q_and_k(op):
         op(q, k, v, rope=(tables[0], tables[1][:5]))
     with pytest.raises(ValueError, match="one length"):
         op(q, k[:, :, :6], v[:, :, :6], rope=tables)
+    with pytest.raises(ValueError, match="rope's signed_sin requires grad"):
+        op(q, k, v, rope=(tables[0].clone().requires_grad_(), tables[1]))
 
 
 def test_kernels_compile_for_hopper_without_gpu():

@@ -96,6 +96,9 @@ def check_rope(q: torch.Tensor, k: torch.Tensor, q_num, k_num, rope_tables) -> N
             raise ValueError(f"rope's {name} must be a floating [seq_len, head_dim] = {list(want)} table, got {got}")
         if t.device != q.device:
             raise ValueError(f"rope's {name} is on {t.device} but q is on {q.device}: move it to one device")
+        if t.requires_grad and torch.is_grad_enabled():  # the fused kernel gives the tables no gradient
+            raise ValueError(f"rope's {name} requires grad, but the tables get no gradient here: pass fixed tables "
+                             "(.detach()), or q_num=/k_num= made with zoo.ops.linear_rmt.naive.rope for learnable ones")
     if k.shape[2] != q.shape[2] or q.shape[3] % 2:
         raise ValueError(f"rope needs q and k of one length and an even head_dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
